@@ -1,0 +1,486 @@
+//! The contract between the XDP datapath (`lb-ebpf`) and userspace (`lb-userspace`).
+//!
+//! Every map key and value lives here, `#[repr(C)]` with explicit padding and a size
+//! assert: padding bytes in a key would make lookups miss, and a size drift between
+//! the two sides would corrupt every read. No `bool`, `Option` or enum in map values.
+//!
+//! Byte order: addresses and ports are stored in **network byte order** exactly as they
+//! appear on the wire, so the datapath copies them without swapping. IPv4 addresses are
+//! stored as IPv4-mapped IPv6 (`::ffff:a.b.c.d`) so one key type serves both families.
+//!
+//! The flow hash ([`flow_hash`]) and the bloom prefilter hash ([`vip_addr_bit`]) are
+//! defined here once and used by both sides, so userspace (tests, Maglev prediction, and
+//! later flow sync) computes exactly what the datapath computes.
+#![no_std]
+
+#[cfg(feature = "user")]
+extern crate std;
+
+#[cfg(feature = "user")]
+pub mod maglev;
+
+use core::mem::size_of;
+
+/// Map names, as they appear in the object file and under the pin directory.
+pub mod map_names {
+    pub const VIPS: &str = "VIPS";
+    pub const VIP_BLOOM: &str = "VIP_BLOOM";
+    pub const TABLES: &str = "TABLES";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const FLOWS: &str = "FLOWS";
+    pub const SETTINGS: &str = "SETTINGS";
+    pub const REASON_STATS: &str = "REASON_STATS";
+    pub const SERVICE_STATS: &str = "SERVICE_STATS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const DECAP_STATS: &str = "DECAP_STATS";
+}
+
+/// Program names (the function names in lb-ebpf).
+pub mod prog_names {
+    /// The balancer, attached on the load balancer's interfaces.
+    pub const BALANCER: &str = "lb_xdp";
+    /// Strips our IPIP/IP6IP6 header on backends.
+    pub const DECAP: &str = "lb_decap";
+}
+
+/// Capacity limits. The datapath declares its maps with these sizes; userspace may
+/// shrink them at load time but never grow beyond what the control plane validates.
+pub const MAX_SERVICES: u32 = 64;
+/// Backend ids are global (one id per (service, backend) pair), 0..MAX_BACKENDS.
+pub const MAX_BACKENDS: u32 = 4096;
+/// Largest Maglev table size M per service (a prime).
+pub const MAX_TABLE_SIZE: u32 = 65537;
+/// Entries in the shared LRU flow table.
+pub const MAX_FLOWS: u32 = 1 << 20;
+/// Entries in the VIP hash (a service may have several keys only through port 0 / exact).
+pub const MAX_VIPS: u32 = 256;
+/// Bits in the VIP address prefilter (a power of two).
+pub const VIP_BLOOM_BITS: u32 = 4096;
+pub const VIP_BLOOM_WORDS: usize = (VIP_BLOOM_BITS / 64) as usize;
+
+/// Sentinel in `TABLES` for "no backend in this slot" (empty service).
+pub const NO_BACKEND: u32 = u32::MAX;
+
+/// Table index of a (service, slot, position): the table array holds
+/// `MAX_SERVICES * 2` rings of `MAX_TABLE_SIZE` entries; a service uses the first
+/// `table_size` entries of its ring.
+#[inline(always)]
+pub const fn table_index(service_id: u32, slot: u32, pos: u32) -> u32 {
+    (service_id * 2 + (slot & 1)) * MAX_TABLE_SIZE + pos
+}
+pub const TABLES_ENTRIES: u32 = MAX_SERVICES * 2 * MAX_TABLE_SIZE;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Key of `VIPS`: (address, port, protocol). Port 0 means every port of that protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct VipKey {
+    /// IPv6 address or IPv4-mapped IPv6, network byte order.
+    pub addr: [u32; 4],
+    /// Destination port, network byte order; 0 = all ports.
+    pub port: u16,
+    /// IPPROTO_TCP or IPPROTO_UDP.
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<VipKey>() == 20);
+
+/// `VipValue::mode`: IPIP / IP6IP6 encapsulation to the backend, then XDP_TX.
+pub const MODE_IPIP: u32 = 0;
+/// `VipValue::mode`: rewrite the destination MAC to the backend's (L2 direct server return).
+pub const MODE_DSR_L2: u32 = 1;
+
+/// Value of `VIPS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipValue {
+    /// Index into the per-service rings of `TABLES` and into `SERVICE_STATS`.
+    pub service_id: u32,
+    /// MODE_IPIP or MODE_DSR_L2.
+    pub mode: u32,
+    /// Which of the service's two table slots is live (0 or 1). Userspace fills the
+    /// idle slot, then flips this, so the datapath never sees half a table.
+    pub active_slot: u32,
+    /// Maglev table size M of this service (prime, <= MAX_TABLE_SIZE).
+    pub table_size: u32,
+}
+const _: () = assert!(size_of::<VipValue>() == 16);
+
+/// `BackendValue::flags`: the entry is in use. Flows pinned to a backend id without it
+/// (removed backend) are re-steered by Maglev.
+pub const BACKEND_F_VALID: u32 = 1;
+/// The backend address is IPv6 (outer header IPv6 in ipip mode).
+pub const BACKEND_F_V6: u32 = 2;
+/// `mac` is set: use it as next hop (dsr-l2 always needs it; ipip to an on-link backend).
+pub const BACKEND_F_HAS_MAC: u32 = 4;
+
+/// Value of `BACKENDS` (an array indexed by backend id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BackendValue {
+    /// IPv6 or IPv4-mapped address, network byte order.
+    pub addr: [u32; 4],
+    /// BACKEND_F_* bits.
+    pub flags: u32,
+    /// The service this backend id belongs to; a flow whose backend now belongs to
+    /// another service (id reused) is re-steered.
+    pub service_id: u32,
+    /// Next-hop MAC for this backend.
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<BackendValue>() == 32);
+
+/// Key of `FLOWS`: the client's 5-tuple as seen on the wire (client → VIP).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    /// Client address (IPv4-mapped for IPv4), network byte order.
+    pub src: [u32; 4],
+    /// VIP address (IPv4-mapped for IPv4), network byte order.
+    pub dst: [u32; 4],
+    /// Source and destination ports, network byte order.
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<FlowKey>() == 40);
+
+/// Value of `FLOWS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowValue {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// bpf_ktime_get_ns() when the datapath created the entry (flow sync uses it).
+    pub created_ns: u64,
+}
+const _: () = assert!(size_of::<FlowValue>() == 16);
+
+/// `Settings::flags`: `gateway_mac` is set.
+pub const SETTINGS_F_HAS_GATEWAY: u32 = 1;
+
+/// Value of `SETTINGS[0]`: node-wide forwarding settings.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Settings {
+    /// Outer IPv4 source for IPIP, network byte order; 0 = none.
+    pub encap_src_v4: u32,
+    /// Outer IPv6 source for IP6IP6, network byte order; all-zero = none.
+    pub encap_src_v6: [u32; 4],
+    /// Next hop for ipip backends without their own MAC.
+    pub gateway_mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// SETTINGS_F_* bits.
+    pub flags: u32,
+    /// Largest IP packet (outer header included) we may transmit; 0 = 1500.
+    pub mtu: u32,
+}
+const _: () = assert!(size_of::<Settings>() == 36);
+
+/// Packets and bytes, per CPU, in every stats map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(size_of::<Counter>() == 16);
+
+/// Per service and per backend traffic counters (per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TrafficCounter {
+    pub packets: u64,
+    pub bytes: u64,
+    /// Flows created by a Maglev pick (flow-table misses).
+    pub new_flows: u64,
+    pub _pad: u64,
+}
+const _: () = assert!(size_of::<TrafficCounter>() == 32);
+
+/// The VIP address prefilter: one bit per hashed VIP address (any port/protocol).
+/// A clear bit proves the destination is no VIP, so non-VIP traffic leaves after one
+/// array lookup instead of two hash lookups.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VipBloom {
+    pub words: [u64; VIP_BLOOM_WORDS],
+}
+const _: () = assert!(size_of::<VipBloom>() == 512);
+
+impl Default for VipBloom {
+    fn default() -> Self {
+        Self { words: [0; VIP_BLOOM_WORDS] }
+    }
+}
+
+/// Why the datapath passed or dropped a packet (index into `REASON_STATS`). Every
+/// XDP_DROP and every unusual XDP_PASS has one; forwarded packets are counted per
+/// service and backend instead.
+pub mod reason {
+    /// Not for a VIP address: passed untouched (normal).
+    pub const PASS_NOT_VIP: u32 = 0;
+    /// Not IPv4/IPv6 (ARP, LLDP, ...): passed untouched (normal).
+    pub const PASS_NOT_IP: u32 = 1;
+    /// VIP address, but no service on that port/protocol: passed to the stack.
+    pub const PASS_NO_SERVICE: u32 = 2;
+    /// ICMP/ICMPv6 to a VIP address: passed (the completeness issue steers it).
+    pub const PASS_ICMP: u32 = 3;
+    /// IP fragment to a VIP address: passed.
+    pub const PASS_FRAGMENT: u32 = 4;
+    /// IPv6 with extension headers to a VIP address: passed.
+    pub const PASS_IPV6_EXT: u32 = 5;
+    /// More than one VLAN tag: passed.
+    pub const PASS_VLAN_STACKED: u32 = 6;
+    /// Protocol other than TCP/UDP/ICMP (IPIP, GRE, ...) to a VIP address: passed.
+    pub const PASS_OTHER_PROTO: u32 = 7;
+    /// Truncated or inconsistent Ethernet/IP/L4 header: dropped.
+    pub const DROP_MALFORMED: u32 = 8;
+    /// The service has no usable backend: dropped.
+    pub const DROP_NO_BACKEND: u32 = 9;
+    /// The encapsulated packet would exceed the MTU: dropped.
+    pub const DROP_TOO_BIG: u32 = 10;
+    /// No next-hop MAC (backend has none and no gateway is set): dropped.
+    pub const DROP_NO_NEXTHOP: u32 = 11;
+    /// No encap source address for the backend's family: dropped.
+    pub const DROP_NO_ENCAP_SOURCE: u32 = 12;
+    /// bpf_xdp_adjust_head failed (no headroom): dropped.
+    pub const DROP_ADJUST_HEAD: u32 = 13;
+    /// Inconsistent maps (table points at a missing backend, bad slot): dropped.
+    pub const DROP_BAD_STATE: u32 = 14;
+    pub const COUNT: u32 = 15;
+
+    /// Stable names for counters, CLI output and tests, indexed by reason.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "pass_not_vip",
+        "pass_not_ip",
+        "pass_no_service",
+        "pass_icmp",
+        "pass_fragment",
+        "pass_ipv6_ext",
+        "pass_vlan_stacked",
+        "pass_other_proto",
+        "drop_malformed",
+        "drop_no_backend",
+        "drop_too_big",
+        "drop_no_nexthop",
+        "drop_no_encap_source",
+        "drop_adjust_head",
+        "drop_bad_state",
+    ];
+}
+
+/// Counters of the decap program (index into `DECAP_STATS`).
+pub mod decap_reason {
+    /// IPIP/IP6IP6 stripped and passed to the stack.
+    pub const DECAPSULATED: u32 = 0;
+    /// Not encapsulated: passed untouched.
+    pub const PASS_NOT_ENCAP: u32 = 1;
+    /// Truncated outer or inner header: dropped.
+    pub const DROP_MALFORMED: u32 = 2;
+    /// bpf_xdp_adjust_head failed: dropped.
+    pub const DROP_ADJUST_HEAD: u32 = 3;
+    pub const COUNT: u32 = 4;
+    pub const NAMES: [&str; COUNT as usize] =
+        ["decapsulated", "pass_not_encap", "drop_malformed", "drop_adjust_head"];
+}
+
+/// IPv4-mapped IPv6 prefix word (`::ffff:0:0/96`, third 32-bit word) as loaded
+/// natively on a little-endian machine from network-order bytes `00 00 ff ff`.
+pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// IPv4-mapped form of an IPv4 address given as its network-order word.
+#[inline(always)]
+pub const fn v4_mapped_words(addr_be: u32) -> [u32; 4] {
+    [0, 0, V4_MAPPED_WORD, addr_be]
+}
+
+/// IPv4-mapped form of an IPv4 address given as bytes.
+#[inline(always)]
+pub const fn v4_mapped_bytes(a: [u8; 4]) -> [u8; 16] {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
+}
+
+/// The fixed seed of the flow hash: two nodes (and a restarted node) must pick the
+/// same backend for the same flow, so it is a constant, not a random per-boot value.
+pub const FLOW_HASH_SEED: u32 = 0x4c42_5631; // "LBV1"
+
+#[inline(always)]
+const fn murmur_mix(h: u32, k: u32) -> u32 {
+    let k = k.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
+    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+}
+
+#[inline(always)]
+const fn murmur_final(mut h: u32, len: u32) -> u32 {
+    h ^= len;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// MurmurHash3 (x86, 32-bit) over whole words. Words are the native (little-endian)
+/// loads of network-order bytes on both sides (bpfel and x86_64/aarch64 userspace).
+#[inline(always)]
+pub fn hash_words<const N: usize>(words: &[u32; N], seed: u32) -> u32 {
+    let mut h = seed;
+    let mut i = 0;
+    while i < N {
+        h = murmur_mix(h, words[i]);
+        i += 1;
+    }
+    murmur_final(h, (N * 4) as u32)
+}
+
+/// The flow hash that indexes a service's Maglev table. Ports and protocol are
+/// included; fragments (later issue) hash with ports zeroed.
+#[inline(always)]
+pub fn flow_hash(k: &FlowKey) -> u32 {
+    let words = [
+        k.src[0],
+        k.src[1],
+        k.src[2],
+        k.src[3],
+        k.dst[0],
+        k.dst[1],
+        k.dst[2],
+        k.dst[3],
+        (k.src_port as u32) | ((k.dst_port as u32) << 16),
+        k.proto as u32,
+    ];
+    hash_words(&words, FLOW_HASH_SEED)
+}
+
+/// Bit of the VIP prefilter for an address given as four native words (IPv4-mapped
+/// for IPv4). Cheap on purpose: it runs for every IP packet.
+#[inline(always)]
+pub fn vip_addr_bit(a: &[u32; 4]) -> u32 {
+    let x = a[0] ^ a[1] ^ a[2] ^ a[3];
+    x.wrapping_mul(0x9e37_79b1) >> (32 - VIP_BLOOM_BITS.trailing_zeros())
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)] plain data with explicit padding and no
+    // invalid bit patterns.
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for VipValue {}
+    unsafe impl aya::Pod for BackendValue {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for TrafficCounter {}
+    unsafe impl aya::Pod for VipBloom {}
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    use std::net::IpAddr;
+
+    /// 16-byte form (IPv4-mapped for IPv4) of an address, network byte order.
+    pub fn addr_bytes(a: IpAddr) -> [u8; 16] {
+        match a {
+            IpAddr::V4(v4) => v4_mapped_bytes(v4.octets()),
+            IpAddr::V6(v6) => v6.octets(),
+        }
+    }
+
+    /// Native words of the 16-byte form, as the datapath loads them.
+    pub fn addr_words(a: IpAddr) -> [u32; 4] {
+        let b = addr_bytes(a);
+        core::array::from_fn(|i| u32::from_ne_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]))
+    }
+
+    impl VipKey {
+        pub fn new(addr: IpAddr, port: u16, proto: u8) -> Self {
+            Self { addr: addr_words(addr), port: port.to_be(), proto, _pad: 0 }
+        }
+    }
+
+    impl FlowKey {
+        pub fn new(src: IpAddr, src_port: u16, dst: IpAddr, dst_port: u16, proto: u8) -> Self {
+            Self {
+                src: addr_words(src),
+                dst: addr_words(dst),
+                src_port: src_port.to_be(),
+                dst_port: dst_port.to_be(),
+                proto,
+                _pad: [0; 3],
+            }
+        }
+    }
+
+    impl VipBloom {
+        pub fn set(&mut self, addr: IpAddr) {
+            let bit = vip_addr_bit(&addr_words(addr));
+            self.words[(bit / 64) as usize] |= 1u64 << (bit % 64);
+        }
+        pub fn contains(&self, addr: IpAddr) -> bool {
+            let bit = vip_addr_bit(&addr_words(addr));
+            self.words[(bit / 64) as usize] & (1u64 << (bit % 64)) != 0
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+pub use user::{addr_bytes, addr_words};
+
+#[cfg(all(test, feature = "user"))]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    #[test]
+    fn murmur3_matches_reference_vectors() {
+        // Reference MurmurHash3_x86_32 vectors: 4 zero bytes and 4 0xff bytes, seed 0.
+        assert_eq!(hash_words(&[0u32], 0), 0x2362_f9de);
+        assert_eq!(hash_words(&[0xffff_ffffu32], 0), 0x7629_3b50);
+    }
+
+    #[test]
+    fn v4_mapped_forms_agree() {
+        let a: IpAddr = "10.0.0.100".parse().unwrap();
+        let w = addr_words(a);
+        assert_eq!(w[2], V4_MAPPED_WORD);
+        assert_eq!(w[3], u32::from_ne_bytes([10, 0, 0, 100]));
+        assert_eq!(v4_mapped_words(u32::from_ne_bytes([10, 0, 0, 100])), w);
+    }
+
+    #[test]
+    fn flow_hash_depends_on_every_field() {
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let v: IpAddr = "10.0.0.100".parse().unwrap();
+        let base = FlowKey::new(a, 40000, v, 80, PROTO_TCP);
+        let h = flow_hash(&base);
+        let variants = [
+            FlowKey::new("192.0.2.2".parse().unwrap(), 40000, v, 80, PROTO_TCP),
+            FlowKey::new(a, 40001, v, 80, PROTO_TCP),
+            FlowKey::new(a, 40000, "10.0.0.101".parse().unwrap(), 80, PROTO_TCP),
+            FlowKey::new(a, 40000, v, 81, PROTO_TCP),
+            FlowKey::new(a, 40000, v, 80, PROTO_UDP),
+        ];
+        for k in variants {
+            assert_ne!(flow_hash(&k), h, "{k:?}");
+        }
+        assert_eq!(flow_hash(&base), h);
+    }
+
+    #[test]
+    fn bloom_sets_and_tests() {
+        let mut b = VipBloom::default();
+        let v: IpAddr = "10.0.0.100".parse().unwrap();
+        assert!(!b.contains(v));
+        b.set(v);
+        assert!(b.contains(v));
+        assert_eq!(b.words.iter().map(|w| w.count_ones()).sum::<u32>(), 1);
+    }
+}

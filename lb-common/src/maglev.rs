@@ -1,0 +1,246 @@
+//! Weighted Maglev consistent hashing (Eisenbud et al., NSDI 2016), built in userspace.
+//!
+//! The table is a pure function of the backend set: backends are sorted by address and
+//! each backend's permutation comes from a fixed hash of its address, so two balancers
+//! (or one balancer after a restart) with the same set build byte-identical tables and
+//! pick the same backend for every flow, whatever order the backends were added in.
+//!
+//! Weights: every round each backend earns `weight` credit and claims its next preferred
+//! free slot once its credit reaches the largest weight. A backend of weight w therefore
+//! claims w/max_w of the rounds, and its share of the table is proportional to w. With
+//! equal weights this is exactly the paper's round-robin population. Weight 0 (drained)
+//! backends claim nothing.
+
+use crate::{NO_BACKEND, hash_words};
+use std::vec;
+use std::vec::Vec;
+
+/// Seeds of the two permutation hashes (offset and skip). Fixed forever: changing them
+/// moves every flow on every balancer.
+const SEED_OFFSET: u32 = 0x6d61_676c; // "magl"
+const SEED_SKIP: u32 = 0x6576_3121; // "ev1!"
+
+/// One backend as the builder sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaglevBackend {
+    /// 16-byte address (IPv4-mapped for IPv4): the sort key and the permutation seed.
+    pub addr: [u8; 16],
+    pub weight: u32,
+    /// What the table stores for this backend (the datapath's backend id).
+    pub id: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MaglevError {
+    /// M must be a prime >= 3 (the permutation needs every skip to be coprime to M).
+    NotPrime(u32),
+    /// Two backends with the same address in one service.
+    DuplicateBackend([u8; 16]),
+}
+
+impl core::fmt::Display for MaglevError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            MaglevError::NotPrime(m) => write!(f, "table size {m} is not a prime >= 3"),
+            MaglevError::DuplicateBackend(a) => write!(f, "duplicate backend address {a:02x?}"),
+        }
+    }
+}
+
+impl std::error::Error for MaglevError {}
+
+pub fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let n = n as u64;
+    let mut d = 2u64;
+    while d * d <= n {
+        if n % d == 0 {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}
+
+fn addr_words(a: &[u8; 16]) -> [u32; 4] {
+    core::array::from_fn(|i| u32::from_ne_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]]))
+}
+
+/// Builds a table of `m` entries holding backend ids. Every entry is `NO_BACKEND` when
+/// no backend has a non-zero weight.
+pub fn build(backends: &[MaglevBackend], m: u32) -> Result<Vec<u32>, MaglevError> {
+    if m < 3 || !is_prime(m) {
+        return Err(MaglevError::NotPrime(m));
+    }
+    let mut sorted: Vec<MaglevBackend> = backends.to_vec();
+    sorted.sort_by(|a, b| a.addr.cmp(&b.addr));
+    for w in sorted.windows(2) {
+        if w[0].addr == w[1].addr {
+            return Err(MaglevError::DuplicateBackend(w[0].addr));
+        }
+    }
+    sorted.retain(|b| b.weight > 0);
+    let mut table = vec![NO_BACKEND; m as usize];
+    if sorted.is_empty() {
+        return Ok(table);
+    }
+    let m64 = m as u64;
+    // (offset, skip, next) per backend: the j-th preference is (offset + j*skip) mod M.
+    let mut perm: Vec<(u64, u64, u64)> = sorted
+        .iter()
+        .map(|b| {
+            let w = addr_words(&b.addr);
+            let offset = hash_words(&w, SEED_OFFSET) as u64 % m64;
+            let skip = hash_words(&w, SEED_SKIP) as u64 % (m64 - 1) + 1;
+            (offset, skip, 0)
+        })
+        .collect();
+    let max_w = sorted.iter().map(|b| b.weight as u64).max().unwrap_or(1);
+    let mut credit = vec![0u64; sorted.len()];
+    let mut filled = 0u32;
+    // Each round fills at least one slot (the heaviest backend always claims), so this
+    // ends after at most M rounds.
+    'rounds: loop {
+        for (i, b) in sorted.iter().enumerate() {
+            credit[i] += b.weight as u64;
+            if credit[i] < max_w {
+                continue;
+            }
+            credit[i] -= max_w;
+            let (offset, skip, next) = &mut perm[i];
+            let slot = loop {
+                let c = ((*offset + *next * *skip) % m64) as usize;
+                *next += 1;
+                if table[c] == NO_BACKEND {
+                    break c;
+                }
+            };
+            table[slot] = b.id;
+            filled += 1;
+            if filled == m {
+                break 'rounds;
+            }
+        }
+    }
+    Ok(table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn backend(i: u32, weight: u32) -> MaglevBackend {
+        // 10.1.x.y, IPv4-mapped: distinct, realistic addresses.
+        let a = crate::v4_mapped_bytes([10, 1, (i >> 8) as u8, i as u8]);
+        MaglevBackend { addr: a, weight, id: i }
+    }
+
+    fn shares(table: &[u32]) -> HashMap<u32, usize> {
+        let mut h = HashMap::new();
+        for &id in table {
+            *h.entry(id).or_default() += 1;
+        }
+        h
+    }
+
+    #[test]
+    fn rejects_non_prime_and_duplicates() {
+        assert_eq!(build(&[backend(1, 1)], 65536), Err(MaglevError::NotPrime(65536)));
+        assert_eq!(build(&[backend(1, 1)], 1), Err(MaglevError::NotPrime(1)));
+        let dup = [backend(1, 1), MaglevBackend { id: 9, ..backend(1, 1) }];
+        assert!(matches!(build(&dup, 251), Err(MaglevError::DuplicateBackend(_))));
+    }
+
+    #[test]
+    fn empty_or_all_drained_gives_no_backend() {
+        assert!(build(&[], 251).unwrap().iter().all(|&x| x == NO_BACKEND));
+        let t = build(&[backend(1, 0), backend(2, 0)], 251).unwrap();
+        assert!(t.iter().all(|&x| x == NO_BACKEND));
+    }
+
+    #[test]
+    fn equal_weights_distribute_within_one_percent() {
+        let m = 65537;
+        for n in [1u32, 2, 3, 7, 10, 33, 64, 99, 100] {
+            let bs: Vec<_> = (0..n).map(|i| backend(i, 100)).collect();
+            let t = build(&bs, m).unwrap();
+            assert!(t.iter().all(|&x| x < n));
+            let s = shares(&t);
+            assert_eq!(s.len(), n as usize, "every backend gets slots (n={n})");
+            let avg = m as f64 / n as f64;
+            let max = *s.values().max().unwrap() as f64;
+            assert!(max <= 1.01 * avg, "n={n}: max {max} > 1.01 x avg {avg}");
+        }
+    }
+
+    #[test]
+    fn shares_follow_weights() {
+        let m = 65537;
+        let weights = [100u32, 50, 25, 200, 1, 100, 75];
+        let bs: Vec<_> = weights.iter().enumerate().map(|(i, &w)| backend(i as u32, w)).collect();
+        let t = build(&bs, m).unwrap();
+        let s = shares(&t);
+        let total_w: u32 = weights.iter().sum();
+        for (i, &w) in weights.iter().enumerate() {
+            let expect = m as f64 * w as f64 / total_w as f64;
+            let got = *s.get(&(i as u32)).unwrap_or(&0) as f64;
+            // Within 2% of the ideal share, or 2 slots for tiny shares.
+            assert!((got - expect).abs() <= (0.02 * expect).max(2.0), "backend {i} weight {w}: got {got}, expected {expect:.1}");
+        }
+        // A drained backend (weight 0) gets nothing; the rest still cover the table.
+        let mut bs2 = bs.clone();
+        bs2[3].weight = 0;
+        let t2 = build(&bs2, m).unwrap();
+        assert!(!t2.contains(&3));
+        assert!(!t2.contains(&NO_BACKEND));
+    }
+
+    #[test]
+    fn removing_one_backend_moves_its_flows_and_under_one_percent_more() {
+        let m = 65537u32;
+        for n in [5u32, 10, 50, 100] {
+            let bs: Vec<_> = (0..n).map(|i| backend(i, 1)).collect();
+            let before = build(&bs, m).unwrap();
+            for removed in [0, n / 2, n - 1] {
+                let rest: Vec<_> = bs.iter().copied().filter(|b| b.id != removed).collect();
+                let after = build(&rest, m).unwrap();
+                let mut collateral = 0usize;
+                for (b, a) in before.iter().zip(&after) {
+                    if *b == removed {
+                        assert_ne!(*a, removed);
+                    } else if a != b {
+                        collateral += 1;
+                    }
+                }
+                let frac = collateral as f64 / m as f64;
+                assert!(frac < 0.01, "n={n} removed={removed}: collateral {:.3}%", frac * 100.0);
+            }
+        }
+    }
+
+    #[test]
+    fn deterministic_and_independent_of_insertion_order() {
+        let bs: Vec<_> = (0..37).map(|i| backend(i, 1 + i % 5)).collect();
+        let a = build(&bs, 65537).unwrap();
+        let mut rev = bs.clone();
+        rev.reverse();
+        let mut shuffled = bs.clone();
+        shuffled.rotate_left(11);
+        shuffled.swap(3, 20);
+        assert_eq!(a, build(&rev, 65537).unwrap());
+        assert_eq!(a, build(&shuffled, 65537).unwrap());
+        assert_eq!(a, build(&bs, 65537).unwrap());
+        // Pin the output: the table must be byte-identical on any machine and any
+        // release, or two balancers would disagree. A change here is a flow-moving
+        // change and must be deliberate.
+        let small = build(&bs[..5], 251).unwrap();
+        let digest = crate::hash_words(&core::array::from_fn::<u32, 251, _>(|i| small[i]), 0);
+        assert_eq!(digest, GOLDEN_DIGEST_251, "Maglev output changed");
+    }
+
+    /// Digest of the 5-backend, M=251 table in the test above (recorded once).
+    const GOLDEN_DIGEST_251: u32 = 3681931412;
+}

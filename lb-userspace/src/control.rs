@@ -1,0 +1,570 @@
+//! Services (tiers) and their backend sets, and how a change reaches the datapath.
+//!
+//! Commit protocol for a backend-set change, so the datapath never sees half a change:
+//! 1. write the entries of new backends (unreferenced until step 3),
+//! 2. build the Maglev table and write it into the service's idle slot,
+//! 3. flip the VIP's active slot (one map update: the commit point),
+//! 4. invalidate removed backends' entries, so flows pinned to them re-steer.
+//!
+//! A failure before step 3 leaves the datapath and this model as they were.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use lb_common::maglev::{self, MaglevBackend};
+use lb_common::{
+    BACKEND_F_HAS_MAC, BACKEND_F_V6, BACKEND_F_VALID, BackendValue, MAX_BACKENDS, MAX_SERVICES,
+    MAX_TABLE_SIZE, MODE_DSR_L2, MODE_IPIP, PROTO_TCP, PROTO_UDP, Settings, VipBloom, VipKey,
+    VipValue, addr_bytes, addr_words,
+};
+
+use crate::maps::{MapWriteError, MapWriter};
+
+/// Largest backend weight (HAProxy allows 0..=256; we allow finer shares).
+pub const MAX_WEIGHT: u32 = 65535;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Mode {
+    Ipip,
+    DsrL2,
+}
+
+impl Mode {
+    fn datapath(self) -> u32 {
+        match self {
+            Mode::Ipip => MODE_IPIP,
+            Mode::DsrL2 => MODE_DSR_L2,
+        }
+    }
+}
+
+impl FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "ipip" => Ok(Mode::Ipip),
+            "dsr-l2" => Ok(Mode::DsrL2),
+            _ => Err(format!("unknown mode {s:?} (expected ipip or dsr-l2)")),
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Ipip => "ipip",
+            Mode::DsrL2 => "dsr-l2",
+        })
+    }
+}
+
+/// A virtual address: (address, port, protocol); port 0 = every port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Vip {
+    pub addr: IpAddr,
+    pub port: u16,
+    /// PROTO_TCP or PROTO_UDP.
+    pub proto: u8,
+}
+
+impl Vip {
+    pub fn key(&self) -> VipKey {
+        VipKey::new(self.addr, self.port, self.proto)
+    }
+}
+
+impl fmt::Display for Vip {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let proto = if self.proto == PROTO_TCP { "tcp" } else { "udp" };
+        match self.addr {
+            IpAddr::V4(a) => write!(f, "{a}:{}/{proto}", self.port),
+            IpAddr::V6(a) => write!(f, "[{a}]:{}/{proto}", self.port),
+        }
+    }
+}
+
+impl FromStr for Vip {
+    type Err = String;
+    /// `10.0.0.100:80/tcp`, `[2001:db8::1]:443/udp`, `10.0.0.100:0/tcp` (all ports).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (sock, proto) = s.rsplit_once('/').ok_or_else(|| format!("VIP {s:?}: expected ADDR:PORT/tcp|udp"))?;
+        let proto = match proto {
+            "tcp" => PROTO_TCP,
+            "udp" => PROTO_UDP,
+            p => return Err(format!("VIP {s:?}: unknown protocol {p:?} (expected tcp or udp)")),
+        };
+        let sa: std::net::SocketAddr = sock.parse().map_err(|_| format!("VIP {s:?}: bad address:port {sock:?}"))?;
+        Ok(Vip { addr: sa.ip(), port: sa.port(), proto })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub vip: Vip,
+    pub mode: Mode,
+    /// Maglev table size M (a prime).
+    pub table_size: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub addr: IpAddr,
+    /// 0 = drained: no new flows, existing flows stay.
+    pub weight: u32,
+    /// Next-hop MAC; required in dsr-l2 mode.
+    pub mac: Option<[u8; 6]>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("service {0:?} already exists")]
+    ServiceExists(String),
+    #[error("unknown service {0:?}")]
+    UnknownService(String),
+    #[error("bad service name {0:?}: use 1-32 characters from [A-Za-z0-9_-]")]
+    BadName(String),
+    #[error("VIP {0} is already used by service {1:?}")]
+    VipInUse(Vip, String),
+    #[error("table size {0} must be a prime between 3 and {MAX_TABLE_SIZE}")]
+    BadTableSize(u32),
+    #[error("duplicate backend {0} in service {1:?}")]
+    DuplicateBackend(IpAddr, String),
+    #[error("unknown backend {0} in service {1:?}")]
+    UnknownBackend(IpAddr, String),
+    #[error("weight {0} out of range 0..={MAX_WEIGHT}")]
+    BadWeight(u32),
+    #[error("backend {0} needs a MAC address: service {1:?} is dsr-l2")]
+    MacRequired(IpAddr, String),
+    #[error("backend {0} is not of the VIP's address family: dsr-l2 forwards the packet unchanged")]
+    FamilyMismatch(IpAddr),
+    #[error("too many services (at most {MAX_SERVICES})")]
+    TooManyServices,
+    #[error("backend table full (at most {MAX_BACKENDS} backends over all services)")]
+    TooManyBackends,
+    #[error(transparent)]
+    Map(#[from] MapWriteError),
+}
+
+#[derive(Clone, Debug)]
+struct Backend {
+    spec: BackendSpec,
+    id: u32,
+}
+
+#[derive(Clone, Debug)]
+struct Service {
+    id: u32,
+    spec: ServiceSpec,
+    /// Sorted by address.
+    backends: Vec<Backend>,
+    active_slot: u32,
+}
+
+/// A read-only view of one service for listing.
+#[derive(Clone, Debug)]
+pub struct ServiceView {
+    pub spec: ServiceSpec,
+    pub id: u32,
+    /// (spec, datapath backend id), sorted by address.
+    pub backends: Vec<(BackendSpec, u32)>,
+    pub active_slot: u32,
+}
+
+pub struct ControlPlane<W: MapWriter> {
+    w: W,
+    services: BTreeMap<String, Service>,
+    free_service_ids: BTreeSet<u32>,
+    /// FIFO so a freed id is reused as late as possible (flows may still name it).
+    free_backend_ids: VecDeque<u32>,
+    settings: Settings,
+}
+
+impl<W: MapWriter> ControlPlane<W> {
+    /// A control plane with no services over maps that hold none yet.
+    pub fn new(w: W) -> Self {
+        Self {
+            w,
+            services: BTreeMap::new(),
+            free_service_ids: (0..MAX_SERVICES).collect(),
+            free_backend_ids: (0..MAX_BACKENDS).collect(),
+            settings: Settings::default(),
+        }
+    }
+
+    pub fn writer(&self) -> &W {
+        &self.w
+    }
+
+    pub fn writer_mut(&mut self) -> &mut W {
+        &mut self.w
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn set_settings(&mut self, s: Settings) -> Result<(), ControlError> {
+        self.w.put_settings(&s)?;
+        self.settings = s;
+        Ok(())
+    }
+
+    pub fn service(&self, name: &str) -> Option<ServiceView> {
+        self.services.get(name).map(|s| ServiceView {
+            spec: s.spec.clone(),
+            id: s.id,
+            backends: s.backends.iter().map(|b| (b.spec, b.id)).collect(),
+            active_slot: s.active_slot,
+        })
+    }
+
+    pub fn services(&self) -> Vec<ServiceView> {
+        self.services.keys().filter_map(|n| self.service(n)).collect()
+    }
+
+    /// Datapath id of a backend of a service.
+    pub fn backend_id(&self, service: &str, addr: IpAddr) -> Option<u32> {
+        self.services.get(service)?.backends.iter().find(|b| b.spec.addr == addr).map(|b| b.id)
+    }
+
+    fn check_service_spec(&self, spec: &ServiceSpec) -> Result<(), ControlError> {
+        let name_ok = (1..=32).contains(&spec.name.len())
+            && spec.name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_');
+        if !name_ok {
+            return Err(ControlError::BadName(spec.name.clone()));
+        }
+        if self.services.contains_key(&spec.name) {
+            return Err(ControlError::ServiceExists(spec.name.clone()));
+        }
+        if let Some(other) = self.services.values().find(|s| s.spec.vip == spec.vip) {
+            return Err(ControlError::VipInUse(spec.vip, other.spec.name.clone()));
+        }
+        if spec.table_size < 3 || spec.table_size > MAX_TABLE_SIZE || !maglev::is_prime(spec.table_size) {
+            return Err(ControlError::BadTableSize(spec.table_size));
+        }
+        Ok(())
+    }
+
+    fn check_backends(spec: &ServiceSpec, backends: &[BackendSpec]) -> Result<(), ControlError> {
+        let mut seen = BTreeSet::new();
+        for b in backends {
+            if !seen.insert(b.addr) {
+                return Err(ControlError::DuplicateBackend(b.addr, spec.name.clone()));
+            }
+            if b.weight > MAX_WEIGHT {
+                return Err(ControlError::BadWeight(b.weight));
+            }
+            if spec.mode == Mode::DsrL2 {
+                if b.mac.is_none() {
+                    return Err(ControlError::MacRequired(b.addr, spec.name.clone()));
+                }
+                if b.addr.is_ipv4() != spec.vip.addr.is_ipv4() {
+                    return Err(ControlError::FamilyMismatch(b.addr));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds a service with its initial backends (possibly none: then it drops, counted).
+    pub fn add_service(&mut self, spec: ServiceSpec, backends: Vec<BackendSpec>) -> Result<(), ControlError> {
+        self.check_service_spec(&spec)?;
+        Self::check_backends(&spec, &backends)?;
+        let id = *self.free_service_ids.iter().next().ok_or(ControlError::TooManyServices)?;
+        let mut svc = Service { id, spec: spec.clone(), backends: Vec::new(), active_slot: 1 };
+        // Slot 1 is "active" but unreferenced until the VIP exists; the first commit
+        // writes slot 0 and creates the VIP pointing at it.
+        self.commit_backends(&mut svc, backends, true)?;
+        self.free_service_ids.remove(&id);
+        self.services.insert(spec.name.clone(), svc);
+        if let Err(e) = self.write_bloom() {
+            // Without the bloom bit the datapath passes the VIP's traffic: undo.
+            let _ = self.remove_service(&spec.name);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    pub fn remove_service(&mut self, name: &str) -> Result<(), ControlError> {
+        let svc = self.services.get(name).ok_or_else(|| ControlError::UnknownService(name.to_string()))?;
+        self.w.delete_vip(&svc.spec.vip.key())?;
+        let svc = self.services.remove(name).expect("checked above");
+        self.free_service_ids.insert(svc.id);
+        // Best effort from here on: the VIP is gone, so the datapath no longer reaches
+        // these entries; a failure only delays reclaiming them.
+        let mut first_err = self.write_bloom().err();
+        for b in svc.backends {
+            match self.w.put_backend(b.id, &BackendValue::default()) {
+                Ok(()) => self.free_backend_ids.push_back(b.id),
+                Err(e) => first_err = first_err.or(Some(e.into())),
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Replaces a service's backend set atomically.
+    pub fn set_backends(&mut self, name: &str, backends: Vec<BackendSpec>) -> Result<(), ControlError> {
+        let mut svc = self.services.get(name).ok_or_else(|| ControlError::UnknownService(name.to_string()))?.clone();
+        Self::check_backends(&svc.spec, &backends)?;
+        self.commit_backends(&mut svc, backends, false)?;
+        self.services.insert(name.to_string(), svc);
+        Ok(())
+    }
+
+    pub fn add_backend(&mut self, name: &str, b: BackendSpec) -> Result<(), ControlError> {
+        let mut set = self.backend_specs(name)?;
+        if set.iter().any(|x| x.addr == b.addr) {
+            return Err(ControlError::DuplicateBackend(b.addr, name.to_string()));
+        }
+        set.push(b);
+        self.set_backends(name, set)
+    }
+
+    pub fn remove_backend(&mut self, name: &str, addr: IpAddr) -> Result<(), ControlError> {
+        let mut set = self.backend_specs(name)?;
+        let before = set.len();
+        set.retain(|x| x.addr != addr);
+        if set.len() == before {
+            return Err(ControlError::UnknownBackend(addr, name.to_string()));
+        }
+        self.set_backends(name, set)
+    }
+
+    /// Weight 0 drains: the backend leaves the table, its flows stay.
+    pub fn set_weight(&mut self, name: &str, addr: IpAddr, weight: u32) -> Result<(), ControlError> {
+        let mut set = self.backend_specs(name)?;
+        let b = set.iter_mut().find(|x| x.addr == addr).ok_or_else(|| ControlError::UnknownBackend(addr, name.to_string()))?;
+        b.weight = weight;
+        self.set_backends(name, set)
+    }
+
+    fn backend_specs(&self, name: &str) -> Result<Vec<BackendSpec>, ControlError> {
+        let svc = self.services.get(name).ok_or_else(|| ControlError::UnknownService(name.to_string()))?;
+        Ok(svc.backends.iter().map(|b| b.spec).collect())
+    }
+
+    fn backend_value(svc: &Service, b: &BackendSpec) -> BackendValue {
+        let mut flags = BACKEND_F_VALID;
+        if b.addr.is_ipv6() {
+            flags |= BACKEND_F_V6;
+        }
+        if b.mac.is_some() {
+            flags |= BACKEND_F_HAS_MAC;
+        }
+        BackendValue { addr: addr_words(b.addr), flags, service_id: svc.id, mac: b.mac.unwrap_or_default(), _pad: [0; 2] }
+    }
+
+    /// Steps 1-4 of the commit protocol for `svc` (updated in place on success).
+    fn commit_backends(&mut self, svc: &mut Service, specs: Vec<BackendSpec>, create_vip: bool) -> Result<(), ControlError> {
+        // Ids: keep a backend's id across changes (its flows stay valid), allocate new.
+        let mut ids = self.free_backend_ids.clone();
+        let mut next: Vec<Backend> = Vec::with_capacity(specs.len());
+        let mut fresh = Vec::new();
+        for spec in specs {
+            let id = match svc.backends.iter().find(|b| b.spec.addr == spec.addr) {
+                Some(b) => b.id,
+                None => {
+                    let id = ids.pop_front().ok_or(ControlError::TooManyBackends)?;
+                    fresh.push(id);
+                    id
+                }
+            };
+            next.push(Backend { spec, id });
+        }
+        next.sort_by_key(|b| b.spec.addr);
+
+        let table = maglev::build(
+            &next.iter().map(|b| MaglevBackend { addr: addr_bytes(b.spec.addr), weight: b.spec.weight, id: b.id }).collect::<Vec<_>>(),
+            svc.spec.table_size,
+        )
+        .map_err(|e| match e {
+            maglev::MaglevError::NotPrime(m) => ControlError::BadTableSize(m),
+            maglev::MaglevError::DuplicateBackend(_) => ControlError::DuplicateBackend(next[0].spec.addr, svc.spec.name.clone()),
+        })?;
+        let idle = 1 - svc.active_slot;
+        let vip = VipValue { service_id: svc.id, mode: svc.spec.mode.datapath(), active_slot: idle, table_size: svc.spec.table_size };
+
+        let prepared = (|| -> Result<(), MapWriteError> {
+            for b in &next {
+                self.w.put_backend(b.id, &Self::backend_value(svc, &b.spec))?;
+            }
+            self.w.put_table(svc.id, idle, &table)?;
+            self.w.put_vip(&svc.spec.vip.key(), &vip)
+        })();
+        if let Err(e) = prepared {
+            // Nothing references the fresh entries (the flip did not happen): clear them.
+            for id in fresh {
+                let _ = self.w.put_backend(id, &BackendValue::default());
+            }
+            if create_vip {
+                let _ = self.w.delete_vip(&svc.spec.vip.key());
+            }
+            return Err(e.into());
+        }
+        // Committed: the datapath uses the new table.
+        let removed: Vec<u32> = svc.backends.iter().filter(|b| !next.iter().any(|n| n.id == b.id)).map(|b| b.id).collect();
+        svc.backends = next;
+        svc.active_slot = idle;
+        self.free_backend_ids.retain(|id| !fresh.contains(id));
+        let mut first_err = None;
+        for id in removed {
+            match self.w.put_backend(id, &BackendValue::default()) {
+                Ok(()) => self.free_backend_ids.push_back(id),
+                Err(e) => first_err = first_err.or(Some(e)),
+            }
+        }
+        first_err.map_or(Ok(()), |e| Err(e.into()))
+    }
+
+    fn write_bloom(&mut self) -> Result<(), ControlError> {
+        let mut bloom = VipBloom::default();
+        for s in self.services.values() {
+            bloom.set(s.spec.vip.addr);
+        }
+        self.w.put_bloom(&bloom)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::maps::MemMaps;
+    use lb_common::{FlowKey, NO_BACKEND, flow_hash};
+
+    fn svc(name: &str, vip: &str, mode: Mode) -> ServiceSpec {
+        ServiceSpec { name: name.into(), vip: vip.parse().unwrap(), mode, table_size: 251 }
+    }
+
+    fn be(addr: &str, weight: u32) -> BackendSpec {
+        BackendSpec { addr: addr.parse().unwrap(), weight, mac: Some([2, 0, 0, 0, 0, 1]) }
+    }
+
+    fn cp() -> ControlPlane<MemMaps> {
+        ControlPlane::new(MemMaps::default())
+    }
+
+    #[test]
+    fn vip_parses_and_prints() {
+        let v: Vip = "10.0.0.100:80/tcp".parse().unwrap();
+        assert_eq!(v.to_string(), "10.0.0.100:80/tcp");
+        let v6: Vip = "[2001:db8::1]:0/udp".parse().unwrap();
+        assert_eq!(v6.to_string(), "[2001:db8::1]:0/udp");
+        assert!("10.0.0.100:80".parse::<Vip>().unwrap_err().contains("expected"));
+        assert!("10.0.0.100:80/sctp".parse::<Vip>().unwrap_err().contains("sctp"));
+        assert!("10.0.0.300:80/tcp".parse::<Vip>().unwrap_err().contains("bad address"));
+    }
+
+    #[test]
+    fn add_service_writes_table_vip_and_bloom() {
+        let mut c = cp();
+        c.add_service(svc("web", "10.0.0.100:80/tcp", Mode::Ipip), vec![be("10.1.0.1", 1), be("10.1.0.2", 1)]).unwrap();
+        let m = c.writer();
+        let key = VipKey::new("10.0.0.100".parse().unwrap(), 80, PROTO_TCP);
+        let v = m.vips[&key];
+        assert_eq!((v.service_id, v.active_slot, v.table_size, v.mode), (0, 0, 251, MODE_IPIP));
+        assert!(m.bloom.contains("10.0.0.100".parse().unwrap()));
+        let t = &m.tables[&(0, 0)];
+        let ids: BTreeSet<u32> = t.iter().copied().collect();
+        assert_eq!(ids, BTreeSet::from([0, 1]));
+        assert!(m.backends[&0].flags & BACKEND_F_VALID != 0);
+    }
+
+    #[test]
+    fn invalid_input_changes_nothing() {
+        let mut c = cp();
+        c.add_service(svc("web", "10.0.0.100:80/tcp", Mode::DsrL2), vec![be("10.1.0.1", 1)]).unwrap();
+        let before = c.writer().clone();
+        let errs = [
+            c.add_service(svc("web", "10.0.0.101:80/tcp", Mode::Ipip), vec![]).unwrap_err(),
+            c.add_service(svc("app", "10.0.0.100:80/tcp", Mode::Ipip), vec![]).unwrap_err(),
+            c.add_service(ServiceSpec { table_size: 250, ..svc("x", "10.0.0.9:1/tcp", Mode::Ipip) }, vec![]).unwrap_err(),
+            c.add_service(svc("bad name!", "10.0.0.9:1/tcp", Mode::Ipip), vec![]).unwrap_err(),
+            c.add_backend("web", be("10.1.0.1", 1)).unwrap_err(),
+            c.add_backend("nope", be("10.1.0.9", 1)).unwrap_err(),
+            c.add_backend("web", be("10.1.0.9", MAX_WEIGHT + 1)).unwrap_err(),
+            c.add_backend("web", BackendSpec { mac: None, ..be("10.1.0.9", 1) }).unwrap_err(),
+            c.add_backend("web", be("2001:db8::9", 1)).unwrap_err(),
+            c.remove_backend("web", "10.1.0.7".parse().unwrap()).unwrap_err(),
+            c.set_weight("web", "10.1.0.7".parse().unwrap(), 3).unwrap_err(),
+            c.remove_service("nope").unwrap_err(),
+        ];
+        let msgs: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+        for (m, want) in msgs.iter().zip([
+            "already exists", "already used by service \"web\"", "must be a prime", "bad service name",
+            "duplicate backend", "unknown service", "out of range", "needs a MAC", "address family",
+            "unknown backend", "unknown backend", "unknown service",
+        ]) {
+            assert!(m.contains(want), "{m:?} should contain {want:?}");
+        }
+        let after = c.writer();
+        assert_eq!(after.writes, before.writes, "no map was written");
+        assert_eq!(c.services().len(), 1);
+    }
+
+    #[test]
+    fn failed_write_before_flip_leaves_everything_as_it_was() {
+        let mut c = cp();
+        c.add_service(svc("web", "10.0.0.100:80/tcp", Mode::Ipip), vec![be("10.1.0.1", 1)]).unwrap();
+        let key = VipKey::new("10.0.0.100".parse().unwrap(), 80, PROTO_TCP);
+        let vip_before = c.writer().vips[&key];
+        // Let the backend write succeed, fail the table write.
+        c.writer_mut().fail_after = Some(2);
+        let err = c.add_backend("web", be("10.1.0.2", 1)).unwrap_err();
+        assert!(err.to_string().contains("injected"), "{err}");
+        c.writer_mut().fail_after = None;
+        assert_eq!(c.writer().vips[&key], vip_before, "VIP still points at the old slot");
+        assert_eq!(c.service("web").unwrap().backends.len(), 1);
+        // The fresh id was cleared and is still free: the retry gets a working state.
+        c.add_backend("web", be("10.1.0.2", 1)).unwrap();
+        assert_eq!(c.service("web").unwrap().backends.len(), 2);
+    }
+
+    #[test]
+    fn change_flips_slot_and_invalidates_removed_backends() {
+        let mut c = cp();
+        c.add_service(svc("web", "10.0.0.100:80/tcp", Mode::Ipip), vec![be("10.1.0.1", 1), be("10.1.0.2", 1)]).unwrap();
+        let id1 = c.backend_id("web", "10.1.0.1".parse().unwrap()).unwrap();
+        c.remove_backend("web", "10.1.0.1".parse().unwrap()).unwrap();
+        let v = c.service("web").unwrap();
+        assert_eq!(v.active_slot, 1);
+        assert_eq!(c.writer().backends[&id1].flags, 0, "removed backend invalidated");
+        assert!(c.writer().tables[&(0, 1)].iter().all(|&x| x != id1));
+        // Ids of kept backends do not change (their flows stay valid).
+        let id2 = c.backend_id("web", "10.1.0.2".parse().unwrap()).unwrap();
+        c.add_backend("web", be("10.1.0.3", 1)).unwrap();
+        assert_eq!(c.backend_id("web", "10.1.0.2".parse().unwrap()), Some(id2));
+        assert_ne!(c.backend_id("web", "10.1.0.3".parse().unwrap()), Some(id1), "freed ids are reused last");
+    }
+
+    #[test]
+    fn drain_and_empty_service() {
+        let mut c = cp();
+        c.add_service(svc("web", "10.0.0.100:80/tcp", Mode::Ipip), vec![be("10.1.0.1", 1)]).unwrap();
+        c.set_weight("web", "10.1.0.1".parse().unwrap(), 0).unwrap();
+        let key = VipKey::new("10.0.0.100".parse().unwrap(), 80, PROTO_TCP);
+        let flow = FlowKey::new("192.0.2.1".parse().unwrap(), 1000, "10.0.0.100".parse().unwrap(), 80, PROTO_TCP);
+        assert_eq!(c.writer().lookup(&key, flow_hash(&flow)), Some(NO_BACKEND));
+        let id = c.backend_id("web", "10.1.0.1".parse().unwrap()).unwrap();
+        assert!(c.writer().backends[&id].flags & BACKEND_F_VALID != 0, "drained backend stays valid");
+    }
+
+    #[test]
+    fn remove_service_clears_vip_bloom_and_backends() {
+        let mut c = cp();
+        c.add_service(svc("web", "10.0.0.100:80/tcp", Mode::Ipip), vec![be("10.1.0.1", 1)]).unwrap();
+        c.add_service(svc("db", "10.0.0.102:3306/tcp", Mode::Ipip), vec![be("10.3.0.1", 1)]).unwrap();
+        c.remove_service("web").unwrap();
+        let m = c.writer();
+        assert_eq!(m.vips.len(), 1);
+        assert!(!m.bloom.contains("10.0.0.100".parse().unwrap()));
+        assert!(m.bloom.contains("10.0.0.102".parse().unwrap()));
+        assert!(m.backends.values().filter(|b| b.flags != 0).count() == 1);
+        // The freed service id is reused.
+        c.add_service(svc("web2", "10.0.0.100:80/tcp", Mode::Ipip), vec![]).unwrap();
+        assert_eq!(c.service("web2").unwrap().id, 0);
+    }
+}

@@ -1,0 +1,85 @@
+//! The decap program on a backend: attach, detach, counters.
+//!
+//! Pinned under `/sys/fs/bpf/lb-decap/<interface>/` (`link`, `DECAP_STATS`), so it keeps
+//! running after the command exits and survives restarts of anything else; `detach`
+//! removes the pins, which detaches it.
+
+use std::path::PathBuf;
+
+use anyhow::{Context as _, bail};
+use aya::maps::{MapData, PerCpuArray};
+use aya::programs::{Xdp, XdpMode, links::{FdLink, PinnedLink}};
+use lb_common::{Counter, decap_reason, map_names, prog_names};
+
+pub const PIN_ROOT: &str = "/sys/fs/bpf/lb-decap";
+
+pub fn pin_dir(interface: &str) -> PathBuf {
+    PathBuf::from(PIN_ROOT).join(interface)
+}
+
+fn check_interface_name(interface: &str) -> anyhow::Result<()> {
+    if interface.is_empty() || interface.len() > 15 || interface.contains('/') || interface.starts_with('.') {
+        bail!("bad interface name {interface:?}");
+    }
+    Ok(())
+}
+
+/// Attaches the decap program to `interface` in `mode` and pins it.
+pub fn attach(interface: &str, mode: XdpMode) -> anyhow::Result<()> {
+    check_interface_name(interface)?;
+    let dir = pin_dir(interface);
+    if dir.join("link").exists() {
+        bail!("decap is already attached to {interface} (pinned at {})", dir.display());
+    }
+    let mut ebpf = aya::Ebpf::load(crate::objects::DECAP).context("loading the decap object")?;
+    let prog: &mut Xdp = ebpf
+        .program_mut(prog_names::DECAP)
+        .context("decap program missing from the object")?
+        .try_into()
+        .context("decap program is not XDP")?;
+    prog.load().context("loading lb_decap into the kernel (verifier)")?;
+    let link_id = prog.attach(interface, mode).with_context(|| format!("attaching lb_decap to {interface}"))?;
+    let link: FdLink = prog.take_link(link_id)?.try_into().context("XDP link is not an fd link")?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let stats = ebpf.map(map_names::DECAP_STATS).context("DECAP_STATS missing")?;
+    let pinned = (|| -> anyhow::Result<()> {
+        stats.pin(dir.join(map_names::DECAP_STATS)).context("pinning DECAP_STATS")?;
+        link.pin(dir.join("link")).context("pinning the XDP link")?;
+        Ok(())
+    })();
+    if let Err(e) = pinned {
+        let _ = std::fs::remove_dir_all(&dir);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Detaches the decap program from `interface` and removes its pins.
+pub fn detach(interface: &str) -> anyhow::Result<()> {
+    check_interface_name(interface)?;
+    let dir = pin_dir(interface);
+    let link_path = dir.join("link");
+    if !link_path.exists() {
+        bail!("decap is not attached to {interface} (no pin at {})", link_path.display());
+    }
+    let link = PinnedLink::from_pin(&link_path).with_context(|| format!("opening {}", link_path.display()))?;
+    // Unpinning drops the last reference: the kernel detaches the program.
+    drop(link.unpin().context("unpinning the XDP link")?);
+    std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    Ok(())
+}
+
+/// The decap counters of `interface`, indexed by `decap_reason`.
+pub fn stats(interface: &str) -> anyhow::Result<Vec<(&'static str, Counter)>> {
+    check_interface_name(interface)?;
+    let path = pin_dir(interface).join(map_names::DECAP_STATS);
+    let map = MapData::from_pin(&path).with_context(|| format!("opening {} (is decap attached?)", path.display()))?;
+    let arr: PerCpuArray<MapData, Counter> = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(map))?;
+    (0..decap_reason::COUNT)
+        .map(|r| {
+            let v = arr.get(&r, 0)?;
+            let sum = v.iter().fold(Counter::default(), |a, c| Counter { packets: a.packets + c.packets, bytes: a.bytes + c.bytes });
+            Ok((decap_reason::NAMES[r as usize], sum))
+        })
+        .collect()
+}

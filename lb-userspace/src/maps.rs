@@ -1,0 +1,214 @@
+//! Writing the datapath's maps. `MapWriter` is the small seam between the control
+//! plane's logic and the kernel: `AyaMaps` writes the real maps, `MemMaps` keeps them in
+//! memory (with failure injection) so the control plane is unit-tested without root.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::Path;
+
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
+use lb_common::{
+    BackendValue, MAX_TABLE_SIZE, Settings, TABLES_ENTRIES, VipBloom, VipKey, VipValue, map_names,
+    table_index,
+};
+
+#[derive(Debug, thiserror::Error)]
+#[error("writing map {map}: {detail}")]
+pub struct MapWriteError {
+    pub map: &'static str,
+    pub detail: String,
+}
+
+impl MapWriteError {
+    fn new(map: &'static str, e: impl std::fmt::Display) -> Self {
+        Self { map, detail: e.to_string() }
+    }
+}
+
+/// What the control plane writes. Every call is one atomic step from the datapath's
+/// point of view, except `put_table`, which only ever targets a slot not in use.
+pub trait MapWriter {
+    fn put_vip(&mut self, key: &VipKey, value: &VipValue) -> Result<(), MapWriteError>;
+    fn delete_vip(&mut self, key: &VipKey) -> Result<(), MapWriteError>;
+    fn put_bloom(&mut self, bloom: &VipBloom) -> Result<(), MapWriteError>;
+    /// Writes `entries` (len = the service's table size) into a service's table slot.
+    fn put_table(&mut self, service_id: u32, slot: u32, entries: &[u32]) -> Result<(), MapWriteError>;
+    fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapWriteError>;
+    fn put_settings(&mut self, settings: &Settings) -> Result<(), MapWriteError>;
+}
+
+/// `TABLES`, mapped into our memory (the map is BPF_F_MMAPABLE): a 65537-entry table
+/// is one memcpy instead of 65537 syscalls. Safe to write a slot while the datapath
+/// reads the other one; the slot flip (a syscall on `VIPS`) orders the writes before.
+struct TableMmap {
+    ptr: *mut u32,
+    len_bytes: usize,
+    _map: MapData,
+}
+
+// SAFETY: the mapping is owned by this struct and only written through &mut self.
+unsafe impl Send for TableMmap {}
+
+impl TableMmap {
+    fn new(map: MapData) -> Result<Self, MapWriteError> {
+        let page = 4096usize;
+        let len_bytes = (TABLES_ENTRIES as usize * 4).div_ceil(page) * page;
+        let fd = map.fd().as_fd().as_raw_fd();
+        // SAFETY: mapping a BPF array map fd; checked for MAP_FAILED below.
+        let p = unsafe {
+            libc::mmap(std::ptr::null_mut(), len_bytes, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0)
+        };
+        if p == libc::MAP_FAILED {
+            return Err(MapWriteError::new(map_names::TABLES, std::io::Error::last_os_error()));
+        }
+        Ok(Self { ptr: p as *mut u32, len_bytes, _map: map })
+    }
+
+    fn write(&mut self, start: u32, entries: &[u32]) {
+        assert!(start as usize + entries.len() <= TABLES_ENTRIES as usize);
+        // SAFETY: bounds asserted above; the mapping covers TABLES_ENTRIES u32s.
+        unsafe {
+            let dst = self.ptr.add(start as usize);
+            for (i, e) in entries.iter().enumerate() {
+                // Volatile: the datapath reads this memory concurrently.
+                std::ptr::write_volatile(dst.add(i), *e);
+            }
+        }
+    }
+}
+
+impl Drop for TableMmap {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what new() mapped.
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len_bytes) };
+    }
+}
+
+/// The kernel maps of one balancer instance.
+pub struct AyaMaps {
+    vips: BpfHashMap<MapData, VipKey, VipValue>,
+    bloom: Array<MapData, VipBloom>,
+    tables: TableMmap,
+    backends: Array<MapData, BackendValue>,
+    settings: Array<MapData, Settings>,
+}
+
+impl AyaMaps {
+    /// Takes the writable maps out of a freshly loaded balancer object.
+    pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> Result<Self, MapWriteError> {
+        let mut take = |name: &'static str| -> Result<MapData, MapWriteError> {
+            match ebpf.take_map(name) {
+                Some(Map::HashMap(m)) | Some(Map::Array(m)) => Ok(m),
+                Some(_) => Err(MapWriteError::new(name, "unexpected map type")),
+                None => Err(MapWriteError::new(name, "not in the object")),
+            }
+        };
+        Self::from_data(take(map_names::VIPS)?, take(map_names::VIP_BLOOM)?, take(map_names::TABLES)?, take(map_names::BACKENDS)?, take(map_names::SETTINGS)?)
+    }
+
+    /// Opens the maps pinned under `dir` (a running instance).
+    pub fn from_pins(dir: &Path) -> Result<Self, MapWriteError> {
+        let open = |name: &'static str| MapData::from_pin(dir.join(name)).map_err(|e| MapWriteError::new(name, e));
+        Self::from_data(open(map_names::VIPS)?, open(map_names::VIP_BLOOM)?, open(map_names::TABLES)?, open(map_names::BACKENDS)?, open(map_names::SETTINGS)?)
+    }
+
+    fn from_data(vips: MapData, bloom: MapData, tables: MapData, backends: MapData, settings: MapData) -> Result<Self, MapWriteError> {
+        Ok(Self {
+            vips: BpfHashMap::try_from(Map::HashMap(vips)).map_err(|e| MapWriteError::new(map_names::VIPS, e))?,
+            bloom: Array::try_from(Map::Array(bloom)).map_err(|e| MapWriteError::new(map_names::VIP_BLOOM, e))?,
+            tables: TableMmap::new(tables)?,
+            backends: Array::try_from(Map::Array(backends)).map_err(|e| MapWriteError::new(map_names::BACKENDS, e))?,
+            settings: Array::try_from(Map::Array(settings)).map_err(|e| MapWriteError::new(map_names::SETTINGS, e))?,
+        })
+    }
+}
+
+impl MapWriter for AyaMaps {
+    fn put_vip(&mut self, key: &VipKey, value: &VipValue) -> Result<(), MapWriteError> {
+        self.vips.insert(key, value, 0).map_err(|e| MapWriteError::new(map_names::VIPS, e))
+    }
+    fn delete_vip(&mut self, key: &VipKey) -> Result<(), MapWriteError> {
+        self.vips.remove(key).map_err(|e| MapWriteError::new(map_names::VIPS, e))
+    }
+    fn put_bloom(&mut self, bloom: &VipBloom) -> Result<(), MapWriteError> {
+        self.bloom.set(0, bloom, 0).map_err(|e| MapWriteError::new(map_names::VIP_BLOOM, e))
+    }
+    fn put_table(&mut self, service_id: u32, slot: u32, entries: &[u32]) -> Result<(), MapWriteError> {
+        if entries.len() > MAX_TABLE_SIZE as usize {
+            return Err(MapWriteError::new(map_names::TABLES, "table larger than MAX_TABLE_SIZE"));
+        }
+        self.tables.write(table_index(service_id, slot, 0), entries);
+        Ok(())
+    }
+    fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapWriteError> {
+        self.backends.set(id, value, 0).map_err(|e| MapWriteError::new(map_names::BACKENDS, e))
+    }
+    fn put_settings(&mut self, settings: &Settings) -> Result<(), MapWriteError> {
+        self.settings.set(0, settings, 0).map_err(|e| MapWriteError::new(map_names::SETTINGS, e))
+    }
+}
+
+/// In-memory maps with the datapath's lookup logic, for tests without root.
+#[derive(Default, Debug, Clone)]
+pub struct MemMaps {
+    pub vips: HashMap<VipKey, VipValue>,
+    pub bloom: VipBloom,
+    pub tables: HashMap<(u32, u32), Vec<u32>>,
+    pub backends: HashMap<u32, BackendValue>,
+    pub settings: Settings,
+    /// Fail every write after this many more successful ones (failure injection).
+    pub fail_after: Option<usize>,
+    pub writes: usize,
+}
+
+impl MemMaps {
+    fn step(&mut self, map: &'static str) -> Result<(), MapWriteError> {
+        if let Some(n) = self.fail_after {
+            if n == 0 {
+                return Err(MapWriteError::new(map, "injected failure"));
+            }
+            self.fail_after = Some(n - 1);
+        }
+        self.writes += 1;
+        Ok(())
+    }
+
+    /// The backend id the datapath would pick for a new flow, as the kernel does it.
+    pub fn lookup(&self, key: &VipKey, hash: u32) -> Option<u32> {
+        let v = self.vips.get(key)?;
+        let t = self.tables.get(&(v.service_id, v.active_slot))?;
+        Some(t[(hash % v.table_size) as usize])
+    }
+}
+
+impl MapWriter for MemMaps {
+    fn put_vip(&mut self, key: &VipKey, value: &VipValue) -> Result<(), MapWriteError> {
+        self.step(map_names::VIPS)?;
+        self.vips.insert(*key, *value);
+        Ok(())
+    }
+    fn delete_vip(&mut self, key: &VipKey) -> Result<(), MapWriteError> {
+        self.step(map_names::VIPS)?;
+        self.vips.remove(key).map(|_| ()).ok_or_else(|| MapWriteError::new(map_names::VIPS, "no such key"))
+    }
+    fn put_bloom(&mut self, bloom: &VipBloom) -> Result<(), MapWriteError> {
+        self.step(map_names::VIP_BLOOM)?;
+        self.bloom = *bloom;
+        Ok(())
+    }
+    fn put_table(&mut self, service_id: u32, slot: u32, entries: &[u32]) -> Result<(), MapWriteError> {
+        self.step(map_names::TABLES)?;
+        self.tables.insert((service_id, slot), entries.to_vec());
+        Ok(())
+    }
+    fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapWriteError> {
+        self.step(map_names::BACKENDS)?;
+        self.backends.insert(id, *value);
+        Ok(())
+    }
+    fn put_settings(&mut self, settings: &Settings) -> Result<(), MapWriteError> {
+        self.step(map_names::SETTINGS)?;
+        self.settings = *settings;
+        Ok(())
+    }
+}
