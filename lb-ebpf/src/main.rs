@@ -124,9 +124,7 @@ fn count_traffic(map: &PerCpuArray<TrafficCounter>, idx: u32, bytes: u64, new_fl
 
 /// What the parser learned about a packet addressed to a VIP address.
 struct Parsed {
-    /// Offset of the IP header (14, or 18 behind one VLAN tag).
-    l3_off: usize,
-    /// The VLAN tag's TPID (native load) or 0 when untagged.
+    /// The VLAN tag's TPID (native load) or 0 when untagged (IP header at 14 or 18).
     tpid: u16,
     v6: bool,
     /// Length of the IP packet (header included), host order.
@@ -247,7 +245,6 @@ fn parse_v4(ctx: &XdpContext, l3_off: usize, tpid: u16) -> Result<Parsed, Verdic
     }
     let (sport, dport, rst) = parse_l4(ctx, proto, l3_off + hlen, tot_len - hlen)?;
     Ok(Parsed {
-        l3_off,
         tpid,
         v6: false,
         ip_len: tot_len as u32,
@@ -281,7 +278,6 @@ fn parse_v6(ctx: &XdpContext, l3_off: usize, tpid: u16) -> Result<Parsed, Verdic
     let (sport, dport, rst) = parse_l4(ctx, nh, l3_off + IPV6_LEN, payload_len)?;
     let src = unsafe { [ld32(ip.add(8)), ld32(ip.add(12)), ld32(ip.add(16)), ld32(ip.add(20))] };
     Ok(Parsed {
-        l3_off,
         tpid,
         v6: true,
         ip_len: (IPV6_LEN + payload_len) as u32,
@@ -327,7 +323,8 @@ fn pick_backend(vip: &VipValue, flow: &FlowKey, create: bool) -> Result<(u32, Ba
         // packet; the next packet retries.
         let _ = FLOWS.insert(flow, &v, 0);
     }
-    Ok((id, be, true))
+    // A new flow is one we recorded; a RST that misses is forwarded but not remembered.
+    Ok((id, be, create))
 }
 
 /// Copies a MAC (6 bytes) between packet/stack locations.
@@ -402,7 +399,8 @@ fn encapsulate(ctx: &XdpContext, p: &Parsed, be: &BackendValue) -> Result<(), Ve
     // Layout now: [hdr_len new bytes][old eth (+vlan)][inner IP]. The new L2 header and
     // the outer header fill the first l3_off + hdr_len bytes, i.e. end where the inner
     // IP header starts.
-    let l3_off = p.l3_off;
+    // Derived from the tag, not carried in `p`: the verifier needs a constant here.
+    let l3_off = if p.tpid != 0 { ETH_LEN + VLAN_LEN } else { ETH_LEN };
     let eth: *mut u8 = ptr_at::<EthHdr>(ctx, 0).ok_or(drop(reason::DROP_MALFORMED))? as *mut u8;
     let outer_ethertype = if outer_v6 { ETH_P_IPV6 } else { ETH_P_IP };
     // SAFETY: 14 bytes in bounds (ptr_at above).

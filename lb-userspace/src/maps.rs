@@ -38,10 +38,12 @@ pub trait MapWriter {
 }
 
 /// `TABLES`, mapped into our memory (the map is BPF_F_MMAPABLE): a 65537-entry table
-/// is one memcpy instead of 65537 syscalls. Safe to write a slot while the datapath
-/// reads the other one; the slot flip (a syscall on `VIPS`) orders the writes before.
+/// is one pass over memory instead of 65537 syscalls. Safe to write a slot while the
+/// datapath reads the other one; the slot flip (a syscall on `VIPS`) orders the writes
+/// before it. The kernel stores array elements at an 8-byte stride (value size rounded
+/// up to 8), so entry i is the low half of u64 i.
 struct TableMmap {
-    ptr: *mut u32,
+    ptr: *mut u64,
     len_bytes: usize,
     _map: MapData,
 }
@@ -52,7 +54,7 @@ unsafe impl Send for TableMmap {}
 impl TableMmap {
     fn new(map: MapData) -> Result<Self, MapWriteError> {
         let page = 4096usize;
-        let len_bytes = (TABLES_ENTRIES as usize * 4).div_ceil(page) * page;
+        let len_bytes = (TABLES_ENTRIES as usize * 8).div_ceil(page) * page;
         let fd = map.fd().as_fd().as_raw_fd();
         // SAFETY: mapping a BPF array map fd; checked for MAP_FAILED below.
         let p = unsafe {
@@ -61,17 +63,17 @@ impl TableMmap {
         if p == libc::MAP_FAILED {
             return Err(MapWriteError::new(map_names::TABLES, std::io::Error::last_os_error()));
         }
-        Ok(Self { ptr: p as *mut u32, len_bytes, _map: map })
+        Ok(Self { ptr: p as *mut u64, len_bytes, _map: map })
     }
 
     fn write(&mut self, start: u32, entries: &[u32]) {
         assert!(start as usize + entries.len() <= TABLES_ENTRIES as usize);
-        // SAFETY: bounds asserted above; the mapping covers TABLES_ENTRIES u32s.
+        // SAFETY: bounds asserted above; the mapping covers TABLES_ENTRIES elements.
         unsafe {
             let dst = self.ptr.add(start as usize);
             for (i, e) in entries.iter().enumerate() {
                 // Volatile: the datapath reads this memory concurrently.
-                std::ptr::write_volatile(dst.add(i), *e);
+                std::ptr::write_volatile(dst.add(i), *e as u64);
             }
         }
     }

@@ -1,0 +1,222 @@
+//! Frames for fixtures, built with etherparse, and the expected outputs, derived from
+//! the input independently of the datapath's code.
+
+use etherparse::{IpDscp, IpEcn, IpHeaders, IpNumber, Ipv4Header, Ipv4Options, Ipv6Header, PacketBuilder};
+use std::net::IpAddr;
+
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xc1];
+/// The balancer interface's MAC: clients (or the router) send VIP traffic to it.
+pub const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x1b];
+/// Default gateway for ipip backends without a MAC.
+pub const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+
+#[derive(Clone, Copy, Debug)]
+pub enum Tcp {
+    Syn,
+    Ack,
+    Rst,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum L4 {
+    Tcp(u16, u16, Tcp),
+    Udp(u16, u16),
+    IcmpEcho,
+}
+
+fn v4_octets(s: &str) -> [u8; 4] {
+    s.parse::<std::net::Ipv4Addr>().expect("IPv4 address").octets()
+}
+
+fn v6_octets(s: &str) -> [u8; 16] {
+    s.parse::<std::net::Ipv6Addr>().expect("IPv6 address").octets()
+}
+
+/// Client -> balancer frame with an IPv4 packet.
+pub fn v4(src: &str, dst: &str, l4: L4, payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC).ipv4(v4_octets(src), v4_octets(dst), 64);
+    finish(b, l4, payload)
+}
+
+/// Client -> balancer frame with an IPv6 packet.
+pub fn v6(src: &str, dst: &str, l4: L4, payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC).ipv6(v6_octets(src), v6_octets(dst), 64);
+    finish(b, l4, payload)
+}
+
+/// Client -> balancer IPv4 TCP SYN whose header carries `options` (IHL > 5).
+pub fn v4_with_options(src: &str, dst: &str, sport: u16, dport: u16, options: &[u8]) -> Vec<u8> {
+    let mut h = Ipv4Header::new(0, 64, IpNumber::TCP, v4_octets(src), v4_octets(dst)).expect("header");
+    h.options = Ipv4Options::try_from(options).expect("options: multiple of 4, at most 40 bytes");
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC).ip(IpHeaders::Ipv4(h, Default::default()));
+    finish(b, L4::Tcp(sport, dport, Tcp::Syn), b"")
+}
+
+fn finish(b: etherparse::PacketBuilderStep<IpHeaders>, l4: L4, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    match l4 {
+        L4::Tcp(s, d, flags) => {
+            let t = b.tcp(s, d, 1000, 64240);
+            let t = match flags {
+                Tcp::Syn => t.syn(),
+                Tcp::Ack => t.ack(5000),
+                Tcp::Rst => t.rst(),
+            };
+            t.write(&mut out, payload).expect("write tcp");
+        }
+        L4::Udp(s, d) => b.udp(s, d).write(&mut out, payload).expect("write udp"),
+        L4::IcmpEcho => b.icmpv4_echo_request(7, 1).write(&mut out, payload).expect("write icmp"),
+    }
+    out
+}
+
+/// Inserts one 802.1Q tag (VLAN `vid`) after the MAC addresses.
+pub fn vlan(frame: &[u8], vid: u16) -> Vec<u8> {
+    vlan_tpid(frame, 0x8100, vid)
+}
+
+/// Inserts a tag with the given TPID (0x8100 or 0x88a8).
+pub fn vlan_tpid(frame: &[u8], tpid: u16, vid: u16) -> Vec<u8> {
+    let mut out = frame[..12].to_vec();
+    out.extend_from_slice(&tpid.to_be_bytes());
+    out.extend_from_slice(&(vid & 0x0fff).to_be_bytes());
+    out.extend_from_slice(&frame[12..]);
+    out
+}
+
+/// Offset of the IP header (after one optional tag).
+pub fn l3_offset(frame: &[u8]) -> usize {
+    match u16::from_be_bytes([frame[12], frame[13]]) {
+        0x8100 | 0x88a8 => 18,
+        _ => 14,
+    }
+}
+
+/// Length of the IP packet at `l3` according to its header.
+fn ip_len(frame: &[u8], l3: usize) -> usize {
+    match frame[l3] >> 4 {
+        4 => u16::from_be_bytes([frame[l3 + 2], frame[l3 + 3]]) as usize,
+        6 => 40 + u16::from_be_bytes([frame[l3 + 4], frame[l3 + 5]]) as usize,
+        v => panic!("not IP (version {v})"),
+    }
+}
+
+/// Recomputes the IPv4 header checksum at `l3` (after a test edited the header).
+pub fn fix_ipv4_checksum(frame: &mut [u8], l3: usize) {
+    let (h, _) = Ipv4Header::from_slice(&frame[l3..]).expect("IPv4 header");
+    let c = h.calc_header_checksum();
+    frame[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
+}
+
+/// What the balancer must emit in ipip mode for `input`: the input's IP packet (and any
+/// trailing bytes) behind a new outer header from `outer_src` to `outer_dst`, in a frame
+/// from `our_mac` to `next_hop`, with the input's VLAN tag kept.
+pub fn ipip_expected(input: &[u8], outer_src: &str, outer_dst: &str, next_hop: [u8; 6], our_mac: [u8; 6]) -> Vec<u8> {
+    let l3 = l3_offset(input);
+    let inner = &input[l3..];
+    let len = ip_len(input, l3);
+    let inner_v6 = inner[0] >> 4 == 6;
+    let tos = if inner_v6 { (inner[0] << 4) | (inner[1] >> 4) } else { inner[1] };
+    let proto = if inner_v6 { IpNumber(41) } else { IpNumber(4) };
+    let dst: IpAddr = outer_dst.parse().expect("outer dst");
+    let mut out = next_hop.to_vec();
+    out.extend_from_slice(&our_mac);
+    if l3 == 18 {
+        out.extend_from_slice(&input[12..16]);
+    }
+    match dst {
+        IpAddr::V4(d) => {
+            out.extend_from_slice(&0x0800u16.to_be_bytes());
+            let mut h = Ipv4Header::new(len as u16, 64, proto, v4_octets(outer_src), d.octets()).expect("outer v4");
+            h.dscp = IpDscp::try_new(tos >> 2).expect("dscp");
+            h.ecn = IpEcn::try_new(tos & 3).expect("ecn");
+            h.identification = 0;
+            h.dont_fragment = true;
+            h.header_checksum = h.calc_header_checksum();
+            h.write(&mut out).expect("write outer v4");
+        }
+        IpAddr::V6(d) => {
+            out.extend_from_slice(&0x86DDu16.to_be_bytes());
+            let h = Ipv6Header {
+                traffic_class: tos,
+                flow_label: Default::default(),
+                payload_length: len as u16,
+                next_header: proto,
+                hop_limit: 64,
+                source: v6_octets(outer_src),
+                destination: d.octets(),
+            };
+            h.write(&mut out).expect("write outer v6");
+        }
+    }
+    out.extend_from_slice(inner);
+    out
+}
+
+/// What the balancer must emit in dsr-l2 mode: destination MAC := backend's, source
+/// MAC := the address the frame was sent to; nothing else changes.
+pub fn dsr_expected(input: &[u8], backend_mac: [u8; 6]) -> Vec<u8> {
+    let mut out = input.to_vec();
+    out[6..12].copy_from_slice(&input[0..6]);
+    out[0..6].copy_from_slice(&backend_mac);
+    out
+}
+
+/// What the decap program must emit for an encapsulated frame: same MACs (and tag), the
+/// inner packet's EtherType, the inner packet.
+pub fn decap_expected(encapsulated: &[u8]) -> Vec<u8> {
+    let l3 = l3_offset(encapsulated);
+    let outer_len = match encapsulated[l3] >> 4 {
+        4 => ((encapsulated[l3] & 0x0f) as usize) * 4,
+        _ => 40,
+    };
+    let inner = &encapsulated[l3 + outer_len..];
+    let mut out = encapsulated[..l3 - 2].to_vec();
+    let ethertype: u16 = if inner[0] >> 4 == 6 { 0x86DD } else { 0x0800 };
+    out.extend_from_slice(&ethertype.to_be_bytes());
+    out.extend_from_slice(inner);
+    out
+}
+
+/// Inserts an IPv6 extension header of `nh_type` (8 bytes) right after the IPv6 header.
+pub fn with_ipv6_ext(frame: &[u8], nh_type: u8) -> Vec<u8> {
+    let l3 = l3_offset(frame);
+    let next = frame[l3 + 6];
+    let mut out = frame[..l3 + 40].to_vec();
+    out[l3 + 6] = nh_type;
+    let plen = u16::from_be_bytes([out[l3 + 4], out[l3 + 5]]) + 8;
+    out[l3 + 4..l3 + 6].copy_from_slice(&plen.to_be_bytes());
+    if nh_type == 44 {
+        // Fragment header: offset 0, more fragments, id 0x1234.
+        out.extend_from_slice(&[next, 0, 0, 1, 0, 0, 0x12, 0x34]);
+    } else {
+        // Options header with a PadN option filling it.
+        out.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
+    }
+    out.extend_from_slice(&frame[l3 + 40..]);
+    out
+}
+
+/// An IPv4 frame from `src` to `dst` carrying `inner` (an IP packet) as protocol 4/41.
+pub fn ipip_frame(src: &str, dst: &str, inner: &[u8]) -> Vec<u8> {
+    let proto = if inner[0] >> 4 == 6 { IpNumber(41) } else { IpNumber(4) };
+    let mut h = Ipv4Header::new(inner.len() as u16, 64, proto, v4_octets(src), v4_octets(dst)).expect("header");
+    h.header_checksum = h.calc_header_checksum();
+    let mut out = LB_MAC.to_vec();
+    out.extend_from_slice(&CLIENT_MAC);
+    out.extend_from_slice(&0x0800u16.to_be_bytes());
+    h.write(&mut out).expect("write");
+    out.extend_from_slice(inner);
+    out
+}
+
+/// An ARP request frame.
+pub fn arp() -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&0x0806u16.to_be_bytes());
+    f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&[192, 0, 2, 1, 0, 0, 0, 0, 0, 0, 10, 0, 0, 100]);
+    f
+}
