@@ -22,13 +22,16 @@ pub const BENCH_FRAME_LEN: usize = 128;
 
 #[repr(C)]
 pub struct Template {
-    /// Offset of a 16-bit field overwritten with an iteration counter (the TCP/UDP
-    /// source port), and of a second one (low half of the IPv4 source address) for
-    /// the counter's high bits; 0 = frame is replayed unchanged.
-    pub vary_port_off: u32,
-    pub vary_addr_off: u32,
+    /// Non-zero: write an iteration counter into the IPv4 source address (high bits)
+    /// and the TCP/UDP source port (low 16 bits), a new flow every iteration.
+    pub vary: u32,
+    pub _pad: u32,
     pub bytes: [u8; BENCH_FRAME_LEN],
 }
+
+/// Offsets in an untagged IPv4 frame: low half of the source address, source port.
+const SADDR_LO_OFF: usize = ETH_LEN + 14;
+const SPORT_OFF: usize = ETH_LEN + IPV4_LEN;
 
 /// Entry 0: the frame every iteration starts from.
 #[map]
@@ -60,20 +63,18 @@ pub fn bench_harness(ctx: XdpContext) -> u32 {
         unsafe { core::ptr::write_unaligned(dst.add(i), core::ptr::read_unaligned(src.add(i))) };
         i += 1;
     }
-    if t.vary_port_off != 0 {
+    if t.vary != 0 {
         if let Some(n) = ITER.get_ptr_mut(0) {
             // SAFETY: per-CPU value.
             let v = unsafe {
                 *n = (*n).wrapping_add(1);
                 *n
             };
-            let p = (t.vary_port_off as usize) & (BENCH_FRAME_LEN - 2);
-            let a = (t.vary_addr_off as usize) & (BENCH_FRAME_LEN - 2);
             let base = dst as *mut u8;
-            // SAFETY: offsets masked into the frame.
+            // SAFETY: constant offsets inside the 128 bytes checked above.
             unsafe {
-                st16(base.add(p), v as u16);
-                st16(base.add(a), (v >> 16) as u16);
+                st16(base.add(SPORT_OFF), v as u16);
+                st16(base.add(SADDR_LO_OFF), (v >> 16) as u16);
             }
         }
     }
