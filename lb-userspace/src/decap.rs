@@ -24,9 +24,28 @@ fn check_interface_name(interface: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Mounts the BPF filesystem on /sys/fs/bpf unless it is there (minimal hosts and
+/// fresh network namespaces' mount trees may lack it).
+pub fn ensure_bpffs() -> anyhow::Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let path = c"/sys/fs/bpf";
+    // SAFETY: statfs into a zeroed struct we own.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(path.as_ptr(), &mut st) } == 0 && st.f_type as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    // SAFETY: plain mount(2) call with static C strings.
+    let rc = unsafe { libc::mount(c"bpf".as_ptr(), path.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        bail!("mounting bpffs on /sys/fs/bpf: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Attaches the decap program to `interface` in `mode` and pins it.
 pub fn attach(interface: &str, mode: XdpMode) -> anyhow::Result<()> {
     check_interface_name(interface)?;
+    ensure_bpffs()?;
     let dir = pin_dir(interface);
     if dir.join("link").exists() {
         bail!("decap is already attached to {interface} (pinned at {})", dir.display());
@@ -66,6 +85,8 @@ pub fn detach(interface: &str) -> anyhow::Result<()> {
     // Unpinning drops the last reference: the kernel detaches the program.
     drop(link.unpin().context("unpinning the XDP link")?);
     std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    // Leave nothing behind once the last interface is detached (fails while others remain).
+    let _ = std::fs::remove_dir(PIN_ROOT);
     Ok(())
 }
 
