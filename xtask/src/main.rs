@@ -1,7 +1,12 @@
-//! `cargo xtask`: setup, build-ebpf, test, bench. Every command prints what it runs.
+//! `cargo xtask`: setup, build-ebpf, test, bench. Every command prints what it runs
+//! (`$ ...`) before running it, so a CI log shows exactly what happened.
 
+mod bench;
+mod build_ebpf;
 mod setup;
+mod test;
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -17,14 +22,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install everything the build needs (idempotent; root on Debian).
+    /// Install everything the build needs (idempotent; root on Debian 12).
     Setup,
-    /// Build the eBPF objects with nightly + bpf-linker.
+    /// Build the eBPF objects with nightly + bpf-linker into target/bpfel-unknown-none.
     BuildEbpf {
         #[arg(long)]
         release: bool,
     },
-    /// Setup, build, then every test (datapath tests need root).
+    /// Setup, build the eBPF objects, then every test (datapath tests need root).
     Test {
         /// Extra arguments for the test binaries (after `--`).
         #[arg(last = true)]
@@ -33,81 +38,84 @@ enum Cmd {
     /// Benchmarks: `datapath` (ns/packet beside a trivial XDP program).
     Bench {
         what: String,
-        #[arg(last = false, trailing_var_arg = true, allow_hyphen_values = true)]
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-}
-
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
-}
-
-/// Runs a command from the workspace root, printing it first; fails on non-zero exit.
-pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    cmd.current_dir(workspace_root());
-    println!("$ {}", show(cmd));
-    let status = cmd.status().with_context(|| format!("starting {}", show(cmd)))?;
-    if !status.success() {
-        bail!("{} failed: {status}", show(cmd));
-    }
-    Ok(())
-}
-
-pub fn show(cmd: &Command) -> String {
-    let mut s = cmd.get_program().to_string_lossy().into_owned();
-    for a in cmd.get_args() {
-        s.push(' ');
-        s.push_str(&a.to_string_lossy());
-    }
-    s
-}
-
-fn require_root(what: &str) -> anyhow::Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("{what} loads BPF programs and must run as root");
-    }
-    Ok(())
-}
-
-/// The eBPF objects, built as aya-build builds them (same flags), into target/bpfel-unknown-none.
-fn build_ebpf(release: bool) -> anyhow::Result<()> {
-    let mut c = Command::new("cargo");
-    c.args(["+nightly", "build", "--package", "lb-ebpf", "--bins", "--target", "bpfel-unknown-none", "-Z", "build-std=core"]);
-    if release {
-        c.arg("--release");
-    }
-    let flags = [format!("--cfg=bpf_target_arch=\"{}\"", std::env::consts::ARCH), "-Cdebuginfo=2".into(), "-Clink-arg=--btf".into()];
-    c.env("CARGO_ENCODED_RUSTFLAGS", flags.join("\x1f"));
-    c.env_remove("RUSTC").env_remove("RUSTC_WORKSPACE_WRAPPER");
-    run(&mut c)?;
-    let dir = workspace_root().join("target/bpfel-unknown-none").join(if release { "release" } else { "debug" });
-    for bin in ["lb", "lb-decap", "lb-bench"] {
-        println!("built {}", dir.join(bin).display());
-    }
-    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup => setup::setup(),
-        Cmd::BuildEbpf { release } => build_ebpf(release),
-        Cmd::Test { args } => {
-            require_root("cargo xtask test")?;
-            setup::setup()?;
-            build_ebpf(true)?;
-            let mut c = Command::new("cargo");
-            c.args(["test", "--release", "--package", "lb-common", "--features", "lb-common/user", "--package", "lb-userspace", "--package", "lb-tests", "--package", "xtask", "--"]);
-            c.arg("--test-threads=1").args(args);
-            run(&mut c)
-        }
-        Cmd::Bench { what, args } => {
-            require_root("cargo xtask bench")?;
-            setup::setup()?;
-            match what.as_str() {
-                "datapath" => run(Command::new("cargo").args(["run", "--release", "--package", "lb-tests", "--bin", "lb-bench", "--", "datapath"]).args(args)),
-                other => bail!("unknown bench {other:?} (available: datapath)"),
+        Cmd::BuildEbpf { release } => build_ebpf::build_ebpf(release).map(drop),
+        Cmd::Test { args } => test::test(&args),
+        Cmd::Bench { what, args } => bench::bench(&what, &args),
+    }
+}
+
+/// The workspace root: every cargo command runs from here whatever the caller's cwd.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+/// Runs a command from the workspace root with inherited stdio, printing it first;
+/// a non-zero exit is an error naming the command.
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    cmd.current_dir(workspace_root());
+    println!("$ {}", show(cmd));
+    let status = cmd.status().with_context(|| format!("could not start `{}`", show(cmd)))?;
+    if !status.success() {
+        bail!("`{}` failed: {status}", show(cmd));
+    }
+    Ok(())
+}
+
+/// Runs a probe command quietly (for setup's checks). `Ok(None)` when the program is
+/// absent or exits non-zero (the thing is "not present"); an error only when the
+/// program exists but cannot be started.
+pub fn probe(cmd: &mut Command) -> anyhow::Result<Option<String>> {
+    match cmd.output() {
+        Ok(o) if o.status.success() => Ok(Some(String::from_utf8_lossy(&o.stdout).into_owned())),
+        Ok(_) => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("could not start `{}`", show(cmd))),
+    }
+}
+
+/// The command as a shell line, with the environment it sets (values quoted when needed).
+pub fn show(cmd: &Command) -> String {
+    let mut parts: Vec<String> =
+        cmd.get_envs().filter_map(|(k, v)| v.map(|v| format!("{}={}", k.to_string_lossy(), quote(v)))).collect();
+    parts.push(quote(cmd.get_program()));
+    parts.extend(cmd.get_args().map(quote));
+    parts.join(" ")
+}
+
+/// Shell quoting, so a printed line can be pasted: '...' normally, $'...' when the value
+/// holds control characters (CARGO_ENCODED_RUSTFLAGS's \x1f separators).
+fn quote(s: &OsStr) -> String {
+    let s = s.to_string_lossy();
+    if s.chars().any(char::is_control) {
+        let mut q = String::from("$'");
+        for c in s.chars() {
+            match c {
+                '\'' | '\\' => q.extend(['\\', c]),
+                c if c.is_control() => q.push_str(&format!("\\x{:02x}", c as u32)),
+                c => q.push(c),
             }
         }
+        q + "'"
+    } else if s.is_empty() || s.chars().any(|c| c.is_whitespace() || "\"'$\\`*?[]{}()<>|&;#~!".contains(c)) {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    } else {
+        s.into_owned()
     }
+}
+
+/// Loading BPF programs needs root; say so up front instead of failing mid-suite.
+pub fn require_root(what: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{what} loads BPF programs and must run as root (try: sudo -E {what})");
+    }
+    Ok(())
 }

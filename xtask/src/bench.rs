@@ -1,0 +1,19 @@
+//! `cargo xtask bench <what> [args]`: benchmarks that load BPF programs (root).
+
+use std::process::Command;
+
+use anyhow::bail;
+
+use crate::{require_root, run, setup::setup};
+
+pub fn bench(what: &str, args: &[String]) -> anyhow::Result<()> {
+    require_root("cargo xtask bench")?;
+    setup()?;
+    match what {
+        // tests/src/bin/lb-bench.rs; lb-userspace's build.rs builds the objects it embeds.
+        "datapath" => run(Command::new("cargo")
+            .args(["run", "--release", "--package", "lb-tests", "--bin", "lb-bench", "--", "datapath"])
+            .args(args)),
+        other => bail!("unknown bench {other:?} (available: datapath)"),
+    }
+}

@@ -1,0 +1,22 @@
+//! `cargo xtask test [-- args]`: the whole suite on a fresh machine: setup, the eBPF
+//! objects, then every test crate with cargo's own output.
+
+use std::process::Command;
+
+use crate::{build_ebpf::build_ebpf, require_root, run, setup::setup};
+
+pub fn test(args: &[String]) -> anyhow::Result<()> {
+    // Checked first: setup (apt) and the datapath tests both need it.
+    require_root("cargo xtask test")?;
+    setup()?;
+    build_ebpf(true)?;
+    // Packages listed because lb-ebpf is not a host crate; lb-common's `user` feature
+    // holds the Maglev builder and its tests. One test thread: datapath tests share
+    // network namespaces and interface names.
+    let mut c = Command::new("cargo");
+    c.args(["test", "--release"]);
+    c.args(["--package", "lb-common", "--features", "lb-common/user"]);
+    c.args(["--package", "lb-userspace", "--package", "lb-tests", "--package", "xtask"]);
+    c.args(["--", "--test-threads=1"]).args(args);
+    run(&mut c)
+}
