@@ -99,8 +99,7 @@ pub fn stats(interface: &str) -> anyhow::Result<Vec<(&'static str, Counter)>> {
     (0..decap_reason::COUNT)
         .map(|r| {
             let v = arr.get(&r, 0)?;
-            let sum = v.iter().fold(Counter::default(), |a, c| Counter { packets: a.packets + c.packets, bytes: a.bytes + c.bytes });
-            Ok((decap_reason::NAMES[r as usize], sum))
+            Ok((decap_reason::NAMES[r as usize], crate::stats::sum_counters(v.iter())))
         })
         .collect()
 }

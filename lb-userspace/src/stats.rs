@@ -13,12 +13,13 @@ pub struct Stats {
     backends: PerCpuArray<MapData, TrafficCounter>,
 }
 
-fn open(map: MapData, name: &'static str) -> Result<PerCpuArray<MapData, Counter>, MapWriteError> {
+fn open<T: aya::Pod>(map: MapData, name: &'static str) -> Result<PerCpuArray<MapData, T>, MapWriteError> {
     PerCpuArray::try_from(Map::PerCpuArray(map)).map_err(|e| MapWriteError { map: name, detail: e.to_string() })
 }
 
-fn open_traffic(map: MapData, name: &'static str) -> Result<PerCpuArray<MapData, TrafficCounter>, MapWriteError> {
-    PerCpuArray::try_from(Map::PerCpuArray(map)).map_err(|e| MapWriteError { map: name, detail: e.to_string() })
+/// One per-CPU `Counter` summed over CPUs.
+pub fn sum_counters<'a>(per_cpu: impl IntoIterator<Item = &'a Counter>) -> Counter {
+    per_cpu.into_iter().fold(Counter::default(), |a, c| Counter { packets: a.packets + c.packets, bytes: a.bytes + c.bytes })
 }
 
 impl Stats {
@@ -30,8 +31,8 @@ impl Stats {
         };
         Ok(Self {
             reasons: open(take(map_names::REASON_STATS)?, map_names::REASON_STATS)?,
-            services: open_traffic(take(map_names::SERVICE_STATS)?, map_names::SERVICE_STATS)?,
-            backends: open_traffic(take(map_names::BACKEND_STATS)?, map_names::BACKEND_STATS)?,
+            services: open(take(map_names::SERVICE_STATS)?, map_names::SERVICE_STATS)?,
+            backends: open(take(map_names::BACKEND_STATS)?, map_names::BACKEND_STATS)?,
         })
     }
 
@@ -40,14 +41,14 @@ impl Stats {
         let pin = |name: &'static str| MapData::from_pin(dir.join(name)).map_err(|e| MapWriteError { map: name, detail: e.to_string() });
         Ok(Self {
             reasons: open(pin(map_names::REASON_STATS)?, map_names::REASON_STATS)?,
-            services: open_traffic(pin(map_names::SERVICE_STATS)?, map_names::SERVICE_STATS)?,
-            backends: open_traffic(pin(map_names::BACKEND_STATS)?, map_names::BACKEND_STATS)?,
+            services: open(pin(map_names::SERVICE_STATS)?, map_names::SERVICE_STATS)?,
+            backends: open(pin(map_names::BACKEND_STATS)?, map_names::BACKEND_STATS)?,
         })
     }
 
     pub fn reason(&self, r: u32) -> Result<Counter, MapWriteError> {
         let v = self.reasons.get(&r, 0).map_err(|e| MapWriteError { map: map_names::REASON_STATS, detail: e.to_string() })?;
-        Ok(v.iter().fold(Counter::default(), |a, c| Counter { packets: a.packets + c.packets, bytes: a.bytes + c.bytes }))
+        Ok(sum_counters(v.iter()))
     }
 
     /// Every reason's counter, indexed by reason.

@@ -130,7 +130,9 @@ impl Decap {
     pub fn counts(&self) -> Vec<u64> {
         let m = self.ebpf.map(map_names::DECAP_STATS).expect("DECAP_STATS");
         let arr: aya::maps::PerCpuArray<&MapData, lb_common::Counter> = aya::maps::PerCpuArray::try_from(m).expect("per-cpu");
-        (0..lb_common::decap_reason::COUNT).map(|r| arr.get(&r, 0).expect("get").iter().map(|c| c.packets).sum()).collect()
+        (0..lb_common::decap_reason::COUNT)
+            .map(|r| lb_userspace::stats::sum_counters(arr.get(&r, 0).expect("get").iter()).packets)
+            .collect()
     }
 }
 

@@ -1,15 +1,16 @@
-//! `cargo xtask test [-- args]`: the whole suite on a fresh machine: setup, the eBPF
-//! objects, then every test crate with cargo's own output.
+//! `cargo xtask test [-- args]`: the whole suite on a fresh machine: setup, then every
+//! test crate with cargo's own output (the build compiles and embeds the eBPF objects).
 
 use std::process::Command;
 
-use crate::{build_ebpf::build_ebpf, require_root, run, setup::setup};
+use crate::{require_root, run, setup::setup};
 
 pub fn test(args: &[String]) -> anyhow::Result<()> {
     // Checked first: setup (apt) and the datapath tests both need it.
     require_root("cargo xtask test")?;
     setup()?;
-    build_ebpf(true)?;
+    // No separate `build_ebpf` step: lb-userspace's build.rs (aya-build) compiles the
+    // objects the tests embed, so building them here too would only be done twice.
     // Packages listed because lb-ebpf is not a host crate; lb-common's `user` feature
     // holds the Maglev builder and its tests. One test thread: datapath tests share
     // network namespaces and interface names.
