@@ -41,6 +41,8 @@ pub mod prog_names {
     pub const BALANCER: &str = "lb_xdp";
     /// Strips our IPIP/IP6IP6 header on backends.
     pub const DECAP: &str = "lb_decap";
+    /// XDP_PASS only (in the decap object): lets native XDP_TX from a veth peer arrive.
+    pub const PASS: &str = "lb_pass";
 }
 
 /// Capacity limits. The datapath declares its maps with these sizes; userspace may

@@ -34,6 +34,13 @@ pub fn lb_decap(ctx: XdpContext) -> u32 {
     action
 }
 
+/// XDP_PASS and nothing else. Native XDP_TX on a veth is delivered only when the peer
+/// veth runs an XDP program; this is the one to put there (bridge ports, test peers).
+#[xdp]
+pub fn lb_pass(_ctx: XdpContext) -> u32 {
+    XDP_PASS
+}
+
 const NOT_ENCAP: (u32, u32) = (XDP_PASS, decap_reason::PASS_NOT_ENCAP);
 const MALFORMED: (u32, u32) = (XDP_DROP, decap_reason::DROP_MALFORMED);
 

@@ -44,6 +44,16 @@ pub fn ensure_bpffs() -> anyhow::Result<()> {
 
 /// Attaches the decap program to `interface` in `mode` and pins it.
 pub fn attach(interface: &str, mode: XdpMode) -> anyhow::Result<()> {
+    attach_program(interface, mode, prog_names::DECAP)
+}
+
+/// Attaches the XDP_PASS program instead (same pins, same `detach`): for the peer of a
+/// veth on which the balancer sends with native XDP_TX.
+pub fn attach_pass(interface: &str, mode: XdpMode) -> anyhow::Result<()> {
+    attach_program(interface, mode, prog_names::PASS)
+}
+
+fn attach_program(interface: &str, mode: XdpMode, name: &'static str) -> anyhow::Result<()> {
     check_interface_name(interface)?;
     ensure_bpffs()?;
     let dir = pin_dir(interface);
@@ -52,12 +62,12 @@ pub fn attach(interface: &str, mode: XdpMode) -> anyhow::Result<()> {
     }
     let mut ebpf = aya::Ebpf::load(crate::objects::DECAP).context("loading the decap object")?;
     let prog: &mut Xdp = ebpf
-        .program_mut(prog_names::DECAP)
-        .context("decap program missing from the object")?
+        .program_mut(name)
+        .with_context(|| format!("{name} missing from the decap object"))?
         .try_into()
-        .context("decap program is not XDP")?;
-    prog.load().context("loading lb_decap into the kernel (verifier)")?;
-    let link_id = prog.attach(interface, mode).with_context(|| format!("attaching lb_decap to {interface}"))?;
+        .with_context(|| format!("{name} is not XDP"))?;
+    prog.load().with_context(|| format!("loading {name} into the kernel (verifier)"))?;
+    let link_id = prog.attach(interface, mode).with_context(|| format!("attaching {name} to {interface}"))?;
     let link: FdLink = prog.take_link(link_id)?.try_into().context("XDP link is not an fd link")?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let stats = ebpf.map(map_names::DECAP_STATS).context("DECAP_STATS missing")?;

@@ -29,6 +29,10 @@ enum DecapCmd {
         interface: String,
         #[arg(long, value_enum, default_value_t = Mode::Native)]
         xdp_mode: Mode,
+        /// Attach a plain XDP_PASS program instead: for the veth peer of an interface
+        /// on which the balancer transmits with native XDP_TX.
+        #[arg(long)]
+        pass: bool,
     },
     /// Detach it and remove its pins.
     Detach {
@@ -52,12 +56,16 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_writer(std::io::stderr).init();
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Decap { cmd: DecapCmd::Attach { interface, xdp_mode } } => {
+        Cmd::Decap { cmd: DecapCmd::Attach { interface, xdp_mode, pass } } => {
             let mode = match xdp_mode {
                 Mode::Native => XdpMode::Driver,
                 Mode::Generic => XdpMode::Skb,
             };
-            lb_userspace::decap::attach(&interface, mode).context("decap attach")?;
+            if pass {
+                lb_userspace::decap::attach_pass(&interface, mode).context("pass attach")?;
+            } else {
+                lb_userspace::decap::attach(&interface, mode).context("decap attach")?;
+            }
             println!("decap attached to {interface}, pinned at {}", lb_userspace::decap::pin_dir(&interface).display());
         }
         Cmd::Decap { cmd: DecapCmd::Detach { interface } } => {
