@@ -33,6 +33,11 @@ pub mod map_names {
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const DECAP_STATS: &str = "DECAP_STATS";
+
+    /// The balancer's maps that lbd pins under /sys/fs/bpf/<instance>/ and reuses on
+    /// restart or upgrade: state and counters. Any other map in the object is per load.
+    pub const PINNED: &[&str] =
+        &[VIPS, VIP_BLOOM, TABLES, BACKENDS, FLOWS, SETTINGS, REASON_STATS, SERVICE_STATS, BACKEND_STATS];
 }
 
 /// Program names (the function names in lb-ebpf).
@@ -402,6 +407,19 @@ mod user {
         core::array::from_fn(|i| u32::from_ne_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]))
     }
 
+    /// Inverse of `addr_words`: IPv4-mapped words give an IPv4 address.
+    pub fn addr_from_words(w: &[u32; 4]) -> IpAddr {
+        let mut b = [0u8; 16];
+        for (i, x) in w.iter().enumerate() {
+            b[4 * i..4 * i + 4].copy_from_slice(&x.to_ne_bytes());
+        }
+        let v6 = std::net::Ipv6Addr::from(b);
+        match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        }
+    }
+
     impl VipKey {
         pub fn new(addr: IpAddr, port: u16, proto: u8) -> Self {
             Self { addr: addr_words(addr), port: port.to_be(), proto, _pad: 0 }
@@ -434,7 +452,7 @@ mod user {
 }
 
 #[cfg(feature = "user")]
-pub use user::{addr_bytes, addr_words};
+pub use user::{addr_bytes, addr_from_words, addr_words};
 
 #[cfg(all(test, feature = "user"))]
 mod tests {
@@ -455,6 +473,9 @@ mod tests {
         assert_eq!(w[2], V4_MAPPED_WORD);
         assert_eq!(w[3], u32::from_ne_bytes([10, 0, 0, 100]));
         assert_eq!(v4_mapped_words(u32::from_ne_bytes([10, 0, 0, 100])), w);
+        assert_eq!(addr_from_words(&w), a);
+        let b: IpAddr = "2001:db8::7".parse().unwrap();
+        assert_eq!(addr_from_words(&addr_words(b)), b);
     }
 
     #[test]

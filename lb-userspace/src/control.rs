@@ -51,6 +51,19 @@ impl FromStr for Mode {
     }
 }
 
+impl serde::Serialize for Mode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Mode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 impl fmt::Display for Mode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -82,6 +95,19 @@ impl fmt::Display for Vip {
             IpAddr::V4(a) => write!(f, "{a}:{}/{proto}", self.port),
             IpAddr::V6(a) => write!(f, "[{a}]:{}/{proto}", self.port),
         }
+    }
+}
+
+impl serde::Serialize for Vip {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Vip {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -144,6 +170,8 @@ pub enum ControlError {
     TooManyServices,
     #[error("backend table full (at most {MAX_BACKENDS} backends over all services)")]
     TooManyBackends,
+    #[error("{0}")]
+    Invalid(String),
     #[error(transparent)]
     Map(#[from] MapWriteError),
 }
@@ -161,6 +189,16 @@ struct Service {
     /// Sorted by address.
     backends: Vec<Backend>,
     active_slot: u32,
+}
+
+/// One service as a running datapath holds it (see `ControlPlane::adopt`).
+#[derive(Clone, Debug)]
+pub struct Adopted {
+    pub spec: ServiceSpec,
+    pub id: u32,
+    pub active_slot: u32,
+    /// (spec, datapath backend id).
+    pub backends: Vec<(BackendSpec, u32)>,
 }
 
 /// A read-only view of one service for listing.
@@ -192,6 +230,38 @@ impl<W: MapWriter> ControlPlane<W> {
             free_backend_ids: (0..MAX_BACKENDS).collect(),
             settings: Settings::default(),
         }
+    }
+
+    /// Takes over maps a running datapath already holds (lbd restarting): `services`
+    /// is what the maps say, so ids and live slots stay as they are and existing flows
+    /// keep their backends. Nothing is written.
+    pub fn adopt(w: W, settings: Settings, services: Vec<Adopted>) -> Result<Self, ControlError> {
+        let mut cp = Self::new(w);
+        cp.settings = settings;
+        let mut used_backend_ids = BTreeSet::new();
+        for a in services {
+            let bad = |what: String| ControlError::Invalid(format!("adopting service {:?}: {what}", a.spec.name));
+            if !cp.free_service_ids.remove(&a.id) {
+                return Err(bad(format!("service id {} out of range or used twice", a.id)));
+            }
+            if a.active_slot > 1 {
+                return Err(bad(format!("active slot {}", a.active_slot)));
+            }
+            if cp.services.contains_key(&a.spec.name) {
+                return Err(ControlError::ServiceExists(a.spec.name));
+            }
+            let mut backends = Vec::new();
+            for (spec, id) in a.backends {
+                if id >= MAX_BACKENDS || !used_backend_ids.insert(id) {
+                    return Err(bad(format!("backend id {id} out of range or used twice")));
+                }
+                backends.push(Backend { spec, id });
+            }
+            backends.sort_by_key(|b| b.spec.addr);
+            cp.services.insert(a.spec.name.clone(), Service { id: a.id, spec: a.spec, backends, active_slot: a.active_slot });
+        }
+        cp.free_backend_ids.retain(|id| !used_backend_ids.contains(id));
+        Ok(cp)
     }
 
     pub fn writer(&self) -> &W {
@@ -230,17 +300,12 @@ impl<W: MapWriter> ControlPlane<W> {
         self.services.get(service)?.backends.iter().find(|b| b.spec.addr == addr).map(|b| b.id)
     }
 
-    fn check_service_spec(&self, spec: &ServiceSpec) -> Result<(), ControlError> {
+    /// Checks of a service spec that do not depend on other services.
+    pub fn check_service_alone(spec: &ServiceSpec) -> Result<(), ControlError> {
         let name_ok = (1..=32).contains(&spec.name.len())
             && spec.name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_');
         if !name_ok {
             return Err(ControlError::BadName(spec.name.clone()));
-        }
-        if self.services.contains_key(&spec.name) {
-            return Err(ControlError::ServiceExists(spec.name.clone()));
-        }
-        if let Some(other) = self.services.values().find(|s| s.spec.vip == spec.vip) {
-            return Err(ControlError::VipInUse(spec.vip, other.spec.name.clone()));
         }
         if spec.table_size < 3 || spec.table_size > MAX_TABLE_SIZE || !maglev::is_prime(spec.table_size) {
             return Err(ControlError::BadTableSize(spec.table_size));
@@ -248,7 +313,19 @@ impl<W: MapWriter> ControlPlane<W> {
         Ok(())
     }
 
-    fn check_backends(spec: &ServiceSpec, backends: &[BackendSpec]) -> Result<(), ControlError> {
+    fn check_service_spec(&self, spec: &ServiceSpec) -> Result<(), ControlError> {
+        Self::check_service_alone(spec)?;
+        if self.services.contains_key(&spec.name) {
+            return Err(ControlError::ServiceExists(spec.name.clone()));
+        }
+        if let Some(other) = self.services.values().find(|s| s.spec.vip == spec.vip) {
+            return Err(ControlError::VipInUse(spec.vip, other.spec.name.clone()));
+        }
+        Ok(())
+    }
+
+    /// The checks `set_backends` makes, without writing anything.
+    pub fn check_backends(spec: &ServiceSpec, backends: &[BackendSpec]) -> Result<(), ControlError> {
         let mut seen = BTreeSet::new();
         for b in backends {
             if !seen.insert(b.addr) {
@@ -388,6 +465,12 @@ impl<W: MapWriter> ControlPlane<W> {
         let vip = VipValue { service_id: svc.id, mode: svc.spec.mode.datapath(), active_slot: idle, table_size: svc.spec.table_size };
 
         let prepared = (|| -> Result<(), MapWriteError> {
+            if create_vip {
+                self.w.clear_service_stats(svc.id)?;
+            }
+            for id in &fresh {
+                self.w.clear_backend_stats(*id)?;
+            }
             for b in &next {
                 self.w.put_backend(b.id, &Self::backend_value(svc, &b.spec))?;
             }

@@ -3,10 +3,18 @@
 //! backend model that builds Maglev tables and commits them atomically, statistics,
 //! and the decap program's attach/detach for backends.
 
+pub mod api;
+pub mod config;
 pub mod control;
+pub mod core;
+pub mod daemon;
 pub mod decap;
+pub mod health;
 pub mod maps;
+pub mod model;
 pub mod objects;
+pub mod persist;
+pub mod pins;
 pub mod stats;
 
 pub use control::{BackendSpec, ControlError, ControlPlane, Mode, ServiceSpec, Vip};

@@ -6,10 +6,10 @@ use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 
-use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use lb_common::{
-    BackendValue, MAX_TABLE_SIZE, Settings, TABLES_ENTRIES, VipBloom, VipKey, VipValue, map_names,
-    table_index,
+    BACKEND_F_VALID, BackendValue, MAX_BACKENDS, MAX_TABLE_SIZE, Settings, TABLES_ENTRIES, TrafficCounter,
+    VipBloom, VipKey, VipValue, map_names, table_index,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +35,10 @@ pub trait MapWriter {
     fn put_table(&mut self, service_id: u32, slot: u32, entries: &[u32]) -> Result<(), MapWriteError>;
     fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapWriteError>;
     fn put_settings(&mut self, settings: &Settings) -> Result<(), MapWriteError>;
+    /// Zeroes a service's counters (a freshly allocated id must not show its previous
+    /// owner's traffic).
+    fn clear_service_stats(&mut self, id: u32) -> Result<(), MapWriteError>;
+    fn clear_backend_stats(&mut self, id: u32) -> Result<(), MapWriteError>;
 }
 
 /// `TABLES`, mapped into our memory (the map is BPF_F_MMAPABLE): a 65537-entry table
@@ -93,11 +97,24 @@ pub struct AyaMaps {
     tables: TableMmap,
     backends: Array<MapData, BackendValue>,
     settings: Array<MapData, Settings>,
+    service_stats: PerCpuArray<MapData, TrafficCounter>,
+    backend_stats: PerCpuArray<MapData, TrafficCounter>,
+}
+
+/// A second handle on a map of `ebpf` (the stats maps are read by `Stats` too).
+fn dup_map(ebpf: &aya::Ebpf, name: &'static str) -> Result<MapData, MapWriteError> {
+    let m = match ebpf.map(name) {
+        Some(Map::PerCpuArray(m)) => m,
+        _ => return Err(MapWriteError::new(name, "missing or not a per-CPU array")),
+    };
+    let fd = m.fd().as_fd().try_clone_to_owned().map_err(|e| MapWriteError::new(name, e))?;
+    MapData::from_fd(fd).map_err(|e| MapWriteError::new(name, e))
 }
 
 impl AyaMaps {
     /// Takes the writable maps out of a freshly loaded balancer object.
     pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> Result<Self, MapWriteError> {
+        let stats = [dup_map(ebpf, map_names::SERVICE_STATS)?, dup_map(ebpf, map_names::BACKEND_STATS)?];
         let mut take = |name: &'static str| -> Result<MapData, MapWriteError> {
             match ebpf.take_map(name) {
                 Some(Map::HashMap(m)) | Some(Map::Array(m)) => Ok(m),
@@ -105,23 +122,65 @@ impl AyaMaps {
                 None => Err(MapWriteError::new(name, "not in the object")),
             }
         };
-        Self::from_data(take(map_names::VIPS)?, take(map_names::VIP_BLOOM)?, take(map_names::TABLES)?, take(map_names::BACKENDS)?, take(map_names::SETTINGS)?)
+        Self::from_data(
+            [take(map_names::VIPS)?, take(map_names::VIP_BLOOM)?, take(map_names::TABLES)?, take(map_names::BACKENDS)?, take(map_names::SETTINGS)?],
+            stats,
+        )
     }
 
     /// Opens the maps pinned under `dir` (a running instance).
     pub fn from_pins(dir: &Path) -> Result<Self, MapWriteError> {
         let open = |name: &'static str| MapData::from_pin(dir.join(name)).map_err(|e| MapWriteError::new(name, e));
-        Self::from_data(open(map_names::VIPS)?, open(map_names::VIP_BLOOM)?, open(map_names::TABLES)?, open(map_names::BACKENDS)?, open(map_names::SETTINGS)?)
+        Self::from_data(
+            [open(map_names::VIPS)?, open(map_names::VIP_BLOOM)?, open(map_names::TABLES)?, open(map_names::BACKENDS)?, open(map_names::SETTINGS)?],
+            [open(map_names::SERVICE_STATS)?, open(map_names::BACKEND_STATS)?],
+        )
     }
 
-    fn from_data(vips: MapData, bloom: MapData, tables: MapData, backends: MapData, settings: MapData) -> Result<Self, MapWriteError> {
+    fn from_data(state: [MapData; 5], stats: [MapData; 2]) -> Result<Self, MapWriteError> {
+        let [vips, bloom, tables, backends, settings] = state;
+        let [service_stats, backend_stats] = stats;
+        let per_cpu = |m: MapData, name: &'static str| {
+            PerCpuArray::try_from(Map::PerCpuArray(m)).map_err(|e| MapWriteError::new(name, e))
+        };
         Ok(Self {
+            service_stats: per_cpu(service_stats, map_names::SERVICE_STATS)?,
+            backend_stats: per_cpu(backend_stats, map_names::BACKEND_STATS)?,
             vips: BpfHashMap::try_from(Map::HashMap(vips)).map_err(|e| MapWriteError::new(map_names::VIPS, e))?,
             bloom: Array::try_from(Map::Array(bloom)).map_err(|e| MapWriteError::new(map_names::VIP_BLOOM, e))?,
             tables: TableMmap::new(tables)?,
             backends: Array::try_from(Map::Array(backends)).map_err(|e| MapWriteError::new(map_names::BACKENDS, e))?,
             settings: Array::try_from(Map::Array(settings)).map_err(|e| MapWriteError::new(map_names::SETTINGS, e))?,
         })
+    }
+}
+
+impl AyaMaps {
+    /// Every VIP entry (a running datapath's services).
+    pub fn read_vips(&self) -> Result<Vec<(VipKey, VipValue)>, MapWriteError> {
+        self.vips.iter().collect::<Result<Vec<_>, _>>().map_err(|e| MapWriteError::new(map_names::VIPS, e))
+    }
+
+    /// Every valid backend entry, by id.
+    pub fn read_backends(&self) -> Result<Vec<(u32, BackendValue)>, MapWriteError> {
+        let mut out = Vec::new();
+        for id in 0..MAX_BACKENDS {
+            let v = self.backends.get(&id, 0).map_err(|e| MapWriteError::new(map_names::BACKENDS, e))?;
+            if v.flags & BACKEND_F_VALID != 0 {
+                out.push((id, v));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn read_settings(&self) -> Result<Settings, MapWriteError> {
+        self.settings.get(&0, 0).map_err(|e| MapWriteError::new(map_names::SETTINGS, e))
+    }
+
+    fn clear(map: &mut PerCpuArray<MapData, TrafficCounter>, name: &'static str, id: u32) -> Result<(), MapWriteError> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| MapWriteError::new(name, e))?;
+        let zero = PerCpuValues::try_from(vec![TrafficCounter::default(); cpus]).map_err(|e| MapWriteError::new(name, e))?;
+        map.set(id, zero, 0).map_err(|e| MapWriteError::new(name, e))
     }
 }
 
@@ -148,6 +207,12 @@ impl MapWriter for AyaMaps {
     fn put_settings(&mut self, settings: &Settings) -> Result<(), MapWriteError> {
         self.settings.set(0, settings, 0).map_err(|e| MapWriteError::new(map_names::SETTINGS, e))
     }
+    fn clear_service_stats(&mut self, id: u32) -> Result<(), MapWriteError> {
+        Self::clear(&mut self.service_stats, map_names::SERVICE_STATS, id)
+    }
+    fn clear_backend_stats(&mut self, id: u32) -> Result<(), MapWriteError> {
+        Self::clear(&mut self.backend_stats, map_names::BACKEND_STATS, id)
+    }
 }
 
 /// In-memory maps with the datapath's lookup logic, for tests without root.
@@ -158,6 +223,8 @@ pub struct MemMaps {
     pub tables: HashMap<(u32, u32), Vec<u32>>,
     pub backends: HashMap<u32, BackendValue>,
     pub settings: Settings,
+    pub cleared_service_stats: Vec<u32>,
+    pub cleared_backend_stats: Vec<u32>,
     /// Fail every write after this many more successful ones (failure injection).
     pub fail_after: Option<usize>,
     pub writes: usize,
@@ -211,6 +278,16 @@ impl MapWriter for MemMaps {
     fn put_settings(&mut self, settings: &Settings) -> Result<(), MapWriteError> {
         self.step(map_names::SETTINGS)?;
         self.settings = *settings;
+        Ok(())
+    }
+    fn clear_service_stats(&mut self, id: u32) -> Result<(), MapWriteError> {
+        self.step(map_names::SERVICE_STATS)?;
+        self.cleared_service_stats.push(id);
+        Ok(())
+    }
+    fn clear_backend_stats(&mut self, id: u32) -> Result<(), MapWriteError> {
+        self.step(map_names::BACKEND_STATS)?;
+        self.cleared_backend_stats.push(id);
         Ok(())
     }
 }

@@ -1,15 +1,33 @@
-//! lbd: the balancer daemon. This build provides the backend-side decap commands; the
-//! daemon proper (config, services, health checks, CLI socket) builds on the same library.
+//! lbd: the balancer daemon.
+//!
+//!   lbd --config /etc/lb/lb0.toml            run (foreground; logs to stderr)
+//!   lbd --check --config /etc/lb/lb0.toml    validate only, like `haproxy -c`
+//!   lbd --detach --config /etc/lb/lb0.toml   remove the datapath when lbd is not running
+//!   lbd decap attach --interface eth0        backend side: strip our IPIP header
+
+use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context as _;
 use aya::programs::XdpMode;
 use clap::{Parser, Subcommand, ValueEnum};
+use lb_userspace::config::Config;
+use lb_userspace::daemon::{self, Daemon};
 
 #[derive(Parser)]
-#[command(name = "lbd", version, about = "XDP L4 load balancer daemon")]
+#[command(name = "lbd", version, about = "XDP L4 load balancer daemon", args_conflicts_with_subcommands = true)]
 struct Cli {
+    /// The config file (TOML); see README "Configuration".
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Validate the config, print the effective services and backends, exit.
+    #[arg(long, conflicts_with = "detach")]
+    check: bool,
+    /// Detach the instance from every interface and remove its pins (lbd not running).
+    #[arg(long)]
+    detach: bool,
     #[command(subcommand)]
-    cmd: Cmd,
+    cmd: Option<Cmd>,
 }
 
 #[derive(Subcommand)]
@@ -52,10 +70,64 @@ enum Mode {
     Generic,
 }
 
-fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_writer(std::io::stderr).init();
+fn main() -> ExitCode {
+    // Before any thread exists, so only the signal thread receives HUP/TERM/INT.
+    daemon::block_signals();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
-    match cli.cmd {
+    let r = match cli.cmd {
+        Some(cmd) => decap_cmd(cmd),
+        None => match cli.config {
+            None => Err(anyhow::anyhow!("--config FILE is required (or a subcommand; see --help)")),
+            Some(path) if cli.check => return check(&path),
+            Some(path) if cli.detach => detach(&path),
+            Some(path) => run(&path),
+        },
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lbd: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match Config::load(path) {
+        Ok((cfg, _)) => {
+            print!("{}", cfg.describe());
+            println!("{}: configuration is valid", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(errs) => {
+            for e in &errs.0 {
+                eprintln!("{}: {e}", path.display());
+            }
+            eprintln!("{}: {} error(s); nothing was changed", path.display(), errs.0.len());
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn detach(path: &std::path::Path) -> anyhow::Result<()> {
+    let (cfg, _) = Config::load(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let ifaces = daemon::detach_offline(&cfg.instance)?;
+    println!("instance {} detached from {}; pins removed", cfg.instance, if ifaces.is_empty() { "no interface".into() } else { ifaces.join(", ") });
+    Ok(())
+}
+
+fn run(path: &std::path::Path) -> anyhow::Result<()> {
+    let d = Daemon::start(path)?;
+    daemon::handle_signals(&d);
+    d.serve()
+}
+
+fn decap_cmd(cmd: Cmd) -> anyhow::Result<()> {
+    match cmd {
         Cmd::Decap { cmd: DecapCmd::Attach { interface, xdp_mode, pass } } => {
             let mode = match xdp_mode {
                 Mode::Native => XdpMode::Driver,

@@ -1,0 +1,669 @@
+//! The daemon's logic without the kernel: what the operator asked for (`ServiceDef`s),
+//! health state, and how each change reaches the datapath through `ControlPlane`.
+//! Generic over `MapWriter`, so every rule here is unit-tested without root.
+//!
+//! Rules:
+//! - A change touches only the service it is about: one table rebuilt into the idle
+//!   slot, one flip.
+//! - A change is validated before anything is written; a rejected change leaves the
+//!   model and the maps as they were.
+//! - A backend the datapath sees = configured backend, minus drained (weight 0), minus
+//!   health-down (weight 0 with `unhealthy = "keep"`, absent with `"reset"`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use lb_common::{Counter, MAX_BACKENDS, MAX_SERVICES, Settings, TrafficCounter, reason};
+use serde::{Deserialize, Serialize};
+
+use crate::api::{BackendStatsView, BackendView, ReasonView, ServiceStatsView, ServiceView, StatsView, TrafficView};
+use crate::control::{BackendSpec, ControlError, ControlPlane, MAX_WEIGHT};
+use crate::health::{Target, Tracker};
+use crate::maps::{MapWriteError, MapWriter};
+use crate::model::{BackendDef, FlowPolicy, Mac, ServiceDef};
+
+#[derive(Clone, Debug)]
+pub struct HealthState {
+    pub tracker: Tracker,
+    pub last_error: Option<String>,
+    pub checks: u64,
+}
+
+/// Persisted health of one backend.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthRecord {
+    pub service: String,
+    pub address: IpAddr,
+    pub up: bool,
+}
+
+/// A change from the CLI.
+#[derive(Clone, Debug)]
+pub enum Change {
+    AddService(ServiceDef),
+    RemoveService(String),
+    AddBackend { service: String, address: IpAddr, weight: u32, mac: Option<Mac> },
+    RemoveBackend { service: String, address: IpAddr },
+    SetWeight { service: String, address: IpAddr, weight: u32 },
+    Drain { service: String, address: IpAddr },
+    Enable { service: String, address: IpAddr },
+}
+
+/// What a health result changed, for the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthEvent {
+    pub service: String,
+    pub address: IpAddr,
+    pub up: bool,
+    pub detail: String,
+}
+
+/// Counters of the running datapath (kernel maps, or a fake in tests).
+pub trait CounterSource {
+    fn service(&self, id: u32) -> Result<TrafficCounter, MapWriteError>;
+    fn backend(&self, id: u32) -> Result<TrafficCounter, MapWriteError>;
+    fn reasons(&self) -> Result<Vec<Counter>, MapWriteError>;
+}
+
+impl CounterSource for crate::stats::Stats {
+    fn service(&self, id: u32) -> Result<TrafficCounter, MapWriteError> {
+        crate::stats::Stats::service(self, id)
+    }
+    fn backend(&self, id: u32) -> Result<TrafficCounter, MapWriteError> {
+        crate::stats::Stats::backend(self, id)
+    }
+    fn reasons(&self) -> Result<Vec<Counter>, MapWriteError> {
+        crate::stats::Stats::reasons(self)
+    }
+}
+
+pub struct Core<W: MapWriter> {
+    cp: ControlPlane<W>,
+    services: BTreeMap<String, ServiceDef>,
+    health: BTreeMap<(String, IpAddr), HealthState>,
+    /// Bumped by every applied change.
+    pub version: u64,
+}
+
+/// Every problem with a whole set of services, each naming the service and key.
+pub fn validate_set(defs: &[ServiceDef]) -> Vec<String> {
+    let mut errs = Vec::new();
+    let mut names = BTreeSet::new();
+    let mut vips = BTreeMap::new();
+    let mut total = 0usize;
+    for d in defs {
+        if let Err(e) = d.validate() {
+            errs.push(format!("service {:?}: {e}", d.name));
+        }
+        if !names.insert(d.name.clone()) {
+            errs.push(format!("service {:?}: defined twice", d.name));
+        }
+        if let Some(other) = vips.insert(d.vip, d.name.clone()) {
+            errs.push(format!("service {:?}: VIP {} is already used by service {other:?}", d.name, d.vip));
+        }
+        total += d.backends.len();
+    }
+    if defs.len() > MAX_SERVICES as usize {
+        errs.push(format!("{} services: at most {MAX_SERVICES}", defs.len()));
+    }
+    if total > MAX_BACKENDS as usize {
+        errs.push(format!("{total} backends over all services: the backend table holds {MAX_BACKENDS}"));
+    }
+    errs
+}
+
+impl<W: MapWriter> Core<W> {
+    pub fn new(cp: ControlPlane<W>) -> Self {
+        Self { cp, services: BTreeMap::new(), health: BTreeMap::new(), version: 0 }
+    }
+
+    pub fn control(&self) -> &ControlPlane<W> {
+        &self.cp
+    }
+
+    pub fn control_mut(&mut self) -> &mut ControlPlane<W> {
+        &mut self.cp
+    }
+
+    pub fn services(&self) -> Vec<ServiceDef> {
+        self.services.values().cloned().collect()
+    }
+
+    pub fn service(&self, name: &str) -> Option<&ServiceDef> {
+        self.services.get(name)
+    }
+
+    pub fn set_settings(&mut self, s: Settings) -> Result<(), ControlError> {
+        if *self.cp.settings() != s {
+            self.cp.set_settings(s)?;
+        }
+        Ok(())
+    }
+
+    /// None: no health check on this service.
+    fn health_up(&self, def: &ServiceDef, addr: IpAddr) -> Option<bool> {
+        def.health.as_ref()?;
+        Some(self.health.get(&(def.name.clone(), addr)).is_none_or(|h| h.tracker.up))
+    }
+
+    /// The backends the datapath gets for `def`.
+    fn effective(&self, def: &ServiceDef) -> Vec<BackendSpec> {
+        def.backends
+            .iter()
+            .filter_map(|b| {
+                let up = self.health_up(def, b.address).unwrap_or(true);
+                if !up && def.unhealthy == FlowPolicy::Reset {
+                    return None;
+                }
+                let weight = if b.drained || !up { 0 } else { b.weight };
+                Some(BackendSpec { addr: b.address, weight, mac: b.mac.map(|m| m.0) })
+            })
+            .collect()
+    }
+
+    fn current(&self, name: &str) -> Option<Vec<BackendSpec>> {
+        self.cp.service(name).map(|v| v.backends.into_iter().map(|(s, _)| s).collect())
+    }
+
+    /// Makes datapath and model match `desired` (start, reload). Only services that
+    /// differ are rewritten. Rejected as a whole if any service is invalid.
+    pub fn replace_all(&mut self, desired: Vec<ServiceDef>) -> Result<Vec<String>, ControlError> {
+        self.replace_all_inner(desired, false)
+    }
+
+    /// `replace_all` that rewrites every service even when the model says it matches:
+    /// after adopting a running datapath, whose tables the model only approximates.
+    /// The same backends and weights give the same table, so no flow moves.
+    pub fn replace_all_forced(&mut self, desired: Vec<ServiceDef>) -> Result<Vec<String>, ControlError> {
+        self.replace_all_inner(desired, true)
+    }
+
+    fn replace_all_inner(&mut self, desired: Vec<ServiceDef>, force: bool) -> Result<Vec<String>, ControlError> {
+        let errs = validate_set(&desired);
+        if !errs.is_empty() {
+            return Err(ControlError::Invalid(errs.join("; ")));
+        }
+        let old = std::mem::take(&mut self.services);
+        self.services = desired.into_iter().map(|d| (d.name.clone(), d)).collect();
+        match self.sync_all(force) {
+            Ok(changed) => {
+                self.prune_health();
+                if !changed.is_empty() {
+                    self.version += 1;
+                }
+                Ok(changed)
+            }
+            Err(e) => {
+                // A map write failed midway: put back what was there.
+                self.services = old;
+                let _ = self.sync_all(false);
+                Err(e)
+            }
+        }
+    }
+
+    /// Rewrites every service whose datapath state differs from the model.
+    fn sync_all(&mut self, force: bool) -> Result<Vec<String>, ControlError> {
+        let mut changed = Vec::new();
+        // Removals first, so a VIP can move between services in one change.
+        let live: Vec<String> = self.cp.services().into_iter().map(|v| v.spec.name).collect();
+        for name in live {
+            let keep = match (self.services.get(&name), self.cp.service(&name)) {
+                (Some(d), Some(v)) => d.spec() == v.spec,
+                _ => false,
+            };
+            if !keep {
+                self.cp.remove_service(&name)?;
+                changed.push(name);
+            }
+        }
+        let defs: Vec<ServiceDef> = self.services.values().cloned().collect();
+        for d in &defs {
+            let eff = self.effective(d);
+            match self.current(&d.name) {
+                Some(cur) if !force && cur == sorted(eff.clone()) => {}
+                Some(_) => {
+                    self.cp.set_backends(&d.name, eff)?;
+                    changed.push(d.name.clone());
+                }
+                None => {
+                    self.cp.add_service(d.spec(), eff)?;
+                    if !changed.contains(&d.name) {
+                        changed.push(d.name.clone());
+                    }
+                }
+            }
+        }
+        Ok(changed)
+    }
+
+    fn prune_health(&mut self) {
+        let services = &self.services;
+        self.health.retain(|(s, a), _| services.get(s).is_some_and(|d| d.health.is_some() && d.backend(*a).is_some()));
+    }
+
+    /// Applies one CLI change to its service only. Nothing changes on error.
+    pub fn apply(&mut self, c: Change) -> Result<(), ControlError> {
+        match c {
+            Change::AddService(def) => {
+                if self.services.contains_key(&def.name) {
+                    return Err(ControlError::ServiceExists(def.name));
+                }
+                def.validate()?;
+                let eff = self.effective(&def);
+                self.cp.add_service(def.spec(), eff)?;
+                self.services.insert(def.name.clone(), def);
+            }
+            Change::RemoveService(name) => {
+                if !self.services.contains_key(&name) {
+                    return Err(ControlError::UnknownService(name));
+                }
+                self.cp.remove_service(&name)?;
+                self.services.remove(&name);
+                self.prune_health();
+            }
+            Change::AddBackend { service, address, weight, mac } => self.change_service(&service, |d| {
+                if d.backend(address).is_some() {
+                    return Err(ControlError::DuplicateBackend(address, d.name.clone()));
+                }
+                d.backends.push(BackendDef { address, weight, mac, drained: false });
+                Ok(())
+            })?,
+            Change::RemoveBackend { service, address } => self.change_service(&service, |d| {
+                let n = d.backends.len();
+                d.backends.retain(|b| b.address != address);
+                if d.backends.len() == n {
+                    return Err(ControlError::UnknownBackend(address, d.name.clone()));
+                }
+                Ok(())
+            })?,
+            Change::SetWeight { service, address, weight } => self.change_service(&service, |d| {
+                if weight > MAX_WEIGHT {
+                    return Err(ControlError::BadWeight(weight));
+                }
+                backend_mut(d, address)?.weight = weight;
+                Ok(())
+            })?,
+            Change::Drain { service, address } => self.change_service(&service, |d| {
+                backend_mut(d, address)?.drained = true;
+                Ok(())
+            })?,
+            Change::Enable { service, address } => self.change_service(&service, |d| {
+                backend_mut(d, address)?.drained = false;
+                Ok(())
+            })?,
+        }
+        self.version += 1;
+        Ok(())
+    }
+
+    fn change_service(&mut self, name: &str, f: impl FnOnce(&mut ServiceDef) -> Result<(), ControlError>) -> Result<(), ControlError> {
+        let mut def = self.services.get(name).cloned().ok_or_else(|| ControlError::UnknownService(name.to_string()))?;
+        f(&mut def)?;
+        def.validate()?;
+        let eff = self.effective(&def);
+        if self.current(name) != Some(sorted(eff.clone())) {
+            self.cp.set_backends(name, eff)?;
+        }
+        self.services.insert(name.to_string(), def);
+        self.prune_health();
+        Ok(())
+    }
+
+    /// What the health checker should run now.
+    pub fn health_targets(&self) -> Vec<Target> {
+        let mut out = Vec::new();
+        for d in self.services.values() {
+            let Some(h) = &d.health else { continue };
+            for b in &d.backends {
+                out.push(Target { service: d.name.clone(), addr: b.address, port: h.port(d.vip.port), spec: h.clone() });
+            }
+        }
+        out
+    }
+
+    /// One check result. Returns the transition (and has rebuilt the service's
+    /// table) when the backend changes state.
+    pub fn health_result(&mut self, t: &Target, r: Result<(), String>) -> Result<Option<HealthEvent>, ControlError> {
+        let Some(def) = self.services.get(&t.service) else { return Ok(None) };
+        // A result for a target that no longer exists (changed spec, removed backend).
+        if def.health.as_ref() != Some(&t.spec) || def.backend(t.addr).is_none() || t.port != t.spec.port(def.vip.port) {
+            return Ok(None);
+        }
+        let def = def.clone();
+        let key = (t.service.clone(), t.addr);
+        let entry = self.health.entry(key.clone()).or_insert(HealthState { tracker: Tracker::new(true), last_error: None, checks: 0 });
+        entry.checks += 1;
+        let before = entry.tracker;
+        let ok = r.is_ok();
+        entry.last_error = r.err();
+        let Some(up) = entry.tracker.record(ok, t.spec.rise, t.spec.fall) else { return Ok(None) };
+        let detail = entry.last_error.clone().unwrap_or_else(|| format!("{} consecutive checks passed", t.spec.rise));
+        let eff = self.effective(&def);
+        if let Err(e) = self.cp.set_backends(&def.name, eff) {
+            // Not applied: forget the transition so the next result tries again.
+            if let Some(h) = self.health.get_mut(&key) {
+                h.tracker = before;
+            }
+            return Err(e);
+        }
+        self.version += 1;
+        Ok(Some(HealthEvent { service: def.name, address: t.addr, up, detail }))
+    }
+
+    pub fn health_records(&self) -> Vec<HealthRecord> {
+        self.health.iter().map(|((s, a), h)| HealthRecord { service: s.clone(), address: *a, up: h.tracker.up }).collect()
+    }
+
+    /// Restores persisted health (before `replace_all` at start).
+    pub fn restore_health(&mut self, records: &[HealthRecord]) {
+        for r in records {
+            self.health.insert((r.service.clone(), r.address), HealthState { tracker: Tracker::new(r.up), last_error: None, checks: 0 });
+        }
+    }
+
+    fn backend_view(&self, d: &ServiceDef, b: &BackendDef) -> BackendView {
+        let h = self.health.get(&(d.name.clone(), b.address));
+        let up = self.health_up(d, b.address);
+        let id = self.cp.backend_id(&d.name, b.address);
+        let in_table = self.cp.service(&d.name).is_some_and(|v| v.backends.iter().any(|(s, _)| s.addr == b.address && s.weight > 0));
+        BackendView {
+            service: d.name.clone(),
+            address: b.address,
+            weight: b.weight,
+            mac: b.mac,
+            admin: if b.drained { "drained" } else { "enabled" }.into(),
+            health: match up {
+                None => "unchecked",
+                Some(true) => "up",
+                Some(false) => "down",
+            }
+            .into(),
+            in_table,
+            id,
+            last_check_error: h.and_then(|h| h.last_error.clone()),
+        }
+    }
+
+    pub fn service_view(&self, name: &str) -> Result<ServiceView, ControlError> {
+        let d = self.services.get(name).ok_or_else(|| ControlError::UnknownService(name.to_string()))?;
+        Ok(ServiceView {
+            name: d.name.clone(),
+            vip: d.vip.to_string(),
+            mode: d.mode.to_string(),
+            table_size: d.table_size,
+            health: d.health.clone(),
+            unhealthy: d.unhealthy,
+            id: self.cp.service(name).map_or(u32::MAX, |v| v.id),
+            backends: d.backends.iter().map(|b| self.backend_view(d, b)).collect(),
+        })
+    }
+
+    pub fn service_views(&self) -> Vec<ServiceView> {
+        self.services.keys().filter_map(|n| self.service_view(n).ok()).collect()
+    }
+
+    pub fn backend_views(&self, service: Option<&str>) -> Result<Vec<BackendView>, ControlError> {
+        if let Some(s) = service
+            && !self.services.contains_key(s)
+        {
+            return Err(ControlError::UnknownService(s.to_string()));
+        }
+        Ok(self
+            .services
+            .values()
+            .filter(|d| service.is_none_or(|s| s == d.name))
+            .flat_map(|d| d.backends.iter().map(|b| self.backend_view(d, b)))
+            .collect())
+    }
+
+    /// (up, down, drained) over all backends.
+    pub fn backend_counts(&self) -> (usize, usize, usize) {
+        let (mut up, mut down, mut drained) = (0, 0, 0);
+        for d in self.services.values() {
+            for b in &d.backends {
+                if b.drained {
+                    drained += 1;
+                } else if self.health_up(d, b.address) == Some(false) {
+                    down += 1;
+                } else {
+                    up += 1;
+                }
+            }
+        }
+        (up, down, drained)
+    }
+
+    /// Raw counters (pps is filled in by the caller from two samples).
+    pub fn stats(&self, src: &dyn CounterSource) -> Result<StatsView, MapWriteError> {
+        let mut services = Vec::new();
+        for d in self.services.values() {
+            let Some(v) = self.cp.service(&d.name) else { continue };
+            let mut backends = Vec::new();
+            for b in &d.backends {
+                let bv = self.backend_view(d, b);
+                let traffic = match bv.id {
+                    Some(id) => traffic(src.backend(id)?),
+                    None => TrafficView::default(),
+                };
+                backends.push(BackendStatsView { address: b.address, health: bv.health, admin: bv.admin, traffic });
+            }
+            services.push(ServiceStatsView { name: d.name.clone(), vip: d.vip.to_string(), traffic: traffic(src.service(v.id)?), backends });
+        }
+        let reasons = src
+            .reasons()?
+            .iter()
+            .enumerate()
+            .map(|(i, c)| ReasonView { reason: reason::NAMES.get(i).copied().unwrap_or("unknown").to_string(), packets: c.packets, bytes: c.bytes })
+            .collect();
+        Ok(StatsView { services, reasons })
+    }
+}
+
+fn traffic(c: TrafficCounter) -> TrafficView {
+    TrafficView { packets: c.packets, bytes: c.bytes, new_flows: c.new_flows, pps: 0.0 }
+}
+
+fn sorted(mut v: Vec<BackendSpec>) -> Vec<BackendSpec> {
+    v.sort_by_key(|b| b.addr);
+    v
+}
+
+fn backend_mut(d: &mut ServiceDef, addr: IpAddr) -> Result<&mut BackendDef, ControlError> {
+    let name = d.name.clone();
+    d.backends.iter_mut().find(|b| b.address == addr).ok_or(ControlError::UnknownBackend(addr, name))
+}
+
+/// Fills `pps` in `now` from an earlier sample taken `secs` before.
+pub fn fill_pps(now: &mut StatsView, before: &StatsView, secs: f64) {
+    if secs <= 0.0 {
+        return;
+    }
+    let rate = |a: u64, b: u64| a.saturating_sub(b) as f64 / secs;
+    for s in &mut now.services {
+        let Some(p) = before.services.iter().find(|p| p.name == s.name) else { continue };
+        s.traffic.pps = rate(s.traffic.packets, p.traffic.packets);
+        for b in &mut s.backends {
+            if let Some(pb) = p.backends.iter().find(|pb| pb.address == b.address) {
+                b.traffic.pps = rate(b.traffic.packets, pb.traffic.packets);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::Mode;
+    use crate::health::{HealthKind, HealthSpec};
+    use crate::maps::MemMaps;
+    use lb_common::{FlowKey, NO_BACKEND, PROTO_TCP, VipKey, flow_hash};
+
+    fn def(name: &str, vip: &str, backends: &[(&str, u32)]) -> ServiceDef {
+        ServiceDef {
+            name: name.into(),
+            vip: vip.parse().unwrap(),
+            mode: Mode::Ipip,
+            table_size: 251,
+            health: None,
+            unhealthy: FlowPolicy::Keep,
+            backends: backends.iter().map(|(a, w)| BackendDef { address: a.parse().unwrap(), weight: *w, mac: None, drained: false }).collect(),
+        }
+    }
+
+    fn core() -> Core<MemMaps> {
+        Core::new(ControlPlane::new(MemMaps::default()))
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// Backend ids in the live table of `vip`.
+    fn table_ids(c: &Core<MemMaps>, vip: &str) -> BTreeSet<u32> {
+        let v: crate::control::Vip = vip.parse().unwrap();
+        let m = c.control().writer();
+        let val = m.vips[&v.key()];
+        m.tables[&(val.service_id, val.active_slot)].iter().copied().collect()
+    }
+
+    #[test]
+    fn replace_all_rewrites_only_what_changed() {
+        let mut c = core();
+        let web = def("web", "10.0.0.100:80/tcp", &[("10.0.1.1", 1), ("10.0.1.2", 1)]);
+        let db = def("db", "10.0.0.102:3306/tcp", &[("10.0.3.1", 1)]);
+        let changed = c.replace_all(vec![web.clone(), db.clone()]).unwrap();
+        assert_eq!(changed.len(), 2);
+        let writes = c.control().writer().writes;
+        assert!(c.replace_all(vec![web.clone(), db.clone()]).unwrap().is_empty(), "same set: nothing rewritten");
+        assert_eq!(c.control().writer().writes, writes);
+        let mut web2 = web.clone();
+        web2.backends.push(BackendDef { address: ip("10.0.1.3"), weight: 1, mac: None, drained: false });
+        assert_eq!(c.replace_all(vec![web2, db.clone()]).unwrap(), vec!["web".to_string()]);
+        // A VIP moves from one service to a new one in a single reload.
+        let moved = def("web-new", "10.0.0.100:80/tcp", &[("10.0.1.9", 1)]);
+        let changed = c.replace_all(vec![moved, db]).unwrap();
+        assert!(changed.contains(&"web".to_string()) && changed.contains(&"web-new".to_string()));
+        assert_eq!(c.services().len(), 2);
+    }
+
+    #[test]
+    fn invalid_set_is_rejected_whole_and_names_every_problem() {
+        let mut c = core();
+        c.replace_all(vec![def("web", "10.0.0.100:80/tcp", &[("10.0.1.1", 1)])]).unwrap();
+        let before = c.control().writer().writes;
+        let mut bad_weight = def("app", "10.0.0.101:80/tcp", &[("10.0.2.1", 70000)]);
+        bad_weight.table_size = 100;
+        let dup_vip = def("db", "10.0.0.100:80/tcp", &[]);
+        let e = c.replace_all(vec![def("web", "10.0.0.100:80/tcp", &[]), bad_weight, dup_vip]).unwrap_err().to_string();
+        assert!(e.contains("\"app\"") && e.contains("prime"), "{e}");
+        assert!(e.contains("\"db\"") && e.contains("already used"), "{e}");
+        assert_eq!(c.control().writer().writes, before, "nothing written");
+        assert_eq!(c.services()[0].backends.len(), 1);
+    }
+
+    #[test]
+    fn cli_changes_touch_one_service_and_errors_change_nothing() {
+        let mut c = core();
+        c.replace_all(vec![def("web", "10.0.0.100:80/tcp", &[("10.0.1.1", 1)]), def("db", "10.0.0.102:3306/tcp", &[("10.0.3.1", 1)])])
+            .unwrap();
+        let db_slot = c.control().service("db").unwrap().active_slot;
+        c.apply(Change::AddBackend { service: "web".into(), address: ip("10.0.1.2"), weight: 5, mac: None }).unwrap();
+        assert_eq!(c.control().service("db").unwrap().active_slot, db_slot, "db untouched");
+        assert_eq!(c.service("web").unwrap().backends.len(), 2);
+        let v = c.version;
+        let snapshot = c.control().writer().clone();
+        let errs = [
+            c.apply(Change::AddBackend { service: "web".into(), address: ip("10.0.1.2"), weight: 1, mac: None }),
+            c.apply(Change::AddBackend { service: "nope".into(), address: ip("10.0.1.7"), weight: 1, mac: None }),
+            c.apply(Change::AddBackend { service: "web".into(), address: ip("10.0.1.7"), weight: 65536, mac: None }),
+            c.apply(Change::SetWeight { service: "web".into(), address: ip("10.0.1.2"), weight: 65536 }),
+            c.apply(Change::RemoveBackend { service: "web".into(), address: ip("10.0.1.9") }),
+            c.apply(Change::Drain { service: "web".into(), address: ip("10.0.1.9") }),
+            c.apply(Change::AddService(def("web", "10.0.0.109:80/tcp", &[]))),
+            c.apply(Change::AddService(def("other", "10.0.0.100:80/tcp", &[]))),
+            c.apply(Change::RemoveService("nope".into())),
+        ];
+        let want = [
+            "duplicate backend", "unknown service", "out of range", "out of range", "unknown backend", "unknown backend", "already exists",
+            "already used", "unknown service",
+        ];
+        for (e, w) in errs.into_iter().zip(want) {
+            let e = e.unwrap_err().to_string();
+            assert!(e.contains(w), "{e:?} should contain {w:?}");
+        }
+        assert_eq!(c.version, v, "no version bump on errors");
+        assert_eq!(c.control().writer().writes, snapshot.writes, "no map write on errors");
+    }
+
+    #[test]
+    fn drain_keeps_entry_enable_restores() {
+        let mut c = core();
+        c.replace_all(vec![def("web", "10.0.0.100:80/tcp", &[("10.0.1.1", 1), ("10.0.1.2", 1)])]).unwrap();
+        let id1 = c.control().backend_id("web", ip("10.0.1.1")).unwrap();
+        c.apply(Change::Drain { service: "web".into(), address: ip("10.0.1.1") }).unwrap();
+        assert!(!table_ids(&c, "10.0.0.100:80/tcp").contains(&id1));
+        assert_eq!(c.control().backend_id("web", ip("10.0.1.1")), Some(id1), "entry (and its flows) kept");
+        let bv = &c.backend_views(Some("web")).unwrap()[0];
+        assert_eq!((bv.admin.as_str(), bv.in_table, bv.weight), ("drained", false, 1));
+        c.apply(Change::Enable { service: "web".into(), address: ip("10.0.1.1") }).unwrap();
+        assert!(table_ids(&c, "10.0.0.100:80/tcp").contains(&id1));
+    }
+
+    fn with_health(mut d: ServiceDef, policy: FlowPolicy) -> ServiceDef {
+        d.health = Some(HealthSpec { kind: HealthKind::Tcp, interval_ms: 100, timeout_ms: 50, rise: 2, fall: 2, path: None, port: None });
+        d.unhealthy = policy;
+        d
+    }
+
+    #[test]
+    fn health_down_and_up_follow_rise_fall_and_policy() {
+        for policy in [FlowPolicy::Keep, FlowPolicy::Reset] {
+            let mut c = core();
+            c.replace_all(vec![with_health(def("web", "10.0.0.100:80/tcp", &[("10.0.1.1", 1), ("10.0.1.2", 1)]), policy)]).unwrap();
+            let targets = c.health_targets();
+            assert_eq!(targets.len(), 2);
+            let t = targets.iter().find(|t| t.addr == ip("10.0.1.1")).unwrap().clone();
+            let id = c.control().backend_id("web", t.addr).unwrap();
+            assert_eq!(c.health_result(&t, Err("refused".into())).unwrap(), None, "one failure is not enough (fall 2)");
+            let ev = c.health_result(&t, Err("refused".into())).unwrap().expect("down after fall failures");
+            assert!(!ev.up && ev.detail.contains("refused"));
+            assert!(!table_ids(&c, "10.0.0.100:80/tcp").contains(&id));
+            match policy {
+                FlowPolicy::Keep => assert_eq!(c.control().backend_id("web", t.addr), Some(id), "keep: entry stays"),
+                FlowPolicy::Reset => assert_eq!(c.control().backend_id("web", t.addr), None, "reset: entry invalidated"),
+            }
+            assert_eq!(c.backend_views(Some("web")).unwrap()[0].health, "down");
+            assert_eq!(c.health_result(&t, Ok(())).unwrap(), None);
+            assert!(c.health_result(&t, Ok(())).unwrap().unwrap().up);
+            assert_eq!(table_ids(&c, "10.0.0.100:80/tcp").len(), 2);
+            // Stale results (backend removed) are ignored.
+            c.apply(Change::RemoveBackend { service: "web".into(), address: t.addr }).unwrap();
+            assert_eq!(c.health_result(&t, Err("x".into())).unwrap(), None);
+            assert!(c.health_records().iter().all(|r| r.address != t.addr), "health of a removed backend forgotten");
+        }
+    }
+
+    #[test]
+    fn restored_health_applies_at_start() {
+        let mut c = core();
+        let d = with_health(def("web", "10.0.0.100:80/tcp", &[("10.0.1.1", 1), ("10.0.1.2", 1)]), FlowPolicy::Keep);
+        c.restore_health(&[HealthRecord { service: "web".into(), address: ip("10.0.1.1"), up: false }]);
+        c.replace_all(vec![d]).unwrap();
+        let id = c.control().backend_id("web", ip("10.0.1.1")).unwrap();
+        assert!(!table_ids(&c, "10.0.0.100:80/tcp").contains(&id));
+        assert_eq!(c.backend_counts(), (1, 1, 0));
+    }
+
+    #[test]
+    fn empty_after_all_down_drops_new_flows() {
+        let mut c = core();
+        c.replace_all(vec![with_health(def("web", "10.0.0.100:80/tcp", &[("10.0.1.1", 1)]), FlowPolicy::Keep)]).unwrap();
+        let t = c.health_targets()[0].clone();
+        c.health_result(&t, Err("x".into())).unwrap();
+        c.health_result(&t, Err("x".into())).unwrap();
+        let key = VipKey::new(ip("10.0.0.100"), 80, PROTO_TCP);
+        let f = FlowKey::new(ip("192.0.2.1"), 1000, ip("10.0.0.100"), 80, PROTO_TCP);
+        assert_eq!(c.control().writer().lookup(&key, flow_hash(&f)), Some(NO_BACKEND));
+    }
+}
