@@ -189,7 +189,7 @@ impl Config {
     pub fn describe(&self) -> String {
         use std::fmt::Write as _;
         let mut o = String::new();
-        let _ = writeln!(o, "instance {} on {} (xdp_mode {:?}, mtu {})", self.instance, self.interfaces.join(", "), self.xdp_mode, self.mtu);
+        let _ = writeln!(o, "instance {} on {} (xdp_mode {}, mtu {})", self.instance, self.interfaces.join(", "), format!("{:?}", self.xdp_mode).to_lowercase(), self.mtu);
         let _ = writeln!(
             o,
             "encap source v4 {} v6 {}, gateway MAC {}",

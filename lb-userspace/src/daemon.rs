@@ -83,6 +83,8 @@ impl Daemon {
     /// Everything up to serving: config, lock, datapath (loaded or adopted), services
     /// applied, interfaces attached, state saved.
     pub fn start(config_path: &Path) -> anyhow::Result<Arc<Daemon>> {
+        // Absolute, so reloads find the file whatever the working directory.
+        let config_path = &std::fs::canonicalize(config_path).with_context(|| format!("opening {}", config_path.display()))?;
         let (cfg, src) = Config::load(config_path).map_err(|e| anyhow::anyhow!("{}: {e}", config_path.display()))?;
         let lock_file = take_lock(&cfg.instance)?;
         let hash = content_hash(&src);
@@ -424,7 +426,7 @@ impl Daemon {
                         me.clients.fetch_sub(1, Ordering::SeqCst);
                     });
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => wait_readable(&listener, Duration::from_millis(200)),
                 Err(e) => {
                     warn!(error = %e, "accept on the control socket");
                     std::thread::sleep(Duration::from_millis(100));
@@ -451,6 +453,14 @@ impl Daemon {
         };
         let _ = respond(&conn, &resp);
     }
+}
+
+/// Sleeps until `l` has a connection to accept, at most `max` (so the loop notices a
+/// stop and samples the counters on time).
+fn wait_readable(l: &UnixListener, max: Duration) {
+    let mut p = libc::pollfd { fd: l.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: poll on one valid pollfd.
+    unsafe { libc::poll(&mut p, 1, max.as_millis() as libc::c_int) };
 }
 
 fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {

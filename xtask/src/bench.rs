@@ -14,6 +14,13 @@ pub fn bench(what: &str, args: &[String]) -> anyhow::Result<()> {
         "datapath" => run(Command::new("cargo")
             .args(["run", "--release", "--package", "lb-tests", "--bin", "lb-bench", "--", "datapath"])
             .args(args)),
-        other => bail!("unknown bench {other:?} (available: datapath)"),
+        // tests/src/bin/lb-bench-control.rs drives a real lbd: build lbd and lbctl first.
+        "control" => {
+            run(Command::new("cargo").args(["build", "--release", "--package", "lb-userspace", "--bins"]))?;
+            run(Command::new("cargo")
+                .args(["run", "--release", "--package", "lb-tests", "--bin", "lb-bench-control", "--"])
+                .args(args))
+        }
+        other => bail!("unknown bench {other:?} (available: datapath, control)"),
     }
 }

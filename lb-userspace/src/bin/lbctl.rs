@@ -243,7 +243,9 @@ fn render(req: &Request, data: serde_json::Value) -> String {
             o.push('\n');
             o + &backends_table(&s.backends)
         }),
-        _ => Err(serde::de::Error::custom("no table")),
+        Request::Reload {} => Ok(data.get("result").and_then(|v| v.as_str()).unwrap_or("reloaded").to_string() + "\n"),
+        Request::Detach {} => Ok(format!("detached from {}; pins removed; lbd stopped\n", data.get("detached").map_or("-".into(), |v| v.to_string()))),
+        Request::ServiceRemove { name } => Ok(format!("service {name} removed\n")),
     };
     r.unwrap_or_else(|_| serde_json::to_string_pretty(&data).unwrap_or_default() + "\n")
 }
