@@ -96,6 +96,9 @@ pub struct BackendView {
     pub weight: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<Mac>,
+    /// Where frames to it go: "<mac> (config)", "<mac> (neighbour)", "gateway_mac",
+    /// or "unresolved".
+    pub next_hop: String,
     /// enabled | drained
     pub admin: String,
     /// up | down | unchecked (no health check configured)

@@ -81,6 +81,8 @@ pub struct Core<W: MapWriter> {
     cp: ControlPlane<W>,
     services: BTreeMap<String, ServiceDef>,
     health: BTreeMap<(String, IpAddr), HealthState>,
+    /// Next-hop MACs learnt from the kernel for backends configured without one.
+    resolved: BTreeMap<IpAddr, Mac>,
     /// Bumped by every applied change.
     pub version: u64,
 }
@@ -114,7 +116,7 @@ pub fn validate_set(defs: &[ServiceDef]) -> Vec<String> {
 
 impl<W: MapWriter> Core<W> {
     pub fn new(cp: ControlPlane<W>) -> Self {
-        Self { cp, services: BTreeMap::new(), health: BTreeMap::new(), version: 0 }
+        Self { cp, services: BTreeMap::new(), health: BTreeMap::new(), resolved: BTreeMap::new(), version: 0 }
     }
 
     pub fn control(&self) -> &ControlPlane<W> {
@@ -146,6 +148,10 @@ impl<W: MapWriter> Core<W> {
         Some(self.health.get(&(def.name.clone(), addr)).is_none_or(|h| h.tracker.up))
     }
 
+    fn mac_of(&self, b: &BackendDef) -> Option<Mac> {
+        b.mac.or_else(|| self.resolved.get(&b.address).copied())
+    }
+
     /// The backends the datapath gets for `def`.
     fn effective(&self, def: &ServiceDef) -> Vec<BackendSpec> {
         def.backends
@@ -155,10 +161,69 @@ impl<W: MapWriter> Core<W> {
                 if !up && def.unhealthy == FlowPolicy::Reset {
                     return None;
                 }
+                let mac = self.mac_of(b);
+                // dsr-l2 cannot forward without the backend's MAC: out until resolved.
+                if def.mode == crate::control::Mode::DsrL2 && mac.is_none() {
+                    return None;
+                }
                 let weight = if b.drained || !up { 0 } else { b.weight };
-                Some(BackendSpec { addr: b.address, weight, mac: b.mac.map(|m| m.0) })
+                Some(BackendSpec { addr: b.address, weight, mac: mac.map(|m| m.0) })
             })
             .collect()
+    }
+
+    pub fn is_resolved(&self, a: IpAddr) -> bool {
+        self.resolved.contains_key(&a)
+    }
+
+    /// Backends whose MAC comes from the kernel's tables (none configured).
+    pub fn addrs_to_resolve(&self) -> Vec<IpAddr> {
+        let mut v: Vec<IpAddr> = self.services.values().flat_map(|d| d.backends.iter().filter(|b| b.mac.is_none()).map(|b| b.address)).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Starts from the MACs a running datapath already uses (adoption), so a restart
+    /// does not forward without a next hop until the first resolution round.
+    pub fn seed_resolved_from_datapath(&mut self) {
+        for v in self.cp.services() {
+            for (spec, _) in v.backends {
+                if let Some(m) = spec.mac {
+                    self.resolved.insert(spec.addr, Mac(m));
+                }
+            }
+        }
+    }
+
+    /// New resolution results. An address missing from `found` keeps its last MAC
+    /// (idle neighbour entries expire while XDP traffic flows past the kernel).
+    /// Rewrites the services whose backends changed; returns their names.
+    pub fn set_resolved(&mut self, found: BTreeMap<IpAddr, Mac>) -> Result<Vec<String>, ControlError> {
+        let mut changed_addrs = Vec::new();
+        for (a, m) in found {
+            if self.resolved.insert(a, m) != Some(m) {
+                changed_addrs.push(a);
+            }
+        }
+        let mut changed = Vec::new();
+        if changed_addrs.is_empty() {
+            return Ok(changed);
+        }
+        for d in self.services.values().cloned().collect::<Vec<_>>() {
+            if !d.backends.iter().any(|b| b.mac.is_none() && changed_addrs.contains(&b.address)) {
+                continue;
+            }
+            let eff = self.effective(&d);
+            if self.current(&d.name) != Some(sorted(eff.clone())) {
+                self.cp.set_backends(&d.name, eff)?;
+                changed.push(d.name.clone());
+            }
+        }
+        if !changed.is_empty() {
+            self.version += 1;
+        }
+        Ok(changed)
     }
 
     fn current(&self, name: &str) -> Option<Vec<BackendSpec>> {
@@ -367,11 +432,20 @@ impl<W: MapWriter> Core<W> {
         let up = self.health_up(d, b.address);
         let id = self.cp.backend_id(&d.name, b.address);
         let in_table = self.cp.service(&d.name).is_some_and(|v| v.backends.iter().any(|(s, _)| s.addr == b.address && s.weight > 0));
+        let next_hop = match (b.mac, self.resolved.get(&b.address)) {
+            (Some(m), _) => format!("{m} (config)"),
+            (None, Some(m)) => format!("{m} (neighbour)"),
+            (None, None) if d.mode == crate::control::Mode::Ipip && self.cp.settings().flags & lb_common::SETTINGS_F_HAS_GATEWAY != 0 => {
+                "gateway_mac".into()
+            }
+            (None, None) => "unresolved".into(),
+        };
         BackendView {
             service: d.name.clone(),
             address: b.address,
             weight: b.weight,
             mac: b.mac,
+            next_hop,
             admin: if b.drained { "drained" } else { "enabled" }.into(),
             health: match up {
                 None => "unchecked",
@@ -653,6 +727,25 @@ mod tests {
         let id = c.control().backend_id("web", ip("10.0.1.1")).unwrap();
         assert!(!table_ids(&c, "10.0.0.100:80/tcp").contains(&id));
         assert_eq!(c.backend_counts(), (1, 1, 0));
+    }
+
+    #[test]
+    fn resolved_macs_reach_the_datapath_and_dsr_waits_for_one() {
+        let mut c = core();
+        let mut dsr = def("db", "10.0.0.102:3306/tcp", &[("10.0.3.1", 1)]);
+        dsr.mode = Mode::DsrL2;
+        c.replace_all(vec![def("web", "10.0.0.100:80/tcp", &[("10.0.1.1", 1)]), dsr]).unwrap();
+        assert_eq!(c.control().backend_id("db", ip("10.0.3.1")), None, "dsr-l2 backend without a MAC is left out");
+        assert_eq!(c.backend_views(Some("db")).unwrap()[0].next_hop, "unresolved");
+        assert_eq!(c.addrs_to_resolve(), vec![ip("10.0.1.1"), ip("10.0.3.1")]);
+        let m: Mac = "02:00:00:00:03:01".parse().unwrap();
+        let changed = c.set_resolved(BTreeMap::from([(ip("10.0.3.1"), m), (ip("10.0.1.1"), "02:00:00:00:01:01".parse().unwrap())])).unwrap();
+        assert_eq!(changed, vec!["db".to_string(), "web".to_string()]);
+        let id = c.control().backend_id("db", ip("10.0.3.1")).unwrap();
+        assert_eq!(c.control().writer().backends[&id].mac, m.0);
+        assert!(c.backend_views(Some("db")).unwrap()[0].next_hop.ends_with("(neighbour)"));
+        assert!(c.set_resolved(BTreeMap::new()).unwrap().is_empty(), "a vanished entry keeps its MAC");
+        assert!(c.set_resolved(BTreeMap::from([(ip("10.0.3.1"), m)])).unwrap().is_empty(), "same MAC: nothing rewritten");
     }
 
     #[test]

@@ -116,6 +116,14 @@ impl Daemon {
             ControlPlane::new(maps)
         };
         let mut core = Core::new(cp);
+        core.seed_resolved_from_datapath();
+        let to_resolve: Vec<_> = services.iter().flat_map(|d| d.backends.iter().filter(|b| b.mac.is_none()).map(|b| b.address)).collect();
+        match crate::neigh::resolve(&to_resolve, |_| true) {
+            Ok(found) => {
+                core.set_resolved(found)?;
+            }
+            Err(e) => warn!(error = %e, "reading the neighbour table"),
+        }
         core.restore_health(&health);
         core.set_settings(cfg.settings())?;
         let changed = if adopted { core.replace_all_forced(services.clone()) } else { core.replace_all(services.clone()) };
@@ -181,7 +189,49 @@ impl Daemon {
             d.persist(&core).context("saving state")?;
         }
         d.sync_health();
+        d.resolve_loop();
         Ok(d)
+    }
+
+    /// Keeps next-hop MACs of backends configured without one current (every second).
+    fn resolve_loop(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        let _ = std::thread::Builder::new().name("neighbours".into()).spawn(move || {
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+                let Some(d) = me.upgrade() else { return };
+                if d.shutdown.load(Ordering::Relaxed) {
+                    return;
+                }
+                let addrs = lock(&d.core).addrs_to_resolve();
+                if addrs.is_empty() {
+                    continue;
+                }
+                // Only never-resolved addresses are nudged: no steady probe traffic.
+                let known: Vec<_> = {
+                    let core = lock(&d.core);
+                    addrs.iter().filter(|a| core.is_resolved(**a)).copied().collect()
+                };
+                let found = match crate::neigh::resolve(&addrs, |a| !known.contains(&a)) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        warn!(error = %e, "reading the neighbour table");
+                        continue;
+                    }
+                };
+                let mut core = lock(&d.core);
+                match core.set_resolved(found) {
+                    Ok(changed) if !changed.is_empty() => {
+                        info!(services = ?changed, "next-hop MACs changed");
+                        if let Err(e) = d.persist(&core) {
+                            error!(error = %format!("{e:#}"), "saving state");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => error!(error = %e, "applying next-hop MACs"),
+                }
+            }
+        });
     }
 
     fn state(&self, core: &Core<AyaMaps>) -> State {

@@ -12,6 +12,7 @@ pub mod decap;
 pub mod health;
 pub mod maps;
 pub mod model;
+pub mod neigh;
 pub mod objects;
 pub mod persist;
 pub mod pins;

@@ -139,8 +139,13 @@ impl ServiceDef {
 
     /// Everything that can be checked about one service on its own.
     pub fn validate(&self) -> Result<(), ControlError> {
-        let specs: Vec<BackendSpec> =
-            self.backends.iter().map(|b| BackendSpec { addr: b.address, weight: b.weight, mac: b.mac.map(|m| m.0) }).collect();
+        // A backend without `mac` gets one from the neighbour table at run time, so a
+        // placeholder stands in for the MAC check here.
+        let specs: Vec<BackendSpec> = self
+            .backends
+            .iter()
+            .map(|b| BackendSpec { addr: b.address, weight: b.weight, mac: Some(b.mac.map_or([2, 0, 0, 0, 0, 0], |m| m.0)) })
+            .collect();
         ControlPlane::<crate::maps::MemMaps>::check_service_alone(&self.spec())?;
         ControlPlane::<crate::maps::MemMaps>::check_backends(&self.spec(), &specs)?;
         if let Some(h) = &self.health {

@@ -315,7 +315,7 @@ fn services_table(v: &[ServiceView]) -> String {
 
 fn backends_table(v: &[BackendView]) -> String {
     table(
-        &["SERVICE", "BACKEND", "WEIGHT", "ADMIN", "HEALTH", "IN TABLE", "MAC", "LAST CHECK ERROR"],
+        &["SERVICE", "BACKEND", "WEIGHT", "ADMIN", "HEALTH", "IN TABLE", "NEXT HOP", "LAST CHECK ERROR"],
         v.iter()
             .map(|b| {
                 vec![
@@ -325,7 +325,7 @@ fn backends_table(v: &[BackendView]) -> String {
                     b.admin.clone(),
                     b.health.clone(),
                     if b.in_table { "yes" } else { "no" }.into(),
-                    b.mac.map_or("-".into(), |m| m.to_string()),
+                    b.next_hop.clone(),
                     b.last_check_error.clone().unwrap_or_default(),
                 ]
             })
