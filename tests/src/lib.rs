@@ -4,6 +4,7 @@
 //! frame, expected counter deltas). Adding a case is one table row.
 
 pub mod packets;
+pub mod topo;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

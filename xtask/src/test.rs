@@ -14,6 +14,8 @@ pub fn test(args: &[String]) -> anyhow::Result<()> {
     // Packages listed because lb-ebpf is not a host crate; lb-common's `user` feature
     // holds the Maglev builder and its tests. One test thread: datapath tests share
     // network namespaces and interface names.
+    // The end-to-end tests run the real lbd and lbctl binaries.
+    run(Command::new("cargo").args(["build", "--release", "--package", "lb-userspace", "--bins"]))?;
     let mut c = Command::new("cargo");
     c.args(["test", "--release"]);
     c.args(["--package", "lb-common", "--features", "lb-common/user"]);
