@@ -76,7 +76,14 @@ pub fn is_running(instance: &str) -> bool {
 /// `lbd --detach`: removes an instance's datapath when no lbd runs for it.
 pub fn detach_offline(instance: &str) -> anyhow::Result<Vec<String>> {
     let _lock = take_lock(instance).context("lbd is running: use `lbctl detach`")?;
-    pins::detach_all(instance)
+    let r = pins::detach_all(instance);
+    remove_lock_file(instance);
+    r
+}
+
+/// After a detach nothing of the instance is left, its lock file included.
+fn remove_lock_file(instance: &str) {
+    let _ = std::fs::remove_file(format!("/run/lb/{instance}.lock"));
 }
 
 impl Daemon {
@@ -439,6 +446,7 @@ impl Daemon {
                     let instance = lock(&self.cfg).instance.clone();
                     lock(&self.health).sync(&[], &(Arc::new(|_: &Target, _| {}) as health::Report));
                     let ifaces = pins::detach_all(&instance)?;
+                    remove_lock_file(&instance);
                     self.shutdown.store(true, Ordering::Relaxed);
                     Response::ok(serde_json::json!({ "detached": ifaces }))
                 }
