@@ -22,6 +22,27 @@ use lb_common::{
 
 use crate::maps::{MapWriteError, MapWriter};
 
+/// Serde through `Display`/`FromStr`: config, state file and protocol all write these
+/// as the strings an operator types ("dsr-l2", "10.0.0.100:80/tcp", "02:00:..").
+macro_rules! serde_as_string {
+    ($t:ty) => {
+        impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                <String as serde::Deserialize>::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+pub(crate) use serde_as_string;
+
+serde_as_string!(Mode);
+serde_as_string!(Vip);
+
 /// Largest backend weight (HAProxy allows 0..=256; we allow finer shares).
 pub const MAX_WEIGHT: u32 = 65535;
 
@@ -48,19 +69,6 @@ impl FromStr for Mode {
             "dsr-l2" => Ok(Mode::DsrL2),
             _ => Err(format!("unknown mode {s:?} (expected ipip or dsr-l2)")),
         }
-    }
-}
-
-impl serde::Serialize for Mode {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for Mode {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -95,19 +103,6 @@ impl fmt::Display for Vip {
             IpAddr::V4(a) => write!(f, "{a}:{}/{proto}", self.port),
             IpAddr::V6(a) => write!(f, "[{a}]:{}/{proto}", self.port),
         }
-    }
-}
-
-impl serde::Serialize for Vip {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for Vip {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
     }
 }
 
