@@ -114,6 +114,7 @@ impl Daemon {
         };
 
         let pins::Loaded { mut ebpf, adopted, dir } = pins::load(&cfg.instance)?;
+        forward_datapath_log(&mut ebpf);
         let maps = AyaMaps::from_ebpf(&mut ebpf)?;
         let stats = Stats::from_ebpf(&mut ebpf)?;
         let cp = if adopted {
@@ -511,6 +512,26 @@ impl Daemon {
         };
         let _ = respond(&conn, &resp);
     }
+}
+
+/// Forwards the datapath's aya-log records (rare events only: per-packet events are
+/// counters) into lbd's log, target `lb_ebpf`.
+fn forward_datapath_log(ebpf: &mut aya::Ebpf) {
+    let mut logger = match aya_log::EbpfLogger::init(ebpf) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(error = %e, "datapath log not available");
+            return;
+        }
+    };
+    let _ = std::thread::Builder::new().name("datapath-log".into()).spawn(move || {
+        loop {
+            let mut p = libc::pollfd { fd: logger.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: poll on one valid pollfd; the fd lives as long as `logger`.
+            unsafe { libc::poll(&mut p, 1, 1000) };
+            logger.flush();
+        }
+    });
 }
 
 /// Sleeps until `l` has a connection to accept, at most `max` (so the loop notices a
