@@ -319,6 +319,13 @@ fn invalid_input_gets_a_clear_error_and_changes_nothing() {
     let (ok, out, err) = t.lbctl(&["reload"]);
     assert!(ok && out.contains("web"), "{out} {err}");
     assert_eq!(t.lbctl_json(&["service", "show", "web"])["backends"].as_array().unwrap().len(), 2);
+    // SIGHUP reloads the same way.
+    std::fs::write(t.config_path(), &cfg).unwrap();
+    let pid = t.lbctl_json(&["status"])["pid"].as_u64().unwrap() as i32;
+    // SAFETY: signalling our own child process.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    let n = || t.lbctl_json(&["service", "show", "web"])["backends"].as_array().unwrap().len();
+    assert!(wait_for(Duration::from_secs(3), || n() == 1).is_some(), "SIGHUP applied the file");
     // lbctl detach removes everything and stops lbd.
     let (ok, _, err) = t.lbctl(&["detach"]);
     assert!(ok, "{err}");
