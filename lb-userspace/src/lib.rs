@@ -3,6 +3,7 @@
 //! backend model that builds Maglev tables and commits them atomically, statistics,
 //! and the decap program's attach/detach for backends.
 
+pub mod announce;
 pub mod api;
 pub mod config;
 pub mod control;
