@@ -469,31 +469,35 @@ impl Topology {
         Ok(s)
     }
 
+    /// Like `client_stream`, from client port `local_port` (so a test can aim at the
+    /// backend a port is predicted to reach; see `Balancer::port_for`).
+    pub fn client_stream_from(&self, local_port: u16, vip: IpAddr, port: u16) -> io::Result<TcpStream> {
+        let local = SocketAddr::new(self.client.addr(vip.is_ipv6()), local_port);
+        let s = in_ns(&self.client.ns, || connect_bound(local, SocketAddr::new(vip, port)))?;
+        s.set_read_timeout(Some(IO_TIMEOUT))?;
+        s.set_write_timeout(Some(IO_TIMEOUT))?;
+        s.set_nodelay(true)?;
+        Ok(s)
+    }
+
+    /// `connect` from client port `local_port`.
+    pub fn connect_from(&self, local_port: u16, vip: IpAddr, port: u16) -> io::Result<Conn> {
+        let mut stream = self.client_stream_from(local_port, vip, port)?;
+        let local = stream.local_addr()?;
+        let backend = read_line(&mut stream)?;
+        Ok(Conn { backend, local, stream })
+    }
+
     /// One HTTP GET from the client namespace: (status, body, client address).
     pub fn http_get(&self, vip: IpAddr, port: u16, path: &str) -> io::Result<(u16, String, SocketAddr)> {
-        let mut s = self.client_stream(vip, port)?;
-        let local = s.local_addr()?;
-        write!(s, "GET {path} HTTP/1.1\r\nHost: {vip}\r\nConnection: close\r\n\r\n")?;
-        let mut buf = Vec::new();
-        let deadline = Instant::now() + IO_TIMEOUT;
-        let mut chunk = [0u8; 1024];
-        loop {
-            if Instant::now() > deadline || buf.len() > 64 * 1024 {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "HTTP response too slow or too long"));
-            }
-            match s.read(&mut chunk)? {
-                0 => break,
-                n => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| io::Error::other(format!("bad HTTP response {text:?}")))?;
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| io::Error::other(format!("bad status line in {head:?}")))?;
-        Ok((status, body.to_string(), local))
+        let s = self.client_stream(vip, port)?;
+        http_exchange(s, vip, path)
+    }
+
+    /// `http_get` from client port `local_port`.
+    pub fn http_get_from(&self, local_port: u16, vip: IpAddr, port: u16, path: &str) -> io::Result<(u16, String, SocketAddr)> {
+        let s = self.client_stream_from(local_port, vip, port)?;
+        http_exchange(s, vip, path)
     }
 
     /// Loads the balancer in-process and attaches `lb_xdp` in native mode to balancer
@@ -551,6 +555,14 @@ impl Balancer {
     pub fn predict(&self, service: &str, client: SocketAddr, vip: SocketAddr) -> u32 {
         let v = self.dp.control.service(service).unwrap_or_else(|| panic!("no service {service}"));
         predict_from(&v.backends, v.spec.table_size, client, vip)
+    }
+
+    /// The first client port in `ports` whose new TCP flow from the client address of
+    /// `vip`'s family to `vip` the current table sends to backend `id`.
+    pub fn port_for(&self, service: &str, client: IpAddr, vip: SocketAddr, id: u32, ports: std::ops::Range<u16>) -> Option<u16> {
+        let v = self.dp.control.service(service)?;
+        let table = maglev_table(&v.backends, v.spec.table_size);
+        ports.into_iter().find(|p| table[flow_slot(SocketAddr::new(client, *p), vip, v.spec.table_size)] == id)
     }
 
     /// The current Maglev table of `service` (ids), for many predictions at once.
@@ -715,4 +727,106 @@ fn handle(mut s: TcpStream, name: &str, mode: ServerMode, stop: &AtomicBool) -> 
         }
     }
     Ok(())
+}
+
+/// Sends one GET on `s` and reads the whole response: (status, body, client address).
+fn http_exchange(mut s: TcpStream, vip: IpAddr, path: &str) -> io::Result<(u16, String, SocketAddr)> {
+    let local = s.local_addr()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {vip}\r\nConnection: close\r\n\r\n")?;
+    let mut buf = Vec::new();
+    let deadline = Instant::now() + IO_TIMEOUT;
+    let mut chunk = [0u8; 1024];
+    loop {
+        if Instant::now() > deadline || buf.len() > 64 * 1024 {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "HTTP response too slow or too long"));
+        }
+        match s.read(&mut chunk)? {
+            0 => break,
+            n => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| io::Error::other(format!("bad HTTP response {text:?}")))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("bad status line in {head:?}")))?;
+    Ok((status, body.to_string(), local))
+}
+
+/// A TCP connection from `local` (SO_REUSEADDR, so a port in TIME_WAIT can be reused
+/// toward another destination) to `dst`, within `IO_TIMEOUT`. Blocking when returned.
+fn connect_bound(local: SocketAddr, dst: SocketAddr) -> io::Result<TcpStream> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
+        if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
+    }
+    fn raw(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+        // SAFETY: sockaddr_storage is plain data; all-zero is valid.
+        let mut st: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let len = match a {
+            SocketAddr::V4(a) => {
+                let sin = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: a.port().to_be(),
+                    sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
+                    sin_zero: [0; 8],
+                };
+                // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+                unsafe { std::ptr::write(&mut st as *mut _ as *mut libc::sockaddr_in, sin) };
+                size_of::<libc::sockaddr_in>()
+            }
+            SocketAddr::V6(a) => {
+                let sin6 = libc::sockaddr_in6 {
+                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                    sin6_port: a.port().to_be(),
+                    sin6_flowinfo: 0,
+                    sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                    sin6_scope_id: 0,
+                };
+                // SAFETY: as above, for sockaddr_in6.
+                unsafe { std::ptr::write(&mut st as *mut _ as *mut libc::sockaddr_in6, sin6) };
+                size_of::<libc::sockaddr_in6>()
+            }
+        };
+        (st, len as libc::socklen_t)
+    }
+    let family = if dst.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    // SAFETY: plain socket syscalls on an fd owned by `fd` from here on.
+    let fd = unsafe {
+        OwnedFd::from_raw_fd(check(libc::socket(family, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0))?)
+    };
+    let one: libc::c_int = 1;
+    let (l, ll) = raw(local);
+    let (d, dl) = raw(dst);
+    unsafe {
+        check(libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            &one as *const _ as *const libc::c_void,
+            size_of::<libc::c_int>() as libc::socklen_t,
+        ))?;
+        check(libc::bind(fd.as_raw_fd(), &l as *const _ as *const libc::sockaddr, ll))?;
+        if libc::connect(fd.as_raw_fd(), &d as *const _ as *const libc::sockaddr, dl) < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINPROGRESS) {
+                return Err(e);
+            }
+        }
+        let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+        if check(libc::poll(&mut p, 1, IO_TIMEOUT.as_millis() as i32))? == 0 {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, format!("connect {local} → {dst} timed out")));
+        }
+        let mut err: libc::c_int = 0;
+        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+        check(libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ERROR, &mut err as *mut _ as *mut libc::c_void, &mut len))?;
+        if err != 0 {
+            return Err(io::Error::from_raw_os_error(err));
+        }
+    }
+    let s = TcpStream::from(fd);
+    s.set_nonblocking(false)?;
+    Ok(s)
 }

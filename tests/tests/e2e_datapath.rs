@@ -172,26 +172,38 @@ fn backend_changes_under_long_lived_connections() {
     let m = 65537;
     let start = Instant::now();
 
-    // ~30 long-lived streams, each checked against the prediction and echoing once.
+    // 30 long-lived streams, 10 per backend: client ports chosen by the prediction (so
+    // every case below is covered every run), each answered by its predicted backend.
     let old_table = b.table("live");
     let old_names = names(&t, &b, "live");
+    let client = IpAddr::V4(t.client.v4);
+    let mut planned = BTreeMap::<u32, Vec<u16>>::new();
+    for p in 20000u16..30000 {
+        let v = planned.entry(old_table[flow_slot(SocketAddr::new(client, p), vsa, m)]).or_default();
+        if v.len() < 10 {
+            v.push(p);
+        }
+        if planned.len() == 3 && planned.values().all(|v| v.len() == 10) {
+            break;
+        }
+    }
     let mut streams = Vec::new();
-    for i in 0..30 {
-        let mut c = t.connect(vip, PORT).unwrap_or_else(|e| panic!("stream {i}: {e}"));
-        let want = &old_names[&old_table[flow_slot(c.local, vsa, m)]];
-        assert_eq!(&c.backend, want, "stream {i} from {}: answered by {}, predicted {want}", c.local, c.backend);
-        c.echo(&format!("hello {i}")).unwrap_or_else(|e| panic!("stream {i} on {}: first echo: {e}", c.backend));
-        streams.push(c);
+    for (id, ports) in &planned {
+        for p in ports {
+            let mut c = t.connect_from(*p, vip, PORT).unwrap_or_else(|e| panic!("stream from port {p}: {e}"));
+            assert_eq!(c.backend, old_names[id], "stream from {}: answered by {}, predicted {}", c.local, c.backend, old_names[id]);
+            c.echo(&format!("hello {p}")).unwrap_or_else(|e| panic!("stream {p} on {}: first echo: {e}", c.backend));
+            streams.push(c);
+        }
     }
     let per: BTreeMap<&str, usize> = streams.iter().fold(BTreeMap::new(), |mut m, c| {
         *m.entry(c.backend.as_str()).or_default() += 1;
         m
     });
-    println!("streams per backend before the change: {per:?}");
-    for be in ["be0", "be1", "be2"] {
-        assert!(per.get(be).copied().unwrap_or(0) > 0, "need a stream on {be} to test the change ({per:?})");
-    }
+    assert_eq!(per, BTreeMap::from([("be0", 10), ("be1", 10), ("be2", 10)]), "streams per backend before the change");
     let removed_id = b.dp.control.backend_id("live", t.backend_spec(2, false, 1).addr).unwrap();
+    let drained_id = b.dp.control.backend_id("live", t.backend_spec(1, false, 1).addr).unwrap();
+    let drained_before = b.dp.stats.backend(drained_id).expect("stats").packets;
 
     // The change: add be3, drain be1 (weight 0), remove be2.
     b.control().add_backend("live", t.backend_spec(3, false, 1)).expect("add be3");
@@ -240,8 +252,75 @@ fn backend_changes_under_long_lived_connections() {
     for (i, c) in streams.iter_mut().filter(|c| c.backend != "be2").enumerate() {
         c.echo("still here").unwrap_or_else(|e| panic!("surviving stream {i} on {}: {e}", c.backend));
     }
-    let drained_id = b.dp.control.backend_id("live", t.backend_spec(1, false, 0).addr).unwrap();
+    // The removed backend is never told: its side of the reset streams stays
+    // ESTABLISHED (until its own keepalive or application timeout; our server keeps
+    // them until the topology is dropped).
+    let ss = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", t.backends[2].ns))
+        .args(["ss", "-tnH", "state", "established", &format!("( sport = :{PORT} )")])
+        .output()
+        .expect("ss in be2");
+    let established = String::from_utf8_lossy(&ss.stdout).lines().filter(|l| !l.trim().is_empty()).count();
+    assert_eq!(established, 10, "be2 still holds its 10 streams' sockets: {}", String::from_utf8_lossy(&ss.stdout));
+    // The drained backend still carries its streams (2 echoes each since the change:
+    // ≥ 1 data segment and 1 ACK per echo through the balancer).
     let d = b.dp.stats.backend(drained_id).expect("stats");
-    println!("drained be1: {} packets, {} new flows", d.packets, d.new_flows);
+    assert!(d.packets >= drained_before + 40, "drained be1: {} packets before the change, {} after 2 echoes on 10 streams", drained_before, d.packets);
+    assert_eq!(d.new_flows, 10, "drained be1 got no new flow after the change");
     println!("test took {:?}", start.elapsed());
+}
+
+/// The harness pieces later tests build on: HTTP responder through the VIP, a stopped
+/// server (dead backend) refusing the connections aimed at it, restart, a chosen client
+/// port reaching its predicted backend, `spawn_in` placing a process in a namespace.
+#[test]
+fn harness_http_dead_server_and_spawn_in() {
+    let t = topo("lbe-e", 3);
+    let vip = vip_v4(50);
+    let http = 80;
+    let vsa = SocketAddr::new(vip, http);
+    t.add_vip_to_backends(vip);
+    t.start_servers(http, ServerMode::Http);
+    let mut b = balancer(&t);
+    let bes = (0..3).map(|i| t.backend_spec(i, false, 1)).collect();
+    b.control().add_service(service("http", &vip_str(vip, http), Mode::Ipip, 251), bes).expect("add service");
+    let names = names(&t, &b, "http");
+
+    let (status, body, _) = t.http_get(vip, http, "/healthz").expect("GET /healthz");
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    let (status, _, _) = t.http_get(vip, http, "/nope").expect("GET /nope");
+    assert_eq!(status, 404);
+    for _ in 0..5 {
+        let (status, body, local) = t.http_get(vip, http, "/").expect("GET /");
+        let want = &names[&b.predict("http", local, vsa)];
+        assert_eq!((status, body.trim()), (200, want.as_str()), "GET / from {local}");
+    }
+
+    // Aim at be0 from chosen ports: answered; after stopping its server, refused (the
+    // SYN still reaches be0, whose kernel answers with a RST); after a restart, answered.
+    let client = IpAddr::V4(t.client.v4);
+    let be0 = b.dp.control.backend_id("http", t.backend_spec(0, false, 1).addr).unwrap();
+    let mut ports = (41000u16..42000).filter(|p| b.port_for("http", client, vsa, be0, *p..*p + 1).is_some());
+    let p1 = ports.next().expect("a port predicted for be0");
+    let (_, body, _) = t.http_get_from(p1, vip, http, "/").expect("GET / from a be0 port");
+    assert_eq!(body.trim(), "be0", "port {p1} is predicted for be0");
+    t.stop_server(0, http);
+    let p2 = ports.next().expect("a second be0 port");
+    let t0 = Instant::now();
+    let err = t.http_get_from(p2, vip, http, "/").expect_err("be0's server is stopped");
+    assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "dead backend: {err}");
+    assert!(t0.elapsed() < Duration::from_secs(1), "refusal took {:?}", t0.elapsed());
+    t.start_server(0, http, ServerMode::Http);
+    let p3 = ports.next().expect("a third be0 port");
+    let (_, body, _) = t.http_get_from(p3, vip, http, "/").expect("GET / after restart");
+    assert_eq!(body.trim(), "be0");
+
+    // spawn_in: the process runs in the client's network namespace; killed on drop.
+    let guard = spawn_in(&t.client.ns, std::process::Command::new("sleep").arg("30")).expect("spawn sleep");
+    let pid = guard.id();
+    use std::os::unix::fs::MetadataExt;
+    let ns_of = |p: &str| std::fs::metadata(p).map(|m| m.ino()).expect("stat netns");
+    assert_eq!(ns_of(&format!("/proc/{pid}/ns/net")), ns_of(&format!("/run/netns/{}", t.client.ns)), "spawned in the client ns");
+    drop(guard);
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "process {pid} killed and reaped on drop");
 }
