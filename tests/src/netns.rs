@@ -241,7 +241,8 @@ pub fn ns_command(ns: &str, program: &str) -> Command {
 
 /// Runs `cmd` (program, arguments, environment, working directory are taken over) in
 /// network namespace `ns`, stdin null and stdout/stderr inherited. Killed on drop of the
-/// guard.
+/// guard. The pid is nsenter's until it has entered `ns` and exec'd the program (a few
+/// ms): wait for the program's own sign of life before relying on its namespace.
 pub fn spawn_in(ns: &str, cmd: &Command) -> io::Result<ChildGuard> {
     let mut c = ns_command(ns, &cmd.get_program().to_string_lossy());
     c.args(cmd.get_args());

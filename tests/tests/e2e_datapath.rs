@@ -262,10 +262,11 @@ fn backend_changes_under_long_lived_connections() {
         .expect("ss in be2");
     let established = String::from_utf8_lossy(&ss.stdout).lines().filter(|l| !l.trim().is_empty()).count();
     assert_eq!(established, 10, "be2 still holds its 10 streams' sockets: {}", String::from_utf8_lossy(&ss.stdout));
-    // The drained backend still carries its streams (2 echoes each since the change:
-    // ≥ 1 data segment and 1 ACK per echo through the balancer).
+    // The drained backend still carries its streams: 2 echoes each since the change, so
+    // ≥ 2 data segments per stream through the balancer (the client's ACKs of the echoes
+    // may be delayed or merged, so they are not counted on).
     let d = b.dp.stats.backend(drained_id).expect("stats");
-    assert!(d.packets >= drained_before + 40, "drained be1: {} packets before the change, {} after 2 echoes on 10 streams", drained_before, d.packets);
+    assert!(d.packets >= drained_before + 20, "drained be1: {} packets before the change, {} after 2 echoes on 10 streams", drained_before, d.packets);
     assert_eq!(d.new_flows, 10, "drained be1 got no new flow after the change");
     println!("test took {:?}", start.elapsed());
 }
@@ -318,6 +319,12 @@ fn harness_http_dead_server_and_spawn_in() {
     // spawn_in: the process runs in the client's network namespace; killed on drop.
     let guard = spawn_in(&t.client.ns, std::process::Command::new("sleep").arg("30")).expect("spawn sleep");
     let pid = guard.id();
+    // nsenter enters the namespace, then execs: wait (bounded) until it has.
+    let t0 = Instant::now();
+    while std::fs::read_to_string(format!("/proc/{pid}/comm")).map_or(true, |c| c.trim() != "sleep") {
+        assert!(t0.elapsed() < Duration::from_secs(3), "nsenter did not exec sleep");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     use std::os::unix::fs::MetadataExt;
     let ns_of = |p: &str| std::fs::metadata(p).map(|m| m.ino()).expect("stat netns");
     assert_eq!(ns_of(&format!("/proc/{pid}/ns/net")), ns_of(&format!("/run/netns/{}", t.client.ns)), "spawned in the client ns");
