@@ -624,6 +624,31 @@ impl Conn {
     }
 }
 
+impl Conn {
+    /// Sends `total` bytes in chunks of `chunk` (≤ 64 KiB, each read back before the
+    /// next is sent, so neither side's buffers fill) and checks every echoed byte:
+    /// full-size segments through the balancer.
+    pub fn echo_bulk(&mut self, total: usize, chunk: usize) -> io::Result<()> {
+        assert!(chunk > 0 && chunk <= 64 * 1024);
+        let mut sent = 0usize;
+        let mut back = vec![0u8; chunk];
+        while sent < total {
+            let n = chunk.min(total - sent);
+            // No '\n' needed: a pattern that differs at every offset of a chunk.
+            let data: Vec<u8> = (0..n).map(|i| ((sent + i) % 251) as u8).collect();
+            self.stream.write_all(&data)?;
+            self.stream.read_exact(&mut back[..n]).map_err(|e| {
+                io::Error::new(e.kind(), format!("bulk echo: bytes {sent}..{} not echoed within {IO_TIMEOUT:?}: {e}", sent + n))
+            })?;
+            if back[..n] != data[..] {
+                return Err(io::Error::other(format!("bulk echo: bytes {sent}..{} came back different", sent + n)));
+            }
+            sent += n;
+        }
+        Ok(())
+    }
+}
+
 /// Reads one `\n`-terminated line (without it), byte by byte (nothing buffered past
 /// it), at most 4 KiB, within the stream's timeouts. EOF before a line: UnexpectedEof.
 pub fn read_line(s: &mut TcpStream) -> io::Result<String> {
