@@ -3,6 +3,7 @@
 //! `katran/lib/testing/fixtures/`: (name, input frame, expected action, expected output
 //! frame, expected counter deltas). Adding a case is one table row.
 
+pub mod netns;
 pub mod packets;
 pub mod topo;
 
