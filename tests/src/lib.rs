@@ -5,7 +5,7 @@
 
 pub mod netns;
 pub mod packets;
-pub mod topo;
+pub mod lbd;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
