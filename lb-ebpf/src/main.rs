@@ -24,6 +24,7 @@ use lb_common::{
     SETTINGS_F_HAS_GATEWAY, Settings, TABLES_ENTRIES, TrafficCounter, VipBloom, VipKey, VipValue,
     flow_hash, reason, table_index, v4_mapped_words, vip_addr_bit,
 };
+use aya_log_ebpf::{error, warn};
 use lb_ebpf::*;
 
 // ---------------------------------------------------------------------------------
@@ -93,20 +94,47 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     match balance(&ctx, len) {
         Ok(()) => XDP_TX,
         Err((action, r)) => {
-            count_reason(r, len);
+            let n = count_reason(r, len);
+            log_config_error(&ctx, r, n);
             action
         }
     }
 }
 
+/// Counts one packet under reason `r`; returns this CPU's count after it.
 #[inline(always)]
-fn count_reason(r: u32, bytes: u64) {
+fn count_reason(r: u32, bytes: u64) -> u64 {
     if let Some(c) = REASON_STATS.get_ptr_mut(r) {
         // SAFETY: per-CPU value, no concurrent writer on this CPU.
         unsafe {
             (*c).packets += 1;
             (*c).bytes += bytes;
+            return (*c).packets;
         }
+    }
+    0
+}
+
+/// Drops that only a config or control-plane problem causes are also logged (lbd
+/// forwards these into its own log), on the 1st, 2nd, 4th, 8th, ... occurrence per
+/// CPU: an operator sees the cause at once, and a flood costs a logarithmic number of
+/// log records, never one per packet.
+#[inline(always)]
+fn log_config_error(ctx: &XdpContext, r: u32, n: u64) {
+    if n == 0 || n & (n - 1) != 0 {
+        return;
+    }
+    match r {
+        reason::DROP_NO_NEXTHOP => {
+            warn!(ctx, "drop_no_nexthop: a backend has no next-hop MAC (none configured, not in the neighbour table, no gateway_mac); {} dropped on this CPU", n)
+        }
+        reason::DROP_NO_ENCAP_SOURCE => {
+            warn!(ctx, "drop_no_encap_source: no encap source for the backend's address family (set encap_source_v4/v6); {} dropped on this CPU", n)
+        }
+        reason::DROP_BAD_STATE => {
+            error!(ctx, "drop_bad_state: a table names a backend without a valid entry (control-plane inconsistency); {} dropped on this CPU", n)
+        }
+        _ => {}
     }
 }
 

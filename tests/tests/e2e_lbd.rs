@@ -380,3 +380,32 @@ fn check_validates_without_touching_the_system() {
     assert!(!std::path::Path::new("/sys/fs/bpf/chk").exists() && !std::path::Path::new("/run/lb/chk.sock").exists(), "no side effects");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn datapath_config_errors_are_counted_and_logged_through_lbd() {
+    let (t, mut l) = setup(3, &[]);
+    // An on-link backend address nobody answers for: no MAC, no neighbour entry, no
+    // gateway_mac, so the datapath cannot forward and says why.
+    let vip = vip_v4(3);
+    l.write_config(&format!("[[service]]\nname = \"dns\"\nvip = \"{vip}:53/udp\"\ntable_size = 251\n[[service.backend]]\naddress = \"10.200.0.99\"\n"));
+    l.start();
+    let sent = lb_tests::netns::in_ns(&t.client.ns, || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        (0..5).filter(|_| s.send_to(b"query", (vip, 53)).is_ok()).count()
+    });
+    assert_eq!(sent, 5);
+    let dropped = || {
+        let st = l.lbctl_json(&["stats"]);
+        st["reasons"].as_array().unwrap().iter().find(|r| r["reason"] == "drop_no_nexthop").unwrap()["packets"].as_u64().unwrap()
+    };
+    assert!(wait_for(Duration::from_secs(3), || dropped() >= 5).is_some(), "counted: {}", dropped());
+    // The datapath's own record (aya-log) in lbd's log: first, second, fourth drop.
+    assert!(
+        wait_for(Duration::from_secs(3), || l.log().matches("drop_no_nexthop: a backend has no next-hop MAC").count() >= 2).is_some(),
+        "datapath log in lbd's log:\n{}",
+        l.log()
+    );
+    assert!(l.log().matches("drop_no_nexthop").count() <= 6, "logarithmic, not per packet:\n{}", l.log());
+    let b = &l.lbctl_json(&["backend", "list", "dns"])[0];
+    assert_eq!(b["next_hop"], "unresolved");
+}
