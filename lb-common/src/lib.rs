@@ -33,6 +33,8 @@ pub mod map_names {
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const DECAP_STATS: &str = "DECAP_STATS";
+    pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
+    pub const SYNC_STATS: &str = "SYNC_STATS";
 
     /// The balancer's maps that lbd pins under /sys/fs/bpf/<instance>/ and reuses on
     /// restart or upgrade: state and counters. Any other map in the object is per load.
@@ -169,6 +171,21 @@ const _: () = assert!(size_of::<FlowValue>() == 16);
 
 /// `Settings::flags`: `gateway_mac` is set.
 pub const SETTINGS_F_HAS_GATEWAY: u32 = 1;
+/// `Settings::flags`: report every new flow on `FLOW_EVENTS` (a peer balancer syncs them).
+pub const SETTINGS_F_FLOW_SYNC: u32 = 2;
+
+/// One record of `FLOW_EVENTS`: a flow the datapath just pinned to a backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowEvent {
+    pub key: FlowKey,
+    pub backend_id: u32,
+    pub service_id: u32,
+}
+const _: () = assert!(size_of::<FlowEvent>() == 48);
+
+/// Size of the `FLOW_EVENTS` ring buffer: 16384 events between two userspace reads.
+pub const FLOW_EVENTS_BYTES: u32 = 1 << 20;
 
 /// Value of `SETTINGS[0]`: node-wide forwarding settings.
 #[repr(C)]

@@ -15,13 +15,13 @@ use aya_ebpf::{
     },
     helpers::{bpf_ktime_get_ns, bpf_xdp_adjust_head},
     macros::{map, xdp},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::XdpContext,
 };
 use lb_common::{
-    BACKEND_F_HAS_MAC, BACKEND_F_V6, BACKEND_F_VALID, BackendValue, Counter, FlowKey, FlowValue,
+    BACKEND_F_HAS_MAC, BACKEND_F_V6, BACKEND_F_VALID, BackendValue, Counter, FLOW_EVENTS_BYTES, FlowEvent, FlowKey, FlowValue,
     MAX_BACKENDS, MAX_FLOWS, MAX_SERVICES, MAX_TABLE_SIZE, MAX_VIPS, MODE_DSR_L2, NO_BACKEND,
-    SETTINGS_F_HAS_GATEWAY, Settings, TABLES_ENTRIES, TrafficCounter, VipBloom, VipKey, VipValue,
+    SETTINGS_F_FLOW_SYNC, SETTINGS_F_HAS_GATEWAY, Settings, TABLES_ENTRIES, TrafficCounter, VipBloom, VipKey, VipValue,
     flow_hash, reason, table_index, v4_mapped_words, vip_addr_bit,
 };
 use aya_log_ebpf::{error, warn};
@@ -56,6 +56,14 @@ static BACKENDS: Array<BackendValue> = Array::with_max_entries(MAX_BACKENDS, 0);
 /// synced from the peer, is still found.
 #[map]
 static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// New flows for the peer balancer (`SETTINGS_F_FLOW_SYNC`), read by lbd.
+#[map]
+static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(FLOW_EVENTS_BYTES, 0);
+
+/// Entry 0: flow events lost to a full FLOW_EVENTS, per CPU.
+#[map]
+static SYNC_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Entry 0: encap sources, gateway MAC, MTU.
 #[map]
@@ -349,10 +357,29 @@ fn pick_backend(vip: &VipValue, flow: &FlowKey, create: bool) -> Result<(u32, Ba
         let v = FlowValue { backend_id: id, _pad: 0, created_ns: unsafe { bpf_ktime_get_ns() } };
         // A failed insert (map full of in-flight updates) only costs stickiness for this
         // packet; the next packet retries.
-        let _ = FLOWS.insert(flow, &v, 0);
+        if FLOWS.insert(flow, &v, 0).is_ok() {
+            report_new_flow(flow, id, vip.service_id);
+        }
     }
     // A new flow is one we recorded; a RST that misses is forwarded but not remembered.
     Ok((id, be, create))
+}
+
+/// Hands a new flow to userspace for the peer balancer, when flow sync is on. A full
+/// ring (userspace behind) loses the event, counted in SYNC_STATS; forwarding goes on.
+#[inline(always)]
+fn report_new_flow(flow: &FlowKey, backend_id: u32, service_id: u32) {
+    let on = SETTINGS.get(0).is_some_and(|s| s.flags & SETTINGS_F_FLOW_SYNC != 0);
+    if !on {
+        return;
+    }
+    let ev = FlowEvent { key: *flow, backend_id, service_id };
+    if FLOW_EVENTS.output::<FlowEvent>(&ev, 0).is_err()
+        && let Some(c) = SYNC_STATS.get_ptr_mut(0)
+    {
+        // SAFETY: per-CPU value, no concurrent writer on this CPU.
+        unsafe { *c += 1 };
+    }
 }
 
 /// Copies a MAC (6 bytes) between packet/stack locations.
