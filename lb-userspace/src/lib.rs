@@ -10,6 +10,7 @@ pub mod control;
 pub mod core;
 pub mod daemon;
 pub mod decap;
+pub mod flowsync;
 pub mod health;
 pub mod maps;
 pub mod model;
