@@ -68,6 +68,67 @@ pub fn unsolicited_na_frame(mac: [u8; 6], vip: Ipv6Addr) -> Vec<u8> {
     f
 }
 
+/// The MAC of `interface` in the caller's network namespace (ioctl, not sysfs: lbd may
+/// run in a namespace whose /sys shows another one's interfaces).
+pub fn interface_mac(interface: &str) -> std::io::Result<[u8; 6]> {
+    if interface.len() >= libc::IFNAMSIZ {
+        return Err(std::io::Error::other(format!("interface name {interface:?} too long")));
+    }
+    // SAFETY: a datagram socket only used for the ioctl below; owned right away.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: raw is a fresh, valid fd.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(interface.bytes()) {
+        *d = s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR fills ifr_hwaddr of the ifreq we pass.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the union member SIOCGIFHWADDR wrote.
+    let sa = unsafe { req.ifr_ifru.ifru_hwaddr };
+    let mut mac = [0u8; 6];
+    for (m, b) in mac.iter_mut().zip(sa.sa_data.iter()) {
+        *m = *b as u8;
+    }
+    Ok(mac)
+}
+
+/// Puts a VIP on `interface` (so this node answers ARP/ND for it) or takes it off.
+pub fn set_vip(interface: &str, vip: std::net::IpAddr, hold: bool) -> std::io::Result<()> {
+    let prefix = if vip.is_ipv4() { format!("{vip}/32") } else { format!("{vip}/128") };
+    let mut cmd = std::process::Command::new("ip");
+    if hold {
+        cmd.args(["addr", "replace", &prefix, "dev", interface]);
+        if vip.is_ipv6() {
+            cmd.arg("nodad");
+        }
+    } else {
+        cmd.args(["addr", "del", &prefix, "dev", interface]);
+    }
+    let out = cmd.output()?;
+    // Deleting an address that is not there is the state we want.
+    if out.status.success() || (!hold && String::from_utf8_lossy(&out.stderr).contains("Cannot assign")) {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr).trim())))
+    }
+}
+
+/// Announces `vip` on `interface` with the interface's MAC.
+pub fn announce(interface: &str, vip: std::net::IpAddr) -> std::io::Result<()> {
+    let mac = interface_mac(interface)?;
+    let frame = match vip {
+        std::net::IpAddr::V4(a) => garp_frame(mac, a),
+        std::net::IpAddr::V6(a) => unsolicited_na_frame(mac, a),
+    };
+    send_frame(interface, &frame)
+}
+
 /// Sends `frame` as is on `interface` (in the caller's network namespace).
 pub fn send_frame(interface: &str, frame: &[u8]) -> std::io::Result<()> {
     let name = std::ffi::CString::new(interface).map_err(|_| std::io::Error::other("interface name with NUL"))?;
