@@ -4,4 +4,5 @@
 //! `[cluster]` config section. Sockets, timers and VIP announcement live in the daemon.
 
 pub mod config_sync;
+pub mod election;
 pub mod wire;
