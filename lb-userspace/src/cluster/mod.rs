@@ -5,4 +5,5 @@
 
 pub mod config_sync;
 pub mod election;
+pub mod flow_sync;
 pub mod wire;
