@@ -142,11 +142,14 @@ pub fn load_secret(path: &Path) -> Result<wire::Key, ClusterConfigError> {
     }
     let mut buf = Vec::new();
     f.take(MAX_SECRET_LEN + 1).read_to_end(&mut buf).map_err(|e| err(e.to_string()))?;
+    if buf.len() as u64 > MAX_SECRET_LEN {
+        return Err(err(format!("more than {MAX_SECRET_LEN} bytes")));
+    }
     let end = buf.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(0, |i| i + 1);
     if end < MIN_SECRET_LEN {
         return Err(err(format!("{end} bytes of secret: at least {MIN_SECRET_LEN}")));
     }
-    Ok(wire::Key::new(&buf[..end]))
+    wire::Key::new(&buf[..end]).ok_or_else(|| err("unusable as an HMAC key".into()))
 }
 
 #[cfg(test)]

@@ -38,6 +38,9 @@ pub const MAX_PAYLOAD: usize = MAX_DATAGRAM - HEADER_LEN - TAG_LEN;
 /// should use for flow batches and config chunks, so one lost fragment never loses a
 /// whole 60 KiB datagram.
 pub const ETHERNET_DATAGRAM: usize = 1452;
+/// The smallest `max_datagram` the splitting encoders honour: a smaller request is
+/// raised to this, so a 16 MiB config never becomes millions of tiny datagrams.
+pub const MIN_DATAGRAM: usize = 512;
 /// Largest whole config a `ConfigSync` may announce (the sum of its chunks).
 pub const MAX_CONFIG_LEN: u32 = 16 * 1024 * 1024;
 
@@ -64,11 +67,10 @@ type HmacSha256 = Hmac<Sha256>;
 pub struct Key(HmacSha256);
 
 impl Key {
-    pub fn new(secret: &[u8]) -> Self {
-        // HMAC accepts keys of any length (long ones are hashed), so this cannot fail;
-        // the fallback only keeps the code free of unwrap.
-        let mac = HmacSha256::new_from_slice(secret).unwrap_or_else(|_| <HmacSha256 as hmac::digest::KeyInit>::new(&Default::default()));
-        Key(mac)
+    /// None only if the HMAC implementation refuses the key, which it does for no
+    /// length (long keys are hashed); the caller reports it rather than panicking.
+    pub fn new(secret: &[u8]) -> Option<Self> {
+        HmacSha256::new_from_slice(secret).ok().map(Key)
     }
 }
 
@@ -419,10 +421,10 @@ impl Sealer {
     }
 
     /// `flows` as FlowBatch datagrams of at most `max_datagram` bytes each (clamped to
-    /// [HEADER_LEN + TAG_LEN + 2 + one IPv6 flow, MAX_DATAGRAM]). A flow that cannot be
+    /// [MIN_DATAGRAM, MAX_DATAGRAM]). A flow that cannot be
     /// encoded (not TCP/UDP, mixed families) is skipped and counted in the result.
     pub fn seal_flows(&mut self, flows: &[SyncedFlow], max_datagram: usize) -> (Vec<Vec<u8>>, usize) {
-        let max_payload = max_datagram.clamp(HEADER_LEN + TAG_LEN + 2 + 54, MAX_DATAGRAM) - HEADER_LEN - TAG_LEN;
+        let max_payload = max_datagram.clamp(MIN_DATAGRAM, MAX_DATAGRAM) - HEADER_LEN - TAG_LEN;
         let mut out = Vec::new();
         let mut skipped = 0;
         let mut batch: Vec<SyncedFlow> = Vec::new();
@@ -460,10 +462,11 @@ impl Sealer {
         }
     }
 
-    /// A whole config as in-order ConfigSync datagrams of at most `max_datagram` bytes.
+    /// A whole config as in-order ConfigSync datagrams of at most `max_datagram` bytes
+    /// (clamped to [MIN_DATAGRAM, MAX_DATAGRAM]).
     pub fn seal_config(&mut self, pos: ConfigPos, data: &[u8], max_datagram: usize) -> Result<Vec<Vec<u8>>, EncodeError> {
         let total = u32::try_from(data.len()).ok().filter(|&t| t <= MAX_CONFIG_LEN).ok_or(EncodeError::TooLarge(data.len()))?;
-        let chunk = max_datagram.clamp(HEADER_LEN + TAG_LEN + CONFIG_SYNC_FIXED + 1, MAX_DATAGRAM) - HEADER_LEN - TAG_LEN - CONFIG_SYNC_FIXED;
+        let chunk = max_datagram.clamp(MIN_DATAGRAM, MAX_DATAGRAM) - HEADER_LEN - TAG_LEN - CONFIG_SYNC_FIXED;
         let mut out = Vec::with_capacity(data.len() / chunk + 1);
         let mut offset = 0usize;
         loop {
@@ -758,7 +761,7 @@ mod tests {
     use super::*;
 
     fn key() -> Key {
-        Key::new(b"correct horse battery staple 123")
+        Key::new(b"correct horse battery staple 123").unwrap()
     }
 
     fn hb() -> Message {
@@ -852,7 +855,7 @@ mod tests {
     #[test]
     fn wrong_secret_is_bad_tag() {
         let d = Sealer::new(key(), 1, 1).seal(&hb()).unwrap();
-        assert_eq!(open(&Key::new(b"another secret, same length 1234"), &d), Err(WireError::BadTag));
+        assert_eq!(open(&Key::new(b"another secret, same length 1234").unwrap(), &d), Err(WireError::BadTag));
     }
 
     #[test]
@@ -946,7 +949,7 @@ mod tests {
             assert_eq!(skipped, 0);
             let mut back = Vec::new();
             for d in &ds {
-                assert!(d.len() <= max.clamp(HEADER_LEN + TAG_LEN + 2 + 54, MAX_DATAGRAM), "{} > {max}", d.len());
+                assert!(d.len() <= max.clamp(MIN_DATAGRAM, MAX_DATAGRAM), "{} > {max}", d.len());
                 match open(&key(), d).unwrap().1 {
                     Message::FlowBatch(f) => back.extend(f),
                     m => panic!("{m:?}"),
