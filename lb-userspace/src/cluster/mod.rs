@@ -245,4 +245,51 @@ secret_file = "/etc/lb/cluster.key"
         assert!(load_secret(&d).unwrap_err().to_string().contains("not a regular file"));
         std::fs::remove_dir(&d).unwrap();
     }
+
+    /// The pieces composed as the daemon will: election heartbeats sealed, sent,
+    /// guarded and fed to the peer's election; a replayed old "active" heartbeat
+    /// cannot bring a dead peer back.
+    #[test]
+    fn heartbeats_through_the_codec_elect_and_replays_do_not_revive_a_dead_peer() {
+        use election::Election;
+        use wire::{Message, PeerGuard, Role, Sealer};
+        let key = wire::Key::new(b"0123456789abcdef0123").unwrap();
+        let cfg = |id, prio| ClusterConfig {
+            node_id: id,
+            peer_id: Some(3 - id),
+            priority: prio,
+            peer: "192.0.2.2:7946".parse().unwrap(),
+            listen: "192.0.2.1:7946".parse().unwrap(),
+            secret_file: "/x".into(),
+            heartbeat_ms: 100,
+            dead_after: 3,
+            preempt: false,
+        };
+        let (c1, c2) = (cfg(1, 200), cfg(2, 100));
+        let mut e = [Election::new(c1.params(), Default::default(), 0), Election::new(c2.params(), Default::default(), 0)];
+        let mut tx = [Sealer::new(key.clone(), 1, 1_000), Sealer::new(key.clone(), 2, 2_000)];
+        let mut rx = [PeerGuard::new(key.clone(), 1, Some(2)), PeerGuard::new(key.clone(), 2, Some(1))];
+        let mut captured = Vec::new();
+        for now in (0..1000).step_by(50) {
+            let i = (now / 50 % 2) as usize;
+            let j = 1 - i;
+            e[i].on_tick(now);
+            let d = tx[i].seal(&Message::Heartbeat(e[i].heartbeat())).unwrap();
+            if i == 0 {
+                captured.push(d.clone());
+            }
+            let (h, m) = rx[j].accept(now, &d).unwrap();
+            let Message::Heartbeat(hb) = m else { panic!("{m:?}") };
+            e[j].on_heartbeat(now, h.node_id, hb);
+        }
+        assert_eq!((e[0].role(), e[1].role()), (Role::Active, Role::Backup));
+        // Node 1 dies; an attacker replays its captured heartbeats to node 2.
+        for (k, now) in (1000..2000).step_by(100).enumerate() {
+            let r = rx[1].accept(now, &captured[k % captured.len()]).unwrap_err();
+            assert!(matches!(r.error, wire::WireError::Replay { .. }));
+            e[1].on_tick(now);
+        }
+        assert_eq!(e[1].role(), Role::Active);
+        assert_eq!(rx[1].counters().get(wire::Reason::Replay), 10);
+    }
 }
