@@ -1,62 +1,37 @@
-//! Flow sync between two balancers: the active node reads each new flow from
-//! `FLOW_EVENTS` and describes it by addresses (backend ids are local to each node);
-//! the backup maps the addresses to its own ids and writes the flow into its `FLOWS`,
-//! so after a takeover established connections keep their backend even if the backend
-//! set changed during their life.
+//! Flow sync, the parts that touch this node's datapath (the rest, I/O-free, is in
+//! `cluster::flow_sync`): the active node reads each new flow from `FLOW_EVENTS` and
+//! names its backend by address; the backup maps addresses to its own backend ids
+//! (`cluster::flow_sync::resolve` over `LocalIds for Core`) and writes `FLOWS`.
 
 use std::net::IpAddr;
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use lb_common::{FlowEvent, FlowKey, FlowValue, addr_from_words};
+use lb_common::{FlowEvent, FlowKey, FlowValue};
 
+use crate::cluster::flow_sync::{LocalIds, from_flow_key};
+use crate::cluster::wire::SyncedFlow;
 use crate::control::Vip;
 use crate::core::Core;
 use crate::maps::{MapWriteError, MapWriter};
 
-/// A flow as both nodes understand it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Flow {
-    pub client: IpAddr,
-    pub client_port: u16,
-    /// Destination of the client's packets (the VIP address and the port used).
-    pub vip: IpAddr,
-    pub vip_port: u16,
-    pub proto: u8,
-    pub backend: IpAddr,
-}
-
-impl Flow {
-    pub fn key(&self) -> FlowKey {
-        FlowKey::new(self.client, self.client_port, self.vip, self.vip_port, self.proto)
-    }
-}
-
 impl<W: MapWriter> Core<W> {
     /// An event of this node's datapath in addresses; None when the service or backend
     /// is gone already (nothing worth syncing).
-    pub fn describe_flow(&self, ev: &FlowEvent) -> Option<Flow> {
+    pub fn describe_flow(&self, ev: &FlowEvent) -> Option<SyncedFlow> {
         let svc = self.control().services().into_iter().find(|s| s.id == ev.service_id)?;
         let (spec, _) = svc.backends.iter().find(|(_, id)| *id == ev.backend_id)?;
-        Some(Flow {
-            client: addr_from_words(&ev.key.src),
-            client_port: u16::from_be(ev.key.src_port),
-            vip: addr_from_words(&ev.key.dst),
-            vip_port: u16::from_be(ev.key.dst_port),
-            proto: ev.key.proto,
-            backend: spec.addr,
-        })
+        Some(from_flow_key(&ev.key, spec.addr))
+    }
+}
+
+impl<W: MapWriter> LocalIds for Core<W> {
+    fn has_service(&self, vip: Vip) -> bool {
+        self.control().services().iter().any(|s| s.spec.vip == vip)
     }
 
-    /// This node's backend id for a synced flow: the service by VIP as the datapath
-    /// finds it (exact port, then port 0), the backend by address. None when this node
-    /// does not have that backend in that service (then the flow is not written and
-    /// the datapath's own pick applies).
-    pub fn local_backend_id(&self, f: &Flow) -> Option<u32> {
-        let exact = Vip { addr: f.vip, port: f.vip_port, proto: f.proto };
-        let any = Vip { port: 0, ..exact };
-        let services = self.control().services();
-        let svc = services.iter().find(|s| s.spec.vip == exact).or_else(|| services.iter().find(|s| s.spec.vip == any))?;
-        svc.backends.iter().find(|(b, _)| b.addr == f.backend).map(|(_, id)| *id)
+    fn backend_id(&self, vip: Vip, backend: IpAddr) -> Option<u32> {
+        let svc = self.control().services().into_iter().find(|s| s.spec.vip == vip)?;
+        svc.backends.iter().find(|(b, _)| b.addr == backend).map(|(_, id)| *id)
     }
 }
 
@@ -87,19 +62,16 @@ impl FlowWriter {
         Self { flows }
     }
 
-    pub fn insert(&mut self, f: &Flow, backend_id: u32) -> Result<(), MapWriteError> {
+    pub fn insert(&mut self, key: FlowKey, backend_id: u32) -> Result<(), MapWriteError> {
         let v = FlowValue { backend_id, _pad: 0, created_ns: monotonic_ns() };
-        self.flows.insert(f.key(), v, 0).map_err(|e| MapWriteError { map: lb_common::map_names::FLOWS, detail: e.to_string() })
-    }
-
-    pub fn get(&self, f: &Flow) -> Option<u32> {
-        self.flows.get(&f.key(), 0).ok().map(|v| v.backend_id)
+        self.flows.insert(key, v, 0).map_err(|e| MapWriteError { map: lb_common::map_names::FLOWS, detail: e.to_string() })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::flow_sync::resolve;
     use crate::control::{BackendSpec, ControlPlane, Mode, ServiceSpec};
     use crate::maps::MemMaps;
     use lb_common::PROTO_TCP;
@@ -111,7 +83,7 @@ mod tests {
     /// Two nodes with the same service but backends added in another order: their ids
     /// differ, the addresses carry the flow across.
     #[test]
-    fn a_flow_crosses_nodes_by_address_not_id() {
+    fn a_datapath_event_crosses_nodes_by_address_not_id() {
         let spec = |vip: &str| ServiceSpec { name: "web".into(), vip: vip.parse().unwrap(), mode: Mode::Ipip, table_size: 251 };
         let be = |a: &str| BackendSpec { addr: ip(a), weight: 1, mac: None };
         let mut a = ControlPlane::new(MemMaps::default());
@@ -130,21 +102,10 @@ mod tests {
         };
         let f = a.describe_flow(&ev).unwrap();
         assert_eq!(f.backend, ip("10.1.0.2"));
-        assert_eq!(f.key(), ev.key);
-        assert_eq!(b.local_backend_id(&f), Some(id_b));
+        assert_eq!(resolve(&f, &b), Ok((ev.key, id_b)));
         // A backend the other node does not have: not written there.
         let ev1 = FlowEvent { backend_id: a.control().backend_id("web", ip("10.1.0.1")).unwrap(), ..ev };
-        assert_eq!(b.local_backend_id(&a.describe_flow(&ev1).unwrap()), None);
+        assert!(resolve(&a.describe_flow(&ev1).unwrap(), &b).is_err());
         assert!(parse_event(&[0u8; 47]).is_none());
-    }
-
-    #[test]
-    fn port_zero_service_matches_any_port() {
-        let mut c = ControlPlane::new(MemMaps::default());
-        let spec = ServiceSpec { name: "all".into(), vip: "10.0.0.101:0/tcp".parse().unwrap(), mode: Mode::Ipip, table_size: 251 };
-        c.add_service(spec, vec![BackendSpec { addr: ip("10.1.0.5"), weight: 1, mac: None }]).unwrap();
-        let core = Core::new(c);
-        let f = Flow { client: ip("192.0.2.1"), client_port: 1, vip: ip("10.0.0.101"), vip_port: 8443, proto: PROTO_TCP, backend: ip("10.1.0.5") };
-        assert!(core.local_backend_id(&f).is_some());
     }
 }
