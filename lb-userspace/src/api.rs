@@ -37,6 +37,10 @@ pub enum Request {
     Reload {},
     /// Detach from every interface, remove the pins, stop lbd.
     Detach {},
+    /// Role, peer, config positions, sync counters.
+    ClusterStatus {},
+    /// Hand the active role to the peer (run on the active node).
+    ClusterFailover {},
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -42,6 +42,7 @@ struct Raw {
     socket: Option<PathBuf>,
     #[serde(default, rename = "service")]
     services: Vec<toml::Spanned<ServiceDef>>,
+    cluster: Option<toml::Spanned<crate::cluster::ClusterConfig>>,
 }
 
 /// A checked config.
@@ -57,6 +58,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub socket: PathBuf,
     pub services: Vec<ServiceDef>,
+    /// Two-node failover; none = a standalone balancer.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// Every problem found, one line each, naming the key and line.
@@ -135,6 +138,16 @@ impl Config {
             }
             services.push(d.clone());
         }
+        if let Some(c) = &raw.cluster {
+            let line = line_of(src, c.span().start);
+            for e in c.get_ref().validate() {
+                errs.push(format!("line {line}: {e}"));
+            }
+            // The key is checked here too, so `lbd --check` catches a readable secret.
+            if let Err(e) = crate::cluster::load_secret(&c.get_ref().secret_file) {
+                errs.push(format!("line {line}: {e}"));
+            }
+        }
         // Across services: names, VIPs, capacity (per-service problems reported above).
         for e in crate::core::validate_set(&services) {
             if !errs.iter().any(|x| x.ends_with(&e)) {
@@ -156,6 +169,7 @@ impl Config {
             gateway_mac: raw.gateway_mac,
             mtu: raw.mtu,
             services,
+            cluster: raw.cluster.map(|c| c.into_inner()),
         })
     }
 
@@ -198,6 +212,13 @@ impl Config {
             self.gateway_mac.map_or("-".into(), |m| m.to_string())
         );
         let _ = writeln!(o, "pins /sys/fs/bpf/{}/, socket {}, state {}", self.instance, self.socket.display(), self.state_file().display());
+        if let Some(c) = &self.cluster {
+            let _ = writeln!(
+                o,
+                "cluster node {} priority {} listen {} peer {} heartbeat {} ms, dead after {} heartbeats, preempt {}",
+                c.node_id, c.priority, c.listen, c.peer, c.heartbeat_ms, c.dead_after, c.preempt
+            );
+        }
         for s in &self.services {
             let health = s.health.as_ref().map_or("none".to_string(), |h| {
                 format!("{:?} every {} ms, timeout {} ms, rise {}, fall {}", h.kind, h.interval_ms, h.timeout_ms, h.rise, h.fall).to_lowercase()
@@ -287,8 +308,8 @@ mac = "02:00:00:00:03:11"
         let src = GOOD.replace("weight = 100", "wieght = 100");
         let e = Config::parse(&src).unwrap_err().to_string();
         assert!(e.contains("wieght") && e.contains("line 17"), "{e}");
-        let e = Config::parse(&format!("{GOOD}\n[cluster]\nnode_id = 1\n")).unwrap_err().to_string();
-        assert!(e.contains("cluster"), "{e}");
+        let e = Config::parse(&format!("{GOOD}\n[cluster]\nnode_id = 1\nnodeid = 2\n")).unwrap_err().to_string();
+        assert!(e.contains("nodeid"), "{e}");
         let e = Config::parse(&GOOD.replace("kind = \"tcp\"", "kind = \"icmp\"")).unwrap_err().to_string();
         assert!(e.contains("icmp") && e.contains("line 13"), "{e}");
     }

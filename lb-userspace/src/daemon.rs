@@ -16,6 +16,7 @@ use anyhow::{Context as _, bail};
 use tracing::{error, info, warn};
 
 use crate::api::{InterfaceView, MAX_REQUEST, Request, Response, StatsView, StatusView};
+use crate::cluster::node::ClusterState;
 use crate::config::{Config, content_hash};
 use crate::control::ControlPlane;
 use crate::core::{Change, Core, fill_pps};
@@ -31,10 +32,10 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Daemon {
     config_path: PathBuf,
-    cfg: Mutex<Config>,
+    pub(crate) cfg: Mutex<Config>,
     /// Hash of the config file text the services came from (see `persist::State`).
     config_hash: Mutex<String>,
-    core: Mutex<Core<AyaMaps>>,
+    pub(crate) core: Mutex<Core<AyaMaps>>,
     stats: Mutex<Stats>,
     ebpf: Mutex<aya::Ebpf>,
     pin_dir: PathBuf,
@@ -44,12 +45,18 @@ pub struct Daemon {
     samples: Mutex<VecDeque<(Instant, StatsView)>>,
     started: Instant,
     adopted: bool,
-    shutdown: AtomicBool,
+    pub(crate) shutdown: AtomicBool,
     clients: AtomicUsize,
+    /// Two-node failover, when configured.
+    pub(crate) cluster: Option<Mutex<ClusterState>>,
+    /// This node is active: the datapath reports new flows (SETTINGS_F_FLOW_SYNC).
+    pub(crate) flow_sync_on: AtomicBool,
+    /// Flow events lost in the datapath (ring full), per CPU.
+    sync_stats: Option<aya::maps::PerCpuArray<aya::maps::MapData, u64>>,
     _lock: std::fs::File,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic in one request handler must not wedge the daemon.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -97,20 +104,23 @@ impl Daemon {
         let hash = content_hash(&src);
 
         // What to run: the saved state if it came from this very file, else the file.
-        let (services, health, mut version, saved_ifaces) = match persist::load(&cfg.state_file()) {
+        // `cluster_pos`: where the services stood in the pair's order last time.
+        let mut from_file = true;
+        let (services, health, mut version, saved_ifaces, cluster_pos) = match persist::load(&cfg.state_file()) {
             persist::Loaded::Found(st) if st.config_hash == hash => {
+                from_file = false;
                 info!(state = %cfg.state_file().display(), version = st.version, "restoring runtime state (config file unchanged)");
-                (st.services, st.health, st.version, st.interfaces)
+                (st.services, st.health, st.version, st.interfaces, st.cluster_config)
             }
             persist::Loaded::Found(st) => {
                 warn!("config file changed since the state was saved: the file's services replace runtime changes");
-                (cfg.services.clone(), st.health, st.version + 1, st.interfaces)
+                (cfg.services.clone(), st.health, st.version + 1, st.interfaces, st.cluster_config)
             }
             persist::Loaded::Corrupt(aside, why) => {
                 error!(moved_to = %aside.display(), %why, "state file unreadable; starting from the config file");
-                (cfg.services.clone(), Vec::new(), 0, BTreeMap::new())
+                (cfg.services.clone(), Vec::new(), 0, BTreeMap::new(), None)
             }
-            persist::Loaded::Missing => (cfg.services.clone(), Vec::new(), 0, BTreeMap::new()),
+            persist::Loaded::Missing => (cfg.services.clone(), Vec::new(), 0, BTreeMap::new(), None),
         };
 
         let pins::Loaded { mut ebpf, adopted, dir } = pins::load(&cfg.instance)?;
@@ -123,6 +133,47 @@ impl Daemon {
         } else {
             ControlPlane::new(maps)
         };
+        // Cluster: key, epoch, socket, and the maps flow sync needs, before anything runs.
+        let cluster = match &cfg.cluster {
+            None => None,
+            Some(cc) => {
+                let key = crate::cluster::load_secret(&cc.secret_file)?;
+                let last = match persist::load(&cfg.state_file()) {
+                    persist::Loaded::Found(st) => st.cluster_epoch,
+                    _ => None,
+                };
+                let wall_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+                let epoch = crate::cluster::wire::next_epoch(wall_ms, last);
+                let sock = std::net::UdpSocket::bind(cc.listen).with_context(|| format!("cluster.listen {}", cc.listen))?;
+                let flows = match ebpf.take_map(lb_common::map_names::FLOWS) {
+                    Some(m @ aya::maps::Map::LruHashMap(_)) => Some(crate::flowsync::FlowWriter::new(aya::maps::HashMap::try_from(m)?)),
+                    _ => None,
+                };
+                let events = match ebpf.take_map(lb_common::map_names::FLOW_EVENTS) {
+                    Some(m @ aya::maps::Map::RingBuf(_)) => Some(aya::maps::RingBuf::try_from(m)?),
+                    _ => None,
+                };
+                let pos = cluster_pos.map_or(crate::cluster::config_sync::ConfigPos::default(), |(version, origin)| {
+                    crate::cluster::config_sync::ConfigPos { version, origin }
+                });
+                let mut st = ClusterState::new(cc.clone(), key, pos, epoch, flows);
+                if from_file {
+                    // The file's services are this node's change: numbered after what it
+                    // knew, so the pair converges on the newer of the two.
+                    let _ = st.local_change();
+                }
+                Some((st, sock, events))
+            }
+        };
+        let (cluster_state, cluster_io) = match cluster {
+            Some((st, sock, events)) => (Some(Mutex::new(st)), Some((sock, events))),
+            None => (None, None),
+        };
+        let sync_stats = match ebpf.take_map(lb_common::map_names::SYNC_STATS) {
+            Some(m @ aya::maps::Map::PerCpuArray(_)) => aya::maps::PerCpuArray::try_from(m).ok(),
+            _ => None,
+        };
+
         let mut core = Core::new(cp);
         core.seed_resolved_from_datapath();
         let to_resolve: Vec<_> = services.iter().flat_map(|d| d.backends.iter().filter(|b| b.mac.is_none()).map(|b| b.address)).collect();
@@ -134,6 +185,7 @@ impl Daemon {
         }
         core.restore_health(&health);
         core.set_settings(cfg.settings())?;
+        // Services from the file: a new local position (the peer converges on the newer).
         let changed = if adopted { core.replace_all_forced(services.clone()) } else { core.replace_all(services.clone()) };
         if let Err(e) = changed {
             // Saved state no longer valid for this build: the file is the authority.
@@ -190,6 +242,9 @@ impl Daemon {
             adopted,
             shutdown: AtomicBool::new(false),
             clients: AtomicUsize::new(0),
+            cluster: cluster_state,
+            flow_sync_on: AtomicBool::new(false),
+            sync_stats,
             _lock: lock_file,
         });
         {
@@ -198,6 +253,9 @@ impl Daemon {
         }
         d.sync_health();
         d.resolve_loop();
+        if let Some((sock, events)) = cluster_io {
+            d.start_cluster(sock, events);
+        }
         Ok(d)
     }
 
@@ -242,6 +300,16 @@ impl Daemon {
         });
     }
 
+    /// The datapath settings for `cfg`, with flow reporting on while this node is the
+    /// active one of a cluster.
+    pub(crate) fn settings_now(&self, cfg: &Config) -> lb_common::Settings {
+        let mut s = cfg.settings();
+        if self.flow_sync_on.load(Ordering::Relaxed) {
+            s.flags |= lb_common::SETTINGS_F_FLOW_SYNC;
+        }
+        s
+    }
+
     fn state(&self, core: &Core<AyaMaps>) -> State {
         State {
             format: persist::FORMAT,
@@ -250,16 +318,21 @@ impl Daemon {
             services: core.services(),
             health: core.health_records(),
             interfaces: lock(&self.interfaces).iter().map(|(k, v)| (k.clone(), v.mode.clone())).collect(),
+            cluster_config: self.cluster.as_ref().map(|c| {
+                let c = lock(c);
+                (c.pos.version, c.pos.origin)
+            }),
+            cluster_epoch: self.cluster.as_ref().map(|c| lock(c).epoch),
         }
     }
 
-    fn persist(&self, core: &Core<AyaMaps>) -> anyhow::Result<()> {
+    pub(crate) fn persist(&self, core: &Core<AyaMaps>) -> anyhow::Result<()> {
         let path = lock(&self.cfg).state_file();
         persist::save(&path, &self.state(core))
     }
 
     /// Starts and stops health-check threads to match the services.
-    fn sync_health(self: &Arc<Self>) {
+    pub(crate) fn sync_health(self: &Arc<Self>) {
         let targets = lock(&self.core).health_targets();
         let me = Arc::downgrade(self);
         let report: health::Report = Arc::new(move |t: &Target, r: Result<(), String>| {
@@ -330,7 +403,7 @@ impl Daemon {
             }
         }
         let before_settings = *core.control().settings();
-        let changed = match core.set_settings(cfg.settings()).and_then(|()| core.replace_all(cfg.services.clone())) {
+        let changed = match core.set_settings(self.settings_now(&cfg)).and_then(|()| core.replace_all(cfg.services.clone())) {
             Ok(c) => c,
             Err(e) => {
                 let _ = core.set_settings(before_settings);
@@ -350,9 +423,14 @@ impl Daemon {
         drop((ebpf, ifaces));
         *lock(&self.config_hash) = hash;
         *lock(&self.cfg) = cfg;
+        let t = (!changed.is_empty()).then(|| self.cluster.as_ref().and_then(|c| lock(c).local_change())).flatten();
         self.persist(&core).context("saving state")?;
         drop(core);
         self.sync_health();
+        if let Some(t) = t {
+            self.on_transition(t);
+        }
+        self.sync_vips();
         Ok(if changed.is_empty() { "reloaded; no service changed".into() } else { format!("reloaded; changed: {}", changed.join(", ")) })
     }
 
@@ -409,11 +487,16 @@ impl Daemon {
     fn change(self: &Arc<Self>, c: Change, service: &str) -> anyhow::Result<Response> {
         let mut core = lock(&self.core);
         core.apply(c)?;
+        let t = self.cluster.as_ref().and_then(|c| lock(c).local_change());
         // Applied to the datapath; a failed save is reported, the change stays.
         self.persist(&core).context("the change is live but saving the state failed")?;
         let view = core.service_view(service).ok();
         drop(core);
         self.sync_health();
+        if let Some(t) = t {
+            self.on_transition(t);
+        }
+        self.sync_vips();
         Ok(match view {
             Some(v) => Response::ok(v),
             None => Response::ok(serde_json::json!({ "removed": service })),
@@ -442,6 +525,17 @@ impl Daemon {
                 Request::BackendDrain { service, address } => self.change(Change::Drain { service: service.clone(), address }, &service)?,
                 Request::BackendEnable { service, address } => self.change(Change::Enable { service: service.clone(), address }, &service)?,
                 Request::Stats {} => Response::ok(self.stats_with_pps()?),
+                Request::ClusterStatus {} => match &self.cluster {
+                    Some(c) => Response::ok(lock(c).view(self.flows_lost_in_datapath())),
+                    None => Response::err("this lbd has no [cluster] section: it runs standalone"),
+                },
+                Request::ClusterFailover {} => match &self.cluster {
+                    Some(c) => {
+                        lock(c).failover().map_err(anyhow::Error::msg)?;
+                        Response::ok(serde_json::json!({ "result": "handing the active role to the peer" }))
+                    }
+                    None => Response::err("this lbd has no [cluster] section: it runs standalone"),
+                },
                 Request::Reload {} => Response::ok(serde_json::json!({ "result": self.reload()? })),
                 Request::Detach {} => {
                     let instance = lock(&self.cfg).instance.clone();
@@ -454,6 +548,10 @@ impl Daemon {
             })
         })();
         r.unwrap_or_else(|e| Response::err(format!("{e:#}")))
+    }
+
+    fn flows_lost_in_datapath(&self) -> u64 {
+        self.sync_stats.as_ref().and_then(|m| m.get(&0, 0).ok()).map_or(0, |v| v.iter().sum())
     }
 
     pub fn stop(&self) {

@@ -28,6 +28,12 @@ pub struct State {
     /// Interface -> XDP mode it was attached in ("native" | "generic").
     #[serde(default)]
     pub interfaces: BTreeMap<String, String>,
+    /// Cluster: where the services stand in the pair's order (version, origin node).
+    #[serde(default)]
+    pub cluster_config: Option<(u64, u32)>,
+    /// Cluster: the epoch of the last run's datagrams (the next run's must be larger).
+    #[serde(default)]
+    pub cluster_epoch: Option<u64>,
 }
 
 pub fn save(path: &Path, state: &State) -> anyhow::Result<()> {
@@ -89,7 +95,7 @@ mod tests {
     fn save_then_load_round_trips_and_leaves_no_temp() {
         let d = tmpdir("rt");
         let p = d.join("state.json");
-        let s = State { format: FORMAT, config_hash: "abc".into(), version: 7, services: vec![], health: vec![], interfaces: BTreeMap::new() };
+        let s = State { format: FORMAT, config_hash: "abc".into(), version: 7, services: vec![], health: vec![], interfaces: BTreeMap::new(), cluster_config: None, cluster_epoch: None };
         save(&p, &s).unwrap();
         let s2 = State { version: 8, ..s.clone() };
         save(&p, &s2).unwrap();

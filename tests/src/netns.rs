@@ -388,6 +388,15 @@ impl Topology {
         ip(&["-n", &self.client.ns, "-6", "route", "replace", VIP_NET_V6, "via", &l.v6.to_string(), "mtu", &mtu]);
     }
 
+    /// Makes the VIP prefixes on-link for the client: it ARPs/NDs for each VIP and
+    /// sends to whichever balancer answers (the active node of a cluster holds them).
+    pub fn set_client_route_onlink(&self) {
+        let mtu = VIP_ROUTE_MTU.to_string();
+        let dev = self.client.ifname.as_str();
+        ip(&["-n", &self.client.ns, "route", "replace", VIP_NET_V4, "dev", dev, "mtu", &mtu]);
+        ip(&["-n", &self.client.ns, "-6", "route", "replace", VIP_NET_V6, "dev", dev, "mtu", &mtu]);
+    }
+
     /// Puts `vip` on `lo` of every backend (idempotent).
     pub fn add_vip_to_backends(&self, vip: IpAddr) {
         let mut vips = self.vips.lock().unwrap();

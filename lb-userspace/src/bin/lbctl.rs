@@ -11,6 +11,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use lb_userspace::api::{self, BackendView, Request, ServiceView, StatsView, StatusView};
+use lb_userspace::cluster::node::ClusterView;
 use lb_userspace::control::{Mode, Vip};
 use lb_userspace::health::{HealthKind, HealthSpec};
 use lb_userspace::model::{FlowPolicy, Mac, ServiceDef};
@@ -57,6 +58,11 @@ enum Cmd {
     Reload,
     /// Detach the balancer from every interface, remove its pins, stop lbd.
     Detach,
+    /// Two-node failover.
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
 }
@@ -104,6 +110,14 @@ enum ServiceCmd {
     },
 }
 
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Role, peer, last heartbeat, config versions on both sides, sync counters.
+    Status,
+    /// Hand the active role to the peer on purpose (maintenance); run on the active node.
+    Failover,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum HealthArg {
     Tcp,
@@ -148,6 +162,8 @@ fn main() -> ExitCode {
         Cmd::Stats => Request::Stats {},
         Cmd::Reload => Request::Reload {},
         Cmd::Detach => Request::Detach {},
+        Cmd::Cluster { cmd: ClusterCmd::Status } => Request::ClusterStatus {},
+        Cmd::Cluster { cmd: ClusterCmd::Failover } => Request::ClusterFailover {},
         Cmd::Service { cmd } => match cmd {
             ServiceCmd::List => Request::ServiceList {},
             ServiceCmd::Show { name } => Request::ServiceShow { name },
@@ -246,6 +262,8 @@ fn render(req: &Request, data: serde_json::Value) -> String {
         Request::Reload {} => Ok(data.get("result").and_then(|v| v.as_str()).unwrap_or("reloaded").to_string() + "\n"),
         Request::Detach {} => Ok(format!("detached from {}; pins removed; lbd stopped\n", data.get("detached").map_or("-".into(), |v| v.to_string()))),
         Request::ServiceRemove { name } => Ok(format!("service {name} removed\n")),
+        Request::ClusterStatus {} => serde_json::from_value::<ClusterView>(data.clone()).map(|c| cluster_table(&c)),
+        Request::ClusterFailover {} => Ok(data.get("result").and_then(|v| v.as_str()).unwrap_or("ok").to_string() + "\n"),
     };
     r.unwrap_or_else(|_| serde_json::to_string_pretty(&data).unwrap_or_default() + "\n")
 }
@@ -362,4 +380,42 @@ fn stats_table(s: &StatsView) -> String {
         o += &table(&["REASON", "PACKETS", "BYTES"], reasons);
     }
     o
+}
+
+fn cluster_table(c: &ClusterView) -> String {
+    let peer = match &c.peer {
+        Some(p) => format!(
+            "node {} {} priority {} config {} ({}, last heartbeat {} ms ago)",
+            p.node_id,
+            p.role,
+            p.priority,
+            p.config,
+            if p.alive { "alive" } else { "dead" },
+            p.last_heartbeat_ms_ago
+        ),
+        None => "never heard".into(),
+    };
+    let vips: Vec<String> = c.vips_held.iter().map(|v| v.to_string()).collect();
+    let rejected: Vec<String> = c.datagrams_rejected.iter().map(|(r, n)| format!("{r} {n}")).collect();
+    format!(
+        "node         {} ({}, priority {}, preempt {})\nconfig       {}{}\npeer         {}\nvips held    {}\nlast change  {}\ndatagrams    {} accepted; rejected: {}\nflows out    {} queued, {} sent, {} dropped (queue full), {} lost in the datapath\nflows in     {} applied, {} unknown VIP, {} unknown backend\n",
+        c.node_id,
+        c.role,
+        c.priority,
+        c.preempt,
+        c.config,
+        if c.synced { "" } else { " (not synced)" },
+        peer,
+        if vips.is_empty() { "none".into() } else { vips.join(", ") },
+        c.last_change.as_deref().unwrap_or("-"),
+        c.datagrams_accepted,
+        if rejected.is_empty() { "none".into() } else { rejected.join(", ") },
+        c.flows_queued,
+        c.flows_sent,
+        c.flows_dropped_queue_full,
+        c.flows_lost_in_datapath,
+        c.flows_applied,
+        c.flows_unknown_vip,
+        c.flows_unknown_backend
+    )
 }

@@ -6,6 +6,7 @@
 pub mod config_sync;
 pub mod election;
 pub mod flow_sync;
+pub mod node;
 pub mod wire;
 
 use std::io::Read as _;

@@ -1,0 +1,222 @@
+//! Two lbd nodes as a cluster, end to end: a client, two balancer nodes and backends on
+//! one bridge (tests/src/netns.rs). The client reaches the VIP on-link, so it goes to
+//! whichever node holds it (the active one, which announces it by gratuitous ARP).
+//! Root; one test at a time.
+
+use std::net::IpAddr;
+use std::os::unix::fs::PermissionsExt as _;
+use std::time::{Duration, Instant};
+
+use lb_tests::lbd::{Lbd, wait_for};
+use lb_tests::netns::{Conn, ServerMode, TopoSpec, Topology, in_ns, vip_v4};
+use lb_userspace::cluster::config_sync::ConfigPos;
+use lb_userspace::cluster::wire::{Heartbeat, Key, Message, Role, Sealer};
+use serde_json::Value;
+
+const PORT: u16 = 7946;
+const SECRET: &[u8] = b"a shared secret of the two lbd nodes\n";
+
+struct Pair {
+    t: Topology,
+    n: [Lbd; 2],
+}
+
+fn web() -> IpAddr {
+    vip_v4(1)
+}
+
+fn backends_toml(t: &Topology, which: &[usize]) -> String {
+    which.iter().map(|i| format!("[[service.backend]]\naddress = \"{}\"\n", t.backends[*i].v4)).collect()
+}
+
+/// Both nodes configured with `backends` of web, node 1 preferred (priority 200).
+fn pair(prefix: &str, backends: &[usize]) -> Pair {
+    let t = Topology::new(prefix, TopoSpec { lbs: 2, backends: 3 });
+    t.add_vip_to_backends(web());
+    t.start_servers(80, ServerMode::Echo);
+    t.set_client_route_onlink();
+    let n = [Lbd::new(&t, 0, &format!("{prefix}n1")), Lbd::new(&t, 1, &format!("{prefix}n2"))];
+    for (i, l) in n.iter().enumerate() {
+        let secret = l.dir.join("cluster.key");
+        std::fs::write(&secret, SECRET).unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let (me, other) = (&t.lbs[i], &t.lbs[1 - i]);
+        l.write_config(&format!(
+            "[[service]]\nname = \"web\"\nvip = \"{}:80/tcp\"\ntable_size = 1009\n{}\n[cluster]\nnode_id = {}\npriority = {}\n\
+             listen = \"{}:{PORT}\"\npeer = \"{}:{PORT}\"\nsecret_file = \"{}\"\nheartbeat_ms = 100\ndead_after = 3\n",
+            web(),
+            backends_toml(&t, backends),
+            i + 1,
+            if i == 0 { 200 } else { 100 },
+            me.v4,
+            other.v4,
+            secret.display()
+        ));
+    }
+    Pair { t, n }
+}
+
+fn cluster(l: &Lbd) -> Value {
+    l.lbctl_json(&["cluster", "status"])
+}
+
+fn role(l: &Lbd) -> String {
+    cluster(l)["role"].as_str().unwrap_or("?").to_string()
+}
+
+fn wait_roles(p: &Pair, want: [&str; 2], max: Duration) -> Duration {
+    wait_for(max, || role(&p.n[0]) == want[0] && role(&p.n[1]) == want[1])
+        .unwrap_or_else(|| panic!("roles {want:?} not reached: {} / {}\n{}\n{}", cluster(&p.n[0]), cluster(&p.n[1]), p.n[0].log(), p.n[1].log()))
+}
+
+/// The MAC the client uses for the VIP (whoever answered ARP or announced last).
+fn client_neighbour(t: &Topology) -> String {
+    let out = std::process::Command::new("ip").args(["-n", &t.client.ns, "neigh", "show", &web().to_string()]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn streams(t: &Topology, n: usize) -> Vec<Conn> {
+    (0..n).map(|i| t.connect(web(), 80).unwrap_or_else(|e| panic!("stream {i}: {e}"))).collect()
+}
+
+fn echo_all(s: &mut [Conn], tag: &str) {
+    for (i, c) in s.iter_mut().enumerate() {
+        c.echo(&format!("{tag}-{i}")).unwrap_or_else(|e| panic!("stream {i} on {} ({tag}): {e}", c.backend));
+    }
+}
+
+#[test]
+fn active_killed_backup_takes_over_and_synced_flows_keep_their_backends() {
+    let mut p = pair("lbca-", &[0, 1]);
+    p.n[0].start();
+    p.n[1].start();
+    wait_roles(&p, ["active", "backup"], Duration::from_secs(5));
+    let mac1 = lb_tests::netns::mac_str(&p.t.lbs[0].mac);
+    let mac2 = lb_tests::netns::mac_str(&p.t.lbs[1].mac);
+    // First contact resolves the VIP through ARP: only the active node answers.
+    drop(p.t.connect(web(), 80).expect("first connection"));
+    assert!(client_neighbour(&p.t).contains(&mac1), "VIP on the active node: {}", client_neighbour(&p.t));
+
+    let mut s = streams(&p.t, 16);
+    echo_all(&mut s, "before");
+    // A backend set change on the backup: replicated to the active. It moves some
+    // flows' Maglev pick, so only flow sync keeps those streams on their backend.
+    let (ok, _, err) = p.n[1].lbctl(&["backend", "add", "web", &p.t.backends[2].v4.to_string()]);
+    assert!(ok, "{err}");
+    let n3 = |l: &Lbd| l.lbctl_json(&["backend", "list", "web"]).as_array().unwrap().len();
+    assert!(wait_for(Duration::from_secs(3), || n3(&p.n[0]) == 3).is_some(), "replicated to the active");
+    echo_all(&mut s, "after-change");
+    let applied = || cluster(&p.n[1])["flows_applied"].as_u64().unwrap();
+    assert!(wait_for(Duration::from_secs(3), || applied() >= 16).is_some(), "flows synced to the backup: {}", cluster(&p.n[1]));
+
+    // The active node dies: lbd killed and its interface gone with it (no more
+    // heartbeats, no more forwarding).
+    let t0 = Instant::now();
+    p.n[0].kill();
+    let _ = std::process::Command::new("ip").args(["-n", &p.t.lbs[0].ns, "link", "set", &p.t.lbs[0].ifname, "down"]).status();
+    let took = wait_for(Duration::from_secs(3), || role(&p.n[1]) == "active").expect("backup takes over");
+    assert!(took < Duration::from_millis(1000), "takeover after {took:?} (3 heartbeats of 100 ms + one tick)");
+    assert!(wait_for(Duration::from_secs(2), || client_neighbour(&p.t).contains(&mac2)).is_some(), "GARP moved the VIP: {}", client_neighbour(&p.t));
+    // Every stream survives, data both ways, on its original backend.
+    echo_all(&mut s, "after-failover");
+    let gap = t0.elapsed();
+    drop(p.t.connect(web(), 80).expect("new connections after the takeover"));
+    // The role flips first, the VIP bookkeeping follows within the same transition.
+    let holds = || cluster(&p.n[1])["vips_held"].as_array().unwrap().iter().any(|v| v == &web().to_string());
+    assert!(wait_for(Duration::from_secs(1), holds).is_some(), "{}\n{}", cluster(&p.n[1]), p.n[1].log());
+    eprintln!("takeover {took:?}, streams back within {gap:?}");
+
+    // The failed node returns: it catches up on the config and, preempt off, stays backup.
+    let _ = std::process::Command::new("ip").args(["-n", &p.t.lbs[0].ns, "link", "set", &p.t.lbs[0].ifname, "up"]).status();
+    p.n[0].start();
+    wait_roles(&p, ["backup", "active"], Duration::from_secs(5));
+    assert_eq!(n3(&p.n[0]), 3);
+    assert_eq!(cluster(&p.n[0])["config"], cluster(&p.n[1])["config"], "same config position");
+    assert!(cluster(&p.n[0])["vips_held"].as_array().unwrap().is_empty(), "a backup holds no VIP");
+    echo_all(&mut s, "after-return");
+}
+
+#[test]
+fn forged_replayed_and_truncated_datagrams_change_nothing() {
+    let mut p = pair("lbcb-", &[0, 1, 2]);
+    p.n[0].start();
+    p.n[1].start();
+    wait_roles(&p, ["active", "backup"], Duration::from_secs(5));
+    let target = std::net::SocketAddr::new(IpAddr::V4(p.t.lbs[1].v4), PORT);
+    let hb = Heartbeat {
+        priority: 255,
+        role: Role::Active,
+        preempt: true,
+        config: ConfigPos { version: 1_000_000, origin: 1 },
+        synced: true,
+        yielding: false,
+    };
+    let sent = in_ns(&p.t.client.ns, move || {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        // Forged: the right format, the wrong key.
+        let mut forger = Sealer::new(Key::new(b"not the shared secret at all").unwrap(), 1, u64::MAX / 2);
+        let forged = forger.seal(&Message::Heartbeat(hb)).unwrap();
+        // Replayed: the right key, an epoch older than node 1's current one.
+        let mut old = Sealer::new(Key::new(SECRET.trim_ascii_end()).unwrap(), 1, 1);
+        let replayed = old.seal(&Message::Heartbeat(hb)).unwrap();
+        let mut n = 0;
+        for _ in 0..20 {
+            for d in [&forged[..], &replayed[..], &forged[..10], b"garbage".as_slice(), &[0u8; 2000][..]] {
+                n += sock.send_to(d, target).is_ok() as usize;
+            }
+        }
+        n
+    });
+    assert_eq!(sent, 100);
+    std::thread::sleep(Duration::from_millis(500));
+    let st = cluster(&p.n[1]);
+    assert_eq!(st["role"], "backup", "nothing changed: {st}");
+    let rejected: u64 = st["datagrams_rejected"].as_array().unwrap().iter().map(|r| r[1].as_u64().unwrap()).sum();
+    assert!(rejected >= 100, "every bad datagram counted: {st}");
+    let reasons: Vec<&str> = st["datagrams_rejected"].as_array().unwrap().iter().map(|r| r[0].as_str().unwrap()).collect();
+    for want in ["bad_tag", "replay", "truncated"] {
+        assert!(reasons.contains(&want), "{want} counted: {st}");
+    }
+    assert_eq!(role(&p.n[0]), "active");
+    assert!(st["peer"]["alive"].as_bool().unwrap(), "the real peer is still heard");
+}
+
+/// Cuts (or restores) node `from`'s path to node `to`: a blackhole route to its address.
+fn partition(t: &Topology, from: usize, to: usize, on: bool) {
+    let dst = format!("{}/32", t.lbs[to].v4);
+    let verb = if on { "add" } else { "del" };
+    let st = std::process::Command::new("ip").args(["-n", &t.lbs[from].ns, "route", verb, "blackhole", &dst]).status().unwrap();
+    assert!(st.success(), "ip route {verb} blackhole {dst}");
+}
+
+#[test]
+fn partition_heals_to_one_active_and_failover_hands_over() {
+    let mut p = pair("lbcc-", &[0, 1, 2]);
+    p.n[0].start();
+    p.n[1].start();
+    wait_roles(&p, ["active", "backup"], Duration::from_secs(5));
+    // Partition both ways: each hears nothing, both become active.
+    partition(&p.t, 0, 1, true);
+    partition(&p.t, 1, 0, true);
+    wait_roles(&p, ["active", "active"], Duration::from_secs(3));
+    // Heal: within a heartbeat of hearing each other, one active (the preferred).
+    partition(&p.t, 0, 1, false);
+    partition(&p.t, 1, 0, false);
+    let healed = wait_roles(&p, ["active", "backup"], Duration::from_secs(3));
+    assert!(healed < Duration::from_millis(600), "split brain resolved after {healed:?}");
+    assert!(cluster(&p.n[1])["vips_held"].as_array().unwrap().is_empty());
+
+    // Maintenance: hand the active role over on purpose, streams keep working.
+    let mut s = streams(&p.t, 8);
+    let (ok, err) = {
+        let (ok, _, err) = p.n[1].lbctl(&["cluster", "failover"]);
+        (ok, err)
+    };
+    assert!(!ok && err.contains("not active"), "failover runs on the active node: {err}");
+    let (ok, _, err) = p.n[0].lbctl(&["cluster", "failover"]);
+    assert!(ok, "{err}");
+    wait_roles(&p, ["backup", "active"], Duration::from_secs(3));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(role(&p.n[0]), "backup", "the node that handed over does not take it back");
+    echo_all(&mut s, "after-handover");
+}
