@@ -5,6 +5,7 @@
 
 pub mod netns;
 pub mod packets;
+pub mod pair;
 pub mod lbd;
 
 use std::collections::BTreeMap;

@@ -21,6 +21,13 @@ pub fn bench(what: &str, args: &[String]) -> anyhow::Result<()> {
                 .args(["run", "--release", "--package", "lb-tests", "--bin", "lb-bench-control", "--"])
                 .args(args))
         }
-        other => bail!("unknown bench {other:?} (available: datapath, control)"),
+        // tests/src/bin/lb-bench-failover.rs: two real lbd nodes in namespaces.
+        "failover" => {
+            run(Command::new("cargo").args(["build", "--release", "--package", "lb-userspace", "--bins"]))?;
+            run(Command::new("cargo")
+                .args(["run", "--release", "--package", "lb-tests", "--bin", "lb-bench-failover", "--"])
+                .args(args))
+        }
+        other => bail!("unknown bench {other:?} (available: datapath, control, failover)"),
     }
 }

@@ -91,6 +91,11 @@ impl ClusterState {
         self.election.set_local_config(now, self.pos)
     }
 
+    fn election_tick(&mut self) -> Option<Transition> {
+        let now = self.now();
+        self.election.on_tick(now)
+    }
+
     /// `lbctl cluster failover`.
     pub fn failover(&mut self) -> Result<(), String> {
         let now = self.now();
@@ -210,10 +215,14 @@ impl Daemon {
             (c.cfg.heartbeat_ms as u64, c.cfg.peer)
         };
         let tick = Duration::from_millis(hb_ms);
+        // The election looks at the peer's silence 5 times per heartbeat, so a death is
+        // noticed within a fifth of an interval of the dead time, not a whole one.
+        let eval = Duration::from_millis((hb_ms / 5).max(1));
         let mut next = Instant::now();
+        let mut next_eval = Instant::now();
         let mut buf = vec![0u8; 65536];
         while !self.shutdown.load(Ordering::Relaxed) {
-            let wait = next.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+            let wait = next.min(next_eval).saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
             let _ = sock.set_read_timeout(Some(wait));
             match sock.recv_from(&mut buf) {
                 Ok((n, _from)) => self.on_datagram(&sock, peer, &buf[..n]),
@@ -221,6 +230,13 @@ impl Daemon {
                 Err(e) => {
                     warn!(error = %e, "cluster: receive");
                     std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            if Instant::now() >= next_eval {
+                next_eval = Instant::now() + eval;
+                let t = lock(cl).election_tick();
+                if let Some(t) = t {
+                    self.on_transition(t);
                 }
             }
             if Instant::now() >= next {
