@@ -91,6 +91,9 @@ pub struct StatusView {
     pub backends_up: usize,
     pub backends_down: usize,
     pub backends_drained: usize,
+    /// Cluster role, peer state, last heartbeat, config on both sides; none when standalone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -453,6 +453,20 @@ impl Daemon {
             backends_up: up,
             backends_down: down,
             backends_drained: drained,
+            cluster: self.cluster.as_ref().map(|c| {
+                let v = lock(c).view(0);
+                let peer = v.peer.map_or("peer never heard".to_string(), |p| {
+                    format!(
+                        "peer node {} {} ({}), last heartbeat {} ms ago, config {}",
+                        p.node_id,
+                        p.role,
+                        if p.alive { "alive" } else { "dead" },
+                        p.last_heartbeat_ms_ago,
+                        p.config
+                    )
+                });
+                format!("node {} {}, config {}; {peer}", v.node_id, v.role, v.config)
+            }),
         }
     }
 

@@ -76,6 +76,8 @@ fn active_killed_backup_takes_over_and_synced_flows_keep_their_backends() {
     assert_eq!(n3(&p.n[0]), 3);
     assert_eq!(cluster(&p.n[0])["config"], cluster(&p.n[1])["config"], "same config position");
     assert!(cluster(&p.n[0])["vips_held"].as_array().unwrap().is_empty(), "a backup holds no VIP");
+    let (ok, status, _) = p.n[0].lbctl(&["status"]);
+    assert!(ok && status.contains("cluster      node 1 backup") && status.contains("peer node 2 active (alive)"), "{status}");
     echo_all(&mut s, "after-return");
 }
 
@@ -162,4 +164,35 @@ fn partition_heals_to_one_active_and_failover_hands_over() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(role(&p.n[0]), "backup", "the node that handed over does not take it back");
     echo_all(&mut s, "after-handover");
+}
+
+/// The two failures of the issue, separately: lbd killed alone (its pinned datapath
+/// still forwards what reaches it), and the active's interface deleted while its lbd
+/// runs. Either way the backup takes over and established streams keep working.
+#[test]
+fn kill_alone_and_interface_deletion_alone_both_fail_over() {
+    for case in ["kill", "delete-link"] {
+        let mut p = pair("lbcd-", &[0, 1, 2]);
+        p.n[0].start();
+        p.n[1].start();
+        wait_roles(&p, ["active", "backup"], Duration::from_secs(5));
+        let mut s = streams(&p.t, 8);
+        echo_all(&mut s, "before");
+        let applied = || cluster(&p.n[1])["flows_applied"].as_u64().unwrap();
+        assert!(wait_for(Duration::from_secs(3), || applied() >= 8).is_some(), "{case}: flows synced");
+        let lb = &p.t.lbs[0];
+        match case {
+            "kill" => p.n[0].kill(),
+            _ => {
+                let st = std::process::Command::new("ip").args(["-n", &lb.ns, "link", "del", &lb.ifname]).status().unwrap();
+                assert!(st.success());
+            }
+        }
+        let took = wait_for(Duration::from_secs(3), || role(&p.n[1]) == "active").unwrap_or_else(|| panic!("{case}: no takeover"));
+        assert!(took < Duration::from_millis(1000), "{case}: takeover after {took:?}");
+        let mac2 = lb_tests::netns::mac_str(&p.t.lbs[1].mac);
+        assert!(wait_for(Duration::from_secs(2), || client_neighbour(&p.t).contains(&mac2)).is_some(), "{case}: VIP announced by node 2");
+        echo_all(&mut s, case);
+        drop(p.t.connect(web(), 80).unwrap_or_else(|e| panic!("{case}: new connection: {e}")));
+    }
 }

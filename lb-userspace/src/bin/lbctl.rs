@@ -309,7 +309,7 @@ fn status_table(s: &StatusView) -> String {
         s.backends_up,
         s.backends_down,
         s.backends_drained
-    )
+    ) + &s.cluster.as_ref().map_or(String::new(), |c| format!("cluster      {c}\n"))
 }
 
 fn services_table(v: &[ServiceView]) -> String {
