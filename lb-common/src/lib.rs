@@ -567,6 +567,21 @@ mod tests {
     }
 
     #[test]
+    fn reason_names_are_unique_and_classified() {
+        let names = reason::NAMES;
+        let set: std::collections::BTreeSet<_> = names.iter().collect();
+        assert_eq!(set.len(), names.len(), "duplicate reason name");
+        for (r, n) in names.iter().enumerate() {
+            let r = r as u32;
+            assert!(["pass_", "drop_", "tx_", "fwd_"].iter().any(|p| n.starts_with(p)), "{n}: unknown class");
+            assert_eq!(n.starts_with("fwd_"), !reason::is_verdict(r), "{n}: sub-count iff fwd_");
+        }
+        assert_eq!(names[reason::TX_RST as usize], "tx_rst");
+        assert_eq!(names[reason::DROP_REPLY_RATELIMITED as usize], "drop_reply_ratelimited");
+        assert_eq!(names[reason::FWD_FRAGMENT as usize], "fwd_fragment");
+    }
+
+    #[test]
     fn bloom_sets_and_tests() {
         let mut b = VipBloom::default();
         let v: IpAddr = "10.0.0.100".parse().unwrap();

@@ -68,19 +68,19 @@ pub fn bench_harness(ctx: XdpContext) -> u32 {
         unsafe { core::ptr::write_unaligned(dst.add(i), core::ptr::read_unaligned(src.add(i))) };
         i += 1;
     }
-    if t.vary != 0 {
-        if let Some(n) = ITER.get_ptr_mut(0) {
-            // SAFETY: per-CPU value.
-            let v = unsafe {
-                *n = (*n).wrapping_add(1);
-                *n
-            };
-            let base = dst as *mut u8;
-            // SAFETY: constant offsets inside the 128 bytes checked above.
-            unsafe {
-                st16(base.add(SPORT_OFF), v as u16);
-                st16(base.add(SADDR_LO_OFF), (v >> 16) as u16);
-            }
+    if t.vary != 0
+        && let Some(n) = ITER.get_ptr_mut(0)
+    {
+        // SAFETY: per-CPU value.
+        let v = unsafe {
+            *n = (*n).wrapping_add(1);
+            *n
+        };
+        let base = dst as *mut u8;
+        // SAFETY: constant offsets inside the 128 bytes checked above.
+        unsafe {
+            st16(base.add(SPORT_OFF), v as u16);
+            st16(base.add(SADDR_LO_OFF), (v >> 16) as u16);
         }
     }
     // SAFETY: tail call into the program under test; falls through on failure.

@@ -273,13 +273,13 @@ fn lookup_vip(addr: &[u32; 4], port: u16, proto: u8) -> Option<VipValue> {
     let mut vk = VipKey { addr: *addr, port, proto, _pad: 0 };
     if port != 0 {
         // SAFETY: the value is copied out at once.
-        if let Some(v) = unsafe { VIPS.get(&vk) } {
+        if let Some(v) = unsafe { VIPS.get(vk) } {
             return Some(*v);
         }
         vk.port = 0;
     }
     // SAFETY: as above.
-    unsafe { VIPS.get(&vk) }.copied()
+    unsafe { VIPS.get(vk) }.copied()
 }
 
 #[inline(always)]
@@ -472,9 +472,9 @@ fn forward_fragment(ctx: &XdpContext, ip: &Ip, len: u64) -> Result<(), Verdict> 
             // SAFETY: 4 bytes (both ports) in bounds.
             dport = unsafe { ld16((p as *const u8).add(2)) };
             // A failed insert only costs later fragments of an exact-port service.
-            let _ = FRAGS.insert(&fk, &FragValue { dst_port: dport, _pad: 0 }, 0);
+            let _ = FRAGS.insert(fk, FragValue { dst_port: dport, _pad: 0 }, 0);
         }
-    } else if let Some(v) = unsafe { FRAGS.get(&fk) } {
+    } else if let Some(v) = unsafe { FRAGS.get(fk) } {
         dport = v.dst_port;
     }
     let vip = lookup_vip(&ip.dst, dport, ip.proto).ok_or(pass(reason::PASS_FRAGMENT))?;
@@ -859,7 +859,7 @@ fn pick_backend(vip: &VipValue, flow: &FlowKey, lookup: bool, create: bool) -> R
         let v = FlowValue { backend_id: id, _pad: 0, created_ns: unsafe { bpf_ktime_get_ns() } };
         // A failed insert (map full of in-flight updates) only costs stickiness for this
         // packet; the next packet retries.
-        let _ = FLOWS.insert(flow, &v, 0);
+        let _ = FLOWS.insert(flow, v, 0);
     }
     // A new flow is one we recorded; a RST that misses is forwarded but not remembered.
     Ok((id, be, create))

@@ -6,9 +6,10 @@
 //! - every XDP_TX output is one of: the input encapsulated (outer header well-formed,
 //!   IPv4 checksum right, inner = the input's IP packet), the input with MACs rewritten
 //!   (dsr-l2), or a reply (echo reply, TCP RST, ICMP error) that parses with etherparse
-//!   with right IPv4/ICMP/TCP checksums and, for ICMP errors, quotes the input;
-//! and at the end the counters add up: every pass/drop/tx action is matched by its
-//! reason counter (forwarded packets by the service counters).
+//!   with right IPv4/ICMP/TCP checksums and, for ICMP errors, quotes the input.
+//!
+//! At the end the counters add up: every pass/drop/tx action is matched by its reason
+//! counter (forwarded packets by the service counters).
 //!
 //! Seed: fixed (printed); `LB_FUZZ_SEED=<u64>` overrides it, `LB_FUZZ_FRAMES=<n>` the
 //! frame count (default 1,000,000, about 2.5 s in release).
