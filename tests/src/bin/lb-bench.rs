@@ -63,6 +63,16 @@ fn main() -> anyhow::Result<()> {
     ensure!(what == Some("datapath"), "usage: lb-bench datapath [--repeat N] [--rounds N]");
     ensure!(repeat >= 1 && rounds >= 1, "--repeat and --rounds must be positive");
 
+    // One CPU for the whole run: the harness's flow counter (ITER) and the reply bucket
+    // are per CPU, so a migration between rounds would replay already-seen "new" flows
+    // (the syn check then fails) and mix two CPUs' caches into the figures.
+    // SAFETY: plain affinity syscall on this thread with a zeroed, then filled, set.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        ensure!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0, "pinning to CPU 0");
+    }
+
     let mut dp = Datapath::load_with_flows(MAX_FLOWS);
     let mut s = settings("10.0.0.5", "2001:db8::5", Some(GW_MAC), 1500);
     // Measure the reply paths, not the rate limiter's drops.
