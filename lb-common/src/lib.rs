@@ -169,6 +169,44 @@ pub struct FlowValue {
 }
 const _: () = assert!(size_of::<FlowValue>() == 16);
 
+/// Entries in the datapath-private fragment map (`FRAGS`).
+pub const MAX_FRAGS: u32 = 16384;
+
+/// Key of `FRAGS` (datapath-private, not pinned): one fragmented datagram.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragKey {
+    /// Source and destination (IPv4-mapped for IPv4), network byte order.
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    /// IPv4 identification (16 bits) or IPv6 fragment identification, as loaded.
+    pub id: u32,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<FragKey>() == 40);
+
+/// Value of `FRAGS`: the destination port the first fragment carried (network order),
+/// so later fragments find an exact-port service too.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FragValue {
+    pub dst_port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<FragValue>() == 4);
+
+/// Per-CPU token bucket of generated replies (`REPLY_BUCKET`, datapath-private).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ReplyBucket {
+    /// Credit in replies × 1e9 (one reply costs 1e9), at most rate × 1e9.
+    pub credit: u64,
+    /// bpf_ktime_get_ns() of the last refill.
+    pub last_ns: u64,
+}
+const _: () = assert!(size_of::<ReplyBucket>() == 16);
+
 /// `Settings::flags`: `gateway_mac` is set.
 pub const SETTINGS_F_HAS_GATEWAY: u32 = 1;
 /// `Settings::flags`: report every new flow on `FLOW_EVENTS` (a peer balancer syncs them).
@@ -202,8 +240,15 @@ pub struct Settings {
     pub flags: u32,
     /// Largest IP packet (outer header included) we may transmit; 0 = 1500.
     pub mtu: u32,
+    /// Replies the datapath generates itself (TCP RST and ICMP port unreachable for an
+    /// empty service, ICMP echo reply, ICMP too big), per second per CPU, with a burst of
+    /// one second's worth; 0 = DEFAULT_REPLY_RATE. Over it: dropped, counted.
+    pub reply_rate: u32,
 }
-const _: () = assert!(size_of::<Settings>() == 36);
+const _: () = assert!(size_of::<Settings>() == 40);
+
+/// `Settings::reply_rate` when it is 0.
+pub const DEFAULT_REPLY_RATE: u32 = 1000;
 
 /// Packets and bytes, per CPU, in every stats map.
 #[repr(C)]
@@ -252,31 +297,57 @@ pub mod reason {
     pub const PASS_NOT_IP: u32 = 1;
     /// VIP address, but no service on that port/protocol: passed to the stack.
     pub const PASS_NO_SERVICE: u32 = 2;
-    /// ICMP/ICMPv6 to a VIP address: passed (the completeness issue steers it).
+    /// ICMP/ICMPv6 to a VIP address that is neither an echo request we answer nor an
+    /// error about a flow (other types, echo with IPv4 options or IPv6 extension headers,
+    /// echo to a VIP address without any service): passed.
     pub const PASS_ICMP: u32 = 3;
-    /// IP fragment to a VIP address: passed.
+    /// IP fragment to a VIP address that matches no service: passed.
     pub const PASS_FRAGMENT: u32 = 4;
-    /// IPv6 with extension headers to a VIP address: passed.
+    /// IPv6 extension headers we do not walk (AH, ESP, mobility, ...) or more than
+    /// `MAX_IPV6_EXT` of them, to a VIP address: passed.
     pub const PASS_IPV6_EXT: u32 = 5;
     /// More than one VLAN tag: passed.
     pub const PASS_VLAN_STACKED: u32 = 6;
     /// Protocol other than TCP/UDP/ICMP (IPIP, GRE, ...) to a VIP address: passed.
     pub const PASS_OTHER_PROTO: u32 = 7;
-    /// Truncated or inconsistent Ethernet/IP/L4 header: dropped.
+    /// Truncated or inconsistent Ethernet/IP/extension/L4 header: dropped.
     pub const DROP_MALFORMED: u32 = 8;
-    /// The service has no usable backend: dropped.
+    /// The service has no usable backend and no reply is due (TCP RST, fragment, an ICMP
+    /// error about a flow): dropped.
     pub const DROP_NO_BACKEND: u32 = 9;
-    /// The encapsulated packet would exceed the MTU: dropped.
+    /// The encapsulated packet would exceed the MTU and no ICMP too-big is due (IPv4
+    /// without DF, or the packet is itself an ICMP error): dropped.
     pub const DROP_TOO_BIG: u32 = 10;
     /// No next-hop MAC (backend has none and no gateway is set): dropped.
     pub const DROP_NO_NEXTHOP: u32 = 11;
     /// No encap source address for the backend's family: dropped.
     pub const DROP_NO_ENCAP_SOURCE: u32 = 12;
-    /// bpf_xdp_adjust_head failed (no headroom): dropped.
+    /// bpf_xdp_adjust_head or bpf_xdp_adjust_tail failed: dropped.
     pub const DROP_ADJUST_HEAD: u32 = 13;
     /// Inconsistent maps (table points at a missing backend, bad slot): dropped.
     pub const DROP_BAD_STATE: u32 = 14;
-    pub const COUNT: u32 = 15;
+    /// ICMP echo request to a VIP address answered by the balancer (XDP_TX).
+    pub const TX_ECHO_REPLY: u32 = 15;
+    /// TCP segment to a service without a usable backend answered with a RST (XDP_TX).
+    pub const TX_RST: u32 = 16;
+    /// UDP datagram to a service without a usable backend answered with ICMP port
+    /// unreachable / ICMPv6 destination unreachable code 4 (XDP_TX).
+    pub const TX_PORT_UNREACHABLE: u32 = 17;
+    /// Packet too big for the MTU once encapsulated answered with ICMP fragmentation
+    /// needed / ICMPv6 packet too big (XDP_TX).
+    pub const TX_TOO_BIG: u32 = 18;
+    /// A reply (the four above) over `Settings::reply_rate`: dropped.
+    pub const DROP_REPLY_RATELIMITED: u32 = 19;
+    /// ICMP error (unreachable, too big) whose embedded packet is not a VIP flow, or is
+    /// truncated/malformed: passed.
+    pub const PASS_ICMP_ERROR: u32 = 20;
+    /// Sub-count of forwarded packets (also in the service/backend counters): ICMP
+    /// errors steered to the backend owning the embedded flow.
+    pub const FWD_ICMP_ERROR: u32 = 21;
+    /// Sub-count of forwarded packets (also in the service/backend counters): IP
+    /// fragments, steered by the port-less hash.
+    pub const FWD_FRAGMENT: u32 = 22;
+    pub const COUNT: u32 = 23;
 
     /// Stable names for counters, CLI output and tests, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -295,7 +366,25 @@ pub mod reason {
         "drop_no_encap_source",
         "drop_adjust_head",
         "drop_bad_state",
+        "tx_echo_reply",
+        "tx_rst",
+        "tx_port_unreachable",
+        "tx_too_big",
+        "drop_reply_ratelimited",
+        "pass_icmp_error",
+        "fwd_icmp_error",
+        "fwd_fragment",
     ];
+
+    /// Reasons that count a subset of forwarded packets rather than a verdict of their
+    /// own: every packet has exactly one verdict reason or is forwarded, so
+    /// sum(reasons not in this list) + forwarded packets = packets seen.
+    pub const FORWARD_SUBCOUNTS: [u32; 2] = [FWD_ICMP_ERROR, FWD_FRAGMENT];
+
+    /// Whether a reason is a verdict (not a sub-count of forwarded packets).
+    pub const fn is_verdict(r: u32) -> bool {
+        r != FWD_ICMP_ERROR && r != FWD_FRAGMENT
+    }
 }
 
 /// Counters of the decap program (index into `DECAP_STATS`).
@@ -363,7 +452,7 @@ pub fn hash_words<const N: usize>(words: &[u32; N], seed: u32) -> u32 {
 }
 
 /// The flow hash that indexes a service's Maglev table. Ports and protocol are
-/// included; fragments (later issue) hash with ports zeroed.
+/// included; fragments hash with ports zeroed (all fragments of a datagram agree).
 #[inline(always)]
 pub fn flow_hash(k: &FlowKey) -> u32 {
     let words = [
@@ -403,6 +492,9 @@ mod pod {
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for TrafficCounter {}
     unsafe impl aya::Pod for VipBloom {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragValue {}
+    unsafe impl aya::Pod for ReplyBucket {}
 }
 
 #[cfg(feature = "user")]
@@ -512,6 +604,21 @@ mod tests {
             assert_ne!(flow_hash(&k), h, "{k:?}");
         }
         assert_eq!(flow_hash(&base), h);
+    }
+
+    #[test]
+    fn reason_names_are_unique_and_classified() {
+        let names = reason::NAMES;
+        let set: std::collections::BTreeSet<_> = names.iter().collect();
+        assert_eq!(set.len(), names.len(), "duplicate reason name");
+        for (r, n) in names.iter().enumerate() {
+            let r = r as u32;
+            assert!(["pass_", "drop_", "tx_", "fwd_"].iter().any(|p| n.starts_with(p)), "{n}: unknown class");
+            assert_eq!(n.starts_with("fwd_"), !reason::is_verdict(r), "{n}: sub-count iff fwd_");
+        }
+        assert_eq!(names[reason::TX_RST as usize], "tx_rst");
+        assert_eq!(names[reason::DROP_REPLY_RATELIMITED as usize], "drop_reply_ratelimited");
+        assert_eq!(names[reason::FWD_FRAGMENT as usize], "fwd_fragment");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! `BPF_PROG_TEST_RUN` with `repeat` runs the program again on the frame the previous
 //! iteration rewrote: after one IPIP encapsulation every later iteration would see an
-//! IPIP packet and take another path. `bench_harness` therefore restores the frame from
+//! IPIP packet and take another path (and a reply is addressed to the client, not the
+//! VIP). `bench_harness` therefore restores the frame from
 //! `TEMPLATE` before each iteration and tail-calls the program under test; its own cost
 //! is measured by tail-calling `bench_noop` and subtracted by the bench.
 #![no_std]
@@ -10,7 +11,7 @@
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_ABORTED, XDP_PASS, XDP_TX},
-    helpers::bpf_xdp_adjust_head,
+    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     macros::{map, xdp},
     maps::{Array, PerCpuArray, ProgramArray},
     programs::XdpContext,
@@ -48,10 +49,14 @@ static ITER: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 #[xdp]
 pub fn bench_harness(ctx: XdpContext) -> u32 {
     let Some(t) = TEMPLATE.get(0) else { return XDP_ABORTED };
-    // Undo a previous iteration's encapsulation (or decapsulation).
+    // Undo a previous iteration's encapsulation (head grew) or reply (tail cut: TCP
+    // RST, ICMP error built from a longer packet).
     let cur = (ctx.data_end() - ctx.data()) as i32;
     let delta = cur - BENCH_FRAME_LEN as i32;
-    if delta != 0 && unsafe { bpf_xdp_adjust_head(ctx.ctx, delta) } != 0 {
+    if delta > 0 && unsafe { bpf_xdp_adjust_head(ctx.ctx, delta) } != 0 {
+        return XDP_ABORTED;
+    }
+    if delta < 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, -delta) } != 0 {
         return XDP_ABORTED;
     }
     let Some(dst) = ptr_at::<[u64; BENCH_FRAME_LEN / 8]>(&ctx, 0) else { return XDP_ABORTED };
@@ -63,19 +68,19 @@ pub fn bench_harness(ctx: XdpContext) -> u32 {
         unsafe { core::ptr::write_unaligned(dst.add(i), core::ptr::read_unaligned(src.add(i))) };
         i += 1;
     }
-    if t.vary != 0 {
-        if let Some(n) = ITER.get_ptr_mut(0) {
-            // SAFETY: per-CPU value.
-            let v = unsafe {
-                *n = (*n).wrapping_add(1);
-                *n
-            };
-            let base = dst as *mut u8;
-            // SAFETY: constant offsets inside the 128 bytes checked above.
-            unsafe {
-                st16(base.add(SPORT_OFF), v as u16);
-                st16(base.add(SADDR_LO_OFF), (v >> 16) as u16);
-            }
+    if t.vary != 0
+        && let Some(n) = ITER.get_ptr_mut(0)
+    {
+        // SAFETY: per-CPU value.
+        let v = unsafe {
+            *n = (*n).wrapping_add(1);
+            *n
+        };
+        let base = dst as *mut u8;
+        // SAFETY: constant offsets inside the 128 bytes checked above.
+        unsafe {
+            st16(base.add(SPORT_OFF), v as u16);
+            st16(base.add(SADDR_LO_OFF), (v >> 16) as u16);
         }
     }
     // SAFETY: tail call into the program under test; falls through on failure.

@@ -1,28 +1,34 @@
 //! The balancer: an XDP program on the load balancer's interfaces.
 //!
-//! parse -> VIP prefilter -> VIP lookup -> flow table (LRU) -> Maglev table ->
-//! IPIP/IP6IP6 encapsulation or L2 rewrite -> XDP_TX. Everything that is not for a VIP
-//! leaves with XDP_PASS, untouched. Every XDP_DROP and every unusual XDP_PASS is counted
-//! under a named reason (lb_common::reason); forwarded packets are counted per service
-//! and per backend.
+//! parse (Ethernet, one VLAN tag, IPv4 / IPv6 + extension headers) -> VIP prefilter ->
+//! fragment / ICMP / TCP-UDP -> VIP lookup -> flow table (LRU) -> Maglev table ->
+//! IPIP/IP6IP6 encapsulation or L2 rewrite -> XDP_TX. The balancer answers some packets
+//! itself (XDP_TX): ICMP echo to a VIP address, TCP RST / ICMP port unreachable for a
+//! service without backends, ICMP too big when the encapsulated packet exceeds the MTU.
+//! Everything that is not for a VIP leaves with XDP_PASS, untouched. Every XDP_DROP,
+//! every unusual XDP_PASS and every reply is counted under a named reason
+//! (lb_common::reason); forwarded packets are counted per service and per backend.
 #![no_std]
 #![no_main]
+
+use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{
         BPF_F_MMAPABLE,
         xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     },
-    helpers::{bpf_ktime_get_ns, bpf_xdp_adjust_head},
+    helpers::{bpf_for_each_map_elem, bpf_ktime_get_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     macros::{map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::XdpContext,
 };
 use lb_common::{
-    BACKEND_F_HAS_MAC, BACKEND_F_V6, BACKEND_F_VALID, BackendValue, Counter, FLOW_EVENTS_BYTES, FlowEvent, FlowKey, FlowValue,
-    MAX_BACKENDS, MAX_FLOWS, MAX_SERVICES, MAX_TABLE_SIZE, MAX_VIPS, MODE_DSR_L2, NO_BACKEND,
-    SETTINGS_F_FLOW_SYNC, SETTINGS_F_HAS_GATEWAY, Settings, TABLES_ENTRIES, TrafficCounter, VipBloom, VipKey, VipValue,
-    flow_hash, reason, table_index, v4_mapped_words, vip_addr_bit,
+    BACKEND_F_HAS_MAC, BACKEND_F_V6, BACKEND_F_VALID, BackendValue, Counter, DEFAULT_REPLY_RATE, FLOW_EVENTS_BYTES,
+    FlowEvent, FlowKey, FlowValue, FragKey, FragValue, MAX_BACKENDS, MAX_FLOWS, MAX_FRAGS, MAX_SERVICES, MAX_TABLE_SIZE,
+    MAX_VIPS, MODE_DSR_L2, NO_BACKEND, ReplyBucket, SETTINGS_F_FLOW_SYNC, SETTINGS_F_HAS_GATEWAY, Settings,
+    TABLES_ENTRIES, TrafficCounter, VipBloom, VipKey, VipValue, flow_hash, reason, table_index, v4_mapped_words,
+    vip_addr_bit,
 };
 use aya_log_ebpf::{error, warn};
 use lb_ebpf::*;
@@ -65,7 +71,7 @@ static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(FLOW_EVENTS_BYTES, 0);
 #[map]
 static SYNC_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
-/// Entry 0: encap sources, gateway MAC, MTU.
+/// Entry 0: encap sources, gateway MAC, MTU, reply rate.
 #[map]
 static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
@@ -81,9 +87,20 @@ static SERVICE_STATS: PerCpuArray<TrafficCounter> = PerCpuArray::with_max_entrie
 #[map]
 static BACKEND_STATS: PerCpuArray<TrafficCounter> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
+// Datapath-private state (not pinned, not written by userspace).
+
+/// Fragmented datagram -> the destination port its first fragment carried, so later
+/// fragments (no L4 header) find an exact-port service. LRU: datagrams are short-lived.
+#[map]
+static FRAGS: LruHashMap<FragKey, FragValue> = LruHashMap::with_max_entries(MAX_FRAGS, 0);
+
+/// Token bucket of generated replies, per CPU (no atomics on the reply path).
+#[map]
+static REPLY_BUCKET: PerCpuArray<ReplyBucket> = PerCpuArray::with_max_entries(1, 0);
+
 // ---------------------------------------------------------------------------------
 
-/// Why we did not forward: (XDP action, reason).
+/// Why we did not forward: (XDP action, reason). XDP_TX here is a reply we generated.
 type Verdict = (u32, u32);
 
 #[inline(always)]
@@ -96,7 +113,13 @@ fn drop(r: u32) -> Verdict {
     (XDP_DROP, r)
 }
 
+#[inline(always)]
+fn tx(r: u32) -> Verdict {
+    (XDP_TX, r)
+}
+
 #[xdp]
+#[inline(always)]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
     match balance(&ctx, len) {
@@ -158,8 +181,52 @@ fn count_traffic(map: &PerCpuArray<TrafficCounter>, idx: u32, bytes: u64, new_fl
     }
 }
 
-/// What the parser learned about a packet addressed to a VIP address.
-struct Parsed {
+/// `FlowKey` / `FragKey` as whole words: a struct literal with a zeroed `[u8; 3]` pad
+/// makes LLVM emit a call to memset (a BPF-to-BPF call on the hot path).
+#[repr(C)]
+struct KeyWords {
+    src: [u32; 4],
+    dst: [u32; 4],
+    /// FlowKey: source port | destination port << 16 (source port first in memory).
+    /// FragKey: the datagram id.
+    w8: u32,
+    /// Protocol and three zero pad bytes.
+    proto: u32,
+}
+const _: () = assert!(core::mem::size_of::<KeyWords>() == core::mem::size_of::<FlowKey>());
+const _: () = assert!(core::mem::size_of::<KeyWords>() == core::mem::size_of::<FragKey>());
+
+#[inline(always)]
+fn flow_key(src: &[u32; 4], dst: &[u32; 4], src_port: u16, dst_port: u16, proto: u8) -> FlowKey {
+    let w = KeyWords { src: *src, dst: *dst, w8: src_port as u32 | (dst_port as u32) << 16, proto: proto as u32 };
+    // SAFETY: same size, alignment 4, every bit pattern valid, pad bytes zero.
+    unsafe { core::mem::transmute::<KeyWords, FlowKey>(w) }
+}
+
+#[inline(always)]
+fn frag_key(src: &[u32; 4], dst: &[u32; 4], id: u32, proto: u8) -> FragKey {
+    let w = KeyWords { src: *src, dst: *dst, w8: id, proto: proto as u32 };
+    // SAFETY: as above.
+    unsafe { core::mem::transmute::<KeyWords, FragKey>(w) }
+}
+
+/// Not a fragment, or an IPv6 atomic fragment (offset 0, no more fragments).
+const FRAG_NONE: u8 = 0;
+/// First fragment: carries the L4 header.
+const FRAG_FIRST: u8 = 1;
+/// Later fragment: no L4 header.
+const FRAG_LATER: u8 = 2;
+
+/// Extension headers walked before the upper-layer header (constant loop bound).
+const MAX_IPV6_EXT: usize = 4;
+
+/// Largest quote of the offending packet in an ICMP error we generate: the whole
+/// reply stays within 576 bytes (IPv4, RFC 1812) / 1280 bytes (IPv6, RFC 4443).
+const QUOTE4_MAX: usize = 576 - IPV4_LEN - 8;
+const QUOTE6_MAX: usize = 1280 - IPV6_LEN - 8;
+
+/// What the parser learned about an IP packet addressed to a (maybe) VIP address.
+struct Ip {
     /// The VLAN tag's TPID (native load) or 0 when untagged (IP header at 14 or 18).
     tpid: u16,
     v6: bool,
@@ -167,9 +234,28 @@ struct Parsed {
     ip_len: u32,
     /// Traffic class / TOS byte of the packet, copied to the outer header.
     tos: u8,
-    /// TCP RST: never creates a flow entry (a stray RST must not pin a flow).
-    rst: bool,
-    flow: FlowKey,
+    /// IPv4 DF set (IPv6: always, routers never fragment).
+    df: bool,
+    /// Upper-layer protocol (after IPv6 extension headers).
+    proto: u8,
+    /// Offset of the upper-layer header in the frame, and bytes from it to the end of
+    /// the IP packet.
+    l4_off: usize,
+    l4_len: usize,
+    frag: u8,
+    frag_id: u32,
+    /// Client and VIP address (IPv4-mapped for IPv4), network order.
+    src: [u32; 4],
+    dst: [u32; 4],
+}
+
+impl Ip {
+    /// Offset of the IP header, a constant per tag (the verifier needs constants after
+    /// bpf_xdp_adjust_head/tail).
+    #[inline(always)]
+    fn l3_off(&self) -> usize {
+        if self.tpid != 0 { ETH_LEN + VLAN_LEN } else { ETH_LEN }
+    }
 }
 
 #[inline(always)]
@@ -188,7 +274,7 @@ fn balance(ctx: &XdpContext, len: u64) -> Result<(), Verdict> {
             return Err(pass(reason::PASS_VLAN_STACKED));
         }
     }
-    let p = if ethertype == ETH_P_IP {
+    let ip = if ethertype == ETH_P_IP {
         parse_v4(ctx, l3_off, tpid)?
     } else if ethertype == ETH_P_IPV6 {
         parse_v6(ctx, l3_off, tpid)?
@@ -196,30 +282,16 @@ fn balance(ctx: &XdpContext, len: u64) -> Result<(), Verdict> {
         return Err(pass(reason::PASS_NOT_IP));
     };
 
-    let mut vk = VipKey { addr: p.flow.dst, port: p.flow.dst_port, proto: p.flow.proto, _pad: 0 };
-    // SAFETY: the value is copied out at once.
-    let vip = match unsafe { VIPS.get(&vk) } {
-        Some(v) => *v,
-        None => {
-            vk.port = 0;
-            match unsafe { VIPS.get(&vk) } {
-                Some(v) => *v,
-                None => return Err(pass(reason::PASS_NO_SERVICE)),
-            }
-        }
-    };
-    if vip.service_id >= MAX_SERVICES {
-        return Err(drop(reason::DROP_BAD_STATE));
+    if ip.frag != FRAG_NONE {
+        return forward_fragment(ctx, &ip, len);
     }
-    let (backend_id, be, new_flow) = pick_backend(&vip, &p.flow, !p.rst)?;
-    if vip.mode == MODE_DSR_L2 {
-        rewrite_l2(ctx, &be)?;
-    } else {
-        encapsulate(ctx, &p, &be)?;
+    if ip.proto == IPPROTO_TCP || ip.proto == IPPROTO_UDP {
+        return forward_l4(ctx, &ip, len);
     }
-    count_traffic(&SERVICE_STATS, vip.service_id, len, new_flow);
-    count_traffic(&BACKEND_STATS, backend_id, len, new_flow);
-    Ok(())
+    if (!ip.v6 && ip.proto == IPPROTO_ICMP) || (ip.v6 && ip.proto == IPPROTO_ICMPV6) {
+        return icmp(ctx, &ip, len);
+    }
+    Err(pass(reason::PASS_OTHER_PROTO))
 }
 
 /// Bloom prefilter over VIP addresses.
@@ -232,39 +304,26 @@ fn maybe_vip(addr: &[u32; 4]) -> bool {
     }
 }
 
-/// Ports and RST flag of a TCP/UDP header at `off`; `ip_payload` is what the IP header
-/// says follows it. ICMP and other protocols leave here (passed, counted).
+/// The service of (address, port, protocol), exact port first, then port 0.
 #[inline(always)]
-fn parse_l4(ctx: &XdpContext, proto: u8, off: usize, ip_payload: usize) -> Result<(u16, u16, bool), Verdict> {
-    if proto == IPPROTO_TCP {
-        let t: *const u8 = ptr_at::<TcpHdr>(ctx, off).ok_or(drop(reason::DROP_MALFORMED))? as *const u8;
-        // SAFETY: 20 bytes of TCP header are in bounds.
-        let (sport, dport, doff, flags) = unsafe { (ld16(t), ld16(t.add(2)), *t.add(12) >> 4, *t.add(13)) };
-        if doff < 5 || ip_payload < (doff as usize) * 4 {
-            return Err(drop(reason::DROP_MALFORMED));
+fn lookup_vip(addr: &[u32; 4], port: u16, proto: u8) -> Option<VipValue> {
+    let mut vk = VipKey { addr: *addr, port, proto, _pad: 0 };
+    if port != 0 {
+        // SAFETY: the value is copied out at once.
+        if let Some(v) = unsafe { VIPS.get(vk) } {
+            return Some(*v);
         }
-        Ok((sport, dport, flags & 0x04 != 0))
-    } else if proto == IPPROTO_UDP {
-        let u: *const u8 = ptr_at::<UdpHdr>(ctx, off).ok_or(drop(reason::DROP_MALFORMED))? as *const u8;
-        if ip_payload < 8 {
-            return Err(drop(reason::DROP_MALFORMED));
-        }
-        // SAFETY: 8 bytes of UDP header are in bounds.
-        unsafe { Ok((ld16(u), ld16(u.add(2)), false)) }
-    } else if proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6 {
-        Err(pass(reason::PASS_ICMP))
-    } else {
-        Err(pass(reason::PASS_OTHER_PROTO))
+        vk.port = 0;
     }
+    // SAFETY: as above.
+    unsafe { VIPS.get(vk) }.copied()
 }
 
 #[inline(always)]
-fn parse_v4(ctx: &XdpContext, l3_off: usize, tpid: u16) -> Result<Parsed, Verdict> {
+fn parse_v4(ctx: &XdpContext, l3_off: usize, tpid: u16) -> Result<Ip, Verdict> {
     let ip: *const u8 = ptr_at::<Ipv4Hdr>(ctx, l3_off).ok_or(drop(reason::DROP_MALFORMED))? as *const u8;
     // SAFETY: 20 bytes of IPv4 header are in bounds.
-    let (vihl, tos, tot_len, frags, proto, saddr, daddr) = unsafe {
-        (*ip, *ip.add(1), u16::from_be(ld16(ip.add(2))) as usize, ld16(ip.add(6)), *ip.add(9), ld32(ip.add(12)), ld32(ip.add(16)))
-    };
+    let (vihl, daddr) = unsafe { (*ip, ld32(ip.add(16))) };
     let hlen = ((vihl & 0x0f) as usize) * 4;
     if vihl >> 4 != 4 || hlen < IPV4_LEN {
         return Err(drop(reason::DROP_MALFORMED));
@@ -273,28 +332,43 @@ fn parse_v4(ctx: &XdpContext, l3_off: usize, tpid: u16) -> Result<Parsed, Verdic
     if !maybe_vip(&dst) {
         return Err(pass(reason::PASS_NOT_VIP));
     }
+    // The rest only for VIP traffic (loaded after the map lookup, so the pass path does
+    // not load and spill them).
+    // SAFETY: as above.
+    let (tos, tot_len, id, frags, proto, saddr) = unsafe {
+        (*ip.add(1), u16::from_be(ld16(ip.add(2))) as usize, ld16(ip.add(4)), ld16(ip.add(6)), *ip.add(9), ld32(ip.add(12)))
+    };
     if tot_len < hlen || !fits(ctx, l3_off, tot_len) {
         return Err(drop(reason::DROP_MALFORMED));
     }
-    if frags & (IP_MF | IP_OFFSET) != 0 {
-        return Err(pass(reason::PASS_FRAGMENT));
-    }
-    let (sport, dport, rst) = parse_l4(ctx, proto, l3_off + hlen, tot_len - hlen)?;
-    Ok(Parsed {
+    let frag = if frags & IP_OFFSET != 0 {
+        FRAG_LATER
+    } else if frags & IP_MF != 0 {
+        FRAG_FIRST
+    } else {
+        FRAG_NONE
+    };
+    Ok(Ip {
         tpid,
         v6: false,
         ip_len: tot_len as u32,
         tos,
-        rst,
-        flow: FlowKey { src: v4_mapped_words(saddr), dst, src_port: sport, dst_port: dport, proto, _pad: [0; 3] },
+        df: frags & IP_DF != 0,
+        proto,
+        l4_off: l3_off + hlen,
+        l4_len: tot_len - hlen,
+        frag,
+        frag_id: id as u32,
+        src: v4_mapped_words(saddr),
+        dst,
     })
 }
 
 #[inline(always)]
-fn parse_v6(ctx: &XdpContext, l3_off: usize, tpid: u16) -> Result<Parsed, Verdict> {
+fn parse_v6(ctx: &XdpContext, l3_off: usize, tpid: u16) -> Result<Ip, Verdict> {
     let ip: *const u8 = ptr_at::<Ipv6Hdr>(ctx, l3_off).ok_or(drop(reason::DROP_MALFORMED))? as *const u8;
     // SAFETY: 40 bytes of IPv6 header are in bounds.
-    let (v0, v1, payload_len, nh) = unsafe { (*ip, *ip.add(1), u16::from_be(ld16(ip.add(4))) as usize, *ip.add(6)) };
+    let v0 = unsafe { *ip };
     if v0 >> 4 != 6 {
         return Err(drop(reason::DROP_MALFORMED));
     }
@@ -302,33 +376,498 @@ fn parse_v6(ctx: &XdpContext, l3_off: usize, tpid: u16) -> Result<Parsed, Verdic
     if !maybe_vip(&dst) {
         return Err(pass(reason::PASS_NOT_VIP));
     }
+    // SAFETY: as above.
+    let (v1, payload_len, first_nh) = unsafe { (*ip.add(1), u16::from_be(ld16(ip.add(4))) as usize, *ip.add(6)) };
     if !fits(ctx, l3_off, IPV6_LEN + payload_len) {
         return Err(drop(reason::DROP_MALFORMED));
     }
-    if nh == IPPROTO_FRAGMENT {
-        return Err(pass(reason::PASS_FRAGMENT));
+    let src = unsafe { [ld32(ip.add(8)), ld32(ip.add(12)), ld32(ip.add(16)), ld32(ip.add(20))] };
+    // Walk hop-by-hop, routing, destination options and fragment headers (at most
+    // MAX_IPV6_EXT) to the upper-layer header. Offsets stay relative to the payload
+    // (bounded by payload_len) so the verifier can bound every packet pointer.
+    let mut nh = first_nh;
+    let mut off = 0usize;
+    let mut frag = FRAG_NONE;
+    let mut frag_id = 0u32;
+    let mut i = 0;
+    while i < MAX_IPV6_EXT {
+        // black_box: LLVM can prove `off + 8 <= payload_len` makes the packet bounds
+        // check redundant (the whole payload fits) and drops it; the verifier cannot.
+        let hdr_off = core::hint::black_box(l3_off + IPV6_LEN + off);
+        if nh == IPPROTO_HOPOPTS || nh == IPPROTO_ROUTING || nh == IPPROTO_DSTOPTS {
+            let h: *const u8 = ptr_at::<[u8; 8]>(ctx, hdr_off).ok_or(drop(reason::DROP_MALFORMED))? as *const u8;
+            // SAFETY: 8 bytes (the smallest extension header) in bounds.
+            let (next, hl) = unsafe { (*h, (*h.add(1) as usize + 1) * 8) };
+            if off + hl > payload_len {
+                return Err(drop(reason::DROP_MALFORMED));
+            }
+            nh = next;
+            off += hl;
+        } else if nh == IPPROTO_FRAGMENT {
+            let h: *const u8 = ptr_at::<[u8; 8]>(ctx, hdr_off).ok_or(drop(reason::DROP_MALFORMED))? as *const u8;
+            if off + 8 > payload_len {
+                return Err(drop(reason::DROP_MALFORMED));
+            }
+            // SAFETY: 8 bytes of fragment header in bounds.
+            let (next, fo, id) = unsafe { (*h, u16::from_be(ld16(h.add(2))), ld32(h.add(4))) };
+            nh = next;
+            off += 8;
+            frag_id = id;
+            if fo & 0xfff8 != 0 {
+                // A later fragment: what follows is data, not a header.
+                frag = FRAG_LATER;
+                break;
+            }
+            if fo & 1 != 0 {
+                frag = FRAG_FIRST;
+            }
+        } else {
+            break;
+        }
+        i += 1;
     }
-    if is_ipv6_ext(nh) {
+    if frag != FRAG_LATER && is_ipv6_ext(nh) {
+        // More than MAX_IPV6_EXT headers, or AH/ESP/mobility/...: not ours to parse.
         return Err(pass(reason::PASS_IPV6_EXT));
     }
-    let (sport, dport, rst) = parse_l4(ctx, nh, l3_off + IPV6_LEN, payload_len)?;
-    let src = unsafe { [ld32(ip.add(8)), ld32(ip.add(12)), ld32(ip.add(16)), ld32(ip.add(20))] };
-    Ok(Parsed {
+    Ok(Ip {
         tpid,
         v6: true,
         ip_len: (IPV6_LEN + payload_len) as u32,
         tos: (v0 << 4) | (v1 >> 4),
-        rst,
-        flow: FlowKey { src, dst, src_port: sport, dst_port: dport, proto: nh, _pad: [0; 3] },
+        df: true,
+        proto: nh,
+        l4_off: l3_off + IPV6_LEN + off,
+        l4_len: payload_len - off,
+        frag,
+        frag_id,
+        src,
+        dst,
     })
 }
 
-/// The flow's backend: its flow-table entry if that backend still serves this service,
-/// else the Maglev pick (recorded in the flow table unless `create` is false).
+/// Ports and TCP flags of a TCP/UDP header (bounds-checked against the frame and the
+/// IP length, else malformed).
 #[inline(always)]
-fn pick_backend(vip: &VipValue, flow: &FlowKey, create: bool) -> Result<(u32, BackendValue, bool), Verdict> {
+fn parse_l4(ctx: &XdpContext, ip: &Ip) -> Result<(u16, u16, u8), Verdict> {
+    if ip.proto == IPPROTO_TCP {
+        let t: *const u8 = ptr_at::<TcpHdr>(ctx, ip.l4_off).ok_or(drop(reason::DROP_MALFORMED))? as *const u8;
+        // SAFETY: 20 bytes of TCP header are in bounds.
+        let (sport, dport, doff, flags) = unsafe { (ld16(t), ld16(t.add(2)), *t.add(12) >> 4, *t.add(13)) };
+        if doff < 5 || ip.l4_len < (doff as usize) * 4 {
+            return Err(drop(reason::DROP_MALFORMED));
+        }
+        Ok((sport, dport, flags))
+    } else {
+        let u: *const u8 = ptr_at::<UdpHdr>(ctx, ip.l4_off).ok_or(drop(reason::DROP_MALFORMED))? as *const u8;
+        if ip.l4_len < 8 {
+            return Err(drop(reason::DROP_MALFORMED));
+        }
+        // SAFETY: 8 bytes of UDP header are in bounds.
+        unsafe { Ok((ld16(u), ld16(u.add(2)), 0)) }
+    }
+}
+
+/// TCP/UDP to a VIP address: service, backend, forward; an empty service answers.
+#[inline(always)]
+fn forward_l4(ctx: &XdpContext, ip: &Ip, len: u64) -> Result<(), Verdict> {
+    let (sport, dport, tcp_flags) = parse_l4(ctx, ip)?;
+    let vip = lookup_vip(&ip.dst, dport, ip.proto).ok_or(pass(reason::PASS_NO_SERVICE))?;
+    let flow = flow_key(&ip.src, &ip.dst, sport, dport, ip.proto);
+    let rst = ip.proto == IPPROTO_TCP && tcp_flags & TCP_RST != 0;
+    let (id, be, new_flow) = match pick_backend(&vip, &flow, true, !rst) {
+        Ok(p) => p,
+        Err((_, r)) if r == reason::DROP_NO_BACKEND => {
+            // Answer at once so the client fails fast (never answer a RST).
+            return if rst {
+                Err(drop(reason::DROP_NO_BACKEND))
+            } else if ip.proto == IPPROTO_TCP {
+                tcp_reset(ctx, ip)
+            } else if ip.v6 {
+                icmp_error_reply(ctx, ip, ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH, 0, reason::TX_PORT_UNREACHABLE)
+            } else {
+                icmp_error_reply(ctx, ip, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, reason::TX_PORT_UNREACHABLE)
+            };
+        }
+        Err(e) => return Err(e),
+    };
+    forward(ctx, ip, &vip, id, &be, new_flow, len, true)
+}
+
+/// A fragment: the service from the first fragment's port (remembered in FRAGS) or a
+/// port-0 service; the backend from the port-less hash, so every fragment of the
+/// datagram agrees. Fragments never create or use flow-table entries.
+#[inline(always)]
+fn forward_fragment(ctx: &XdpContext, ip: &Ip, len: u64) -> Result<(), Verdict> {
+    let fk = frag_key(&ip.src, &ip.dst, ip.frag_id, ip.proto);
+    let mut dport = 0u16;
+    if ip.frag == FRAG_FIRST {
+        if (ip.proto == IPPROTO_TCP || ip.proto == IPPROTO_UDP)
+            && ip.l4_len >= 4
+            && let Some(p) = ptr_at::<[u8; 4]>(ctx, ip.l4_off)
+        {
+            // SAFETY: 4 bytes (both ports) in bounds.
+            dport = unsafe { ld16((p as *const u8).add(2)) };
+            // A failed insert only costs later fragments of an exact-port service.
+            let _ = FRAGS.insert(fk, FragValue { dst_port: dport, _pad: 0 }, 0);
+        }
+    } else if let Some(v) = unsafe { FRAGS.get(fk) } {
+        dport = v.dst_port;
+    }
+    let vip = lookup_vip(&ip.dst, dport, ip.proto).ok_or(pass(reason::PASS_FRAGMENT))?;
+    let flow = flow_key(&ip.src, &ip.dst, 0, 0, ip.proto);
+    let (id, be, _) = pick_backend(&vip, &flow, false, false)?;
+    forward(ctx, ip, &vip, id, &be, false, len, true)?;
+    count_reason(reason::FWD_FRAGMENT, len);
+    Ok(())
+}
+
+/// ICMP/ICMPv6 to a VIP address: echo requests are answered, errors about a VIP flow
+/// go to that flow's backend, the rest passes.
+#[inline(always)]
+fn icmp(ctx: &XdpContext, ip: &Ip, len: u64) -> Result<(), Verdict> {
+    let h: *const u8 = ptr_at::<[u8; 8]>(ctx, ip.l4_off).ok_or(drop(reason::DROP_MALFORMED))? as *const u8;
+    if ip.l4_len < 8 {
+        return Err(drop(reason::DROP_MALFORMED));
+    }
+    // SAFETY: 8 bytes of ICMP header in bounds.
+    let (ty, code) = unsafe { (*h, *h.add(1)) };
+    if ip.v6 {
+        if ty == ICMPV6_ECHO_REQUEST && code == 0 {
+            return echo_reply(ctx, ip);
+        }
+        if ty == ICMPV6_DEST_UNREACH || ty == ICMPV6_PKT_TOOBIG {
+            return steer_icmp_error(ctx, ip, len);
+        }
+    } else {
+        if ty == ICMP_ECHO && code == 0 {
+            return echo_reply(ctx, ip);
+        }
+        if ty == ICMP_DEST_UNREACH {
+            return steer_icmp_error(ctx, ip, len);
+        }
+    }
+    Err(pass(reason::PASS_ICMP))
+}
+
+#[repr(C)]
+struct AddrSearch {
+    addr: [u32; 4],
+    found: u32,
+}
+
+/// bpf_for_each_map_elem callback over VIPS: stops at a key with the searched address.
+#[inline(never)]
+extern "C" fn vip_addr_match(_map: *mut c_void, key: *mut VipKey, _value: *mut c_void, search: *mut AddrSearch) -> i64 {
+    // SAFETY: the kernel passes a valid key and our stack context.
+    unsafe {
+        let k = &(*key).addr;
+        let s = &mut *search;
+        if k[0] == s.addr[0] && k[1] == s.addr[1] && k[2] == s.addr[2] && k[3] == s.addr[3] {
+            s.found = 1;
+            return 1;
+        }
+    }
+    0
+}
+
+/// Whether any service (any port, any protocol) has this VIP address: a walk over VIPS
+/// (at most MAX_VIPS keys) with bpf_for_each_map_elem. Only echo requests that passed
+/// the bloom filter pay for it; userspace needs no extra map.
+#[inline(always)]
+fn is_vip_address(addr: &[u32; 4]) -> bool {
+    let mut s = AddrSearch { addr: *addr, found: 0 };
+    // SAFETY: VIPS is a map definition, the callback matches the helper's contract and
+    // `s` lives on our stack for the duration of the call.
+    unsafe {
+        bpf_for_each_map_elem(
+            &VIPS as *const _ as *mut c_void,
+            vip_addr_match as *mut c_void,
+            &mut s as *mut AddrSearch as *mut c_void,
+            0,
+        );
+    }
+    s.found != 0
+}
+
+/// Takes one reply token from this CPU's bucket (rate per second, burst one second).
+#[inline(always)]
+fn reply_allowed() -> bool {
+    let rate = match SETTINGS.get(0) {
+        Some(s) if s.reply_rate != 0 => s.reply_rate as u64,
+        _ => DEFAULT_REPLY_RATE as u64,
+    };
+    let Some(b) = REPLY_BUCKET.get_ptr_mut(0) else { return false };
+    const NS: u64 = 1_000_000_000;
+    // SAFETY: ktime is always callable; the bucket is this CPU's.
+    unsafe {
+        let now = bpf_ktime_get_ns();
+        let mut elapsed = now.wrapping_sub((*b).last_ns);
+        if elapsed > NS {
+            elapsed = NS;
+        }
+        let mut credit = (*b).credit + elapsed * rate;
+        if credit > rate * NS {
+            credit = rate * NS;
+        }
+        (*b).last_ns = now;
+        if credit < NS {
+            (*b).credit = credit;
+            return false;
+        }
+        (*b).credit = credit - NS;
+    }
+    true
+}
+
+/// A MAC address as one 32-bit and one 16-bit word: 4-byte aligned on the stack (the
+/// verifier rejects misaligned stack access, unlike packet access).
+#[derive(Clone, Copy)]
+struct Mac {
+    hi: u32,
+    lo: u16,
+}
+
+impl Mac {
+    /// # Safety
+    /// `p` must point to 6 readable bytes.
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> Self {
+        unsafe { Mac { hi: ld32(p), lo: ld16(p.add(4)) } }
+    }
+
+    /// # Safety
+    /// `p` must point to 6 writable bytes.
+    #[inline(always)]
+    unsafe fn store(self, p: *mut u8) {
+        unsafe {
+            st32(p, self.hi);
+            st16(p.add(4), self.lo);
+        }
+    }
+}
+
+/// L2 fields of the frame as it arrived.
+struct L2 {
+    /// Destination MAC (our interface) and source MAC (the sender / router).
+    ours: Mac,
+    peer: Mac,
+    tci: u16,
+}
+
+#[inline(always)]
+fn save_l2(ctx: &XdpContext, tpid: u16) -> Result<L2, Verdict> {
+    let e: *const u8 = ptr_at::<EthHdr>(ctx, 0).ok_or(drop(reason::DROP_MALFORMED))? as *const u8;
+    // SAFETY: 14 bytes in bounds.
+    let mut l2 = unsafe { L2 { ours: Mac::load(e), peer: Mac::load(e.add(6)), tci: 0 } };
+    if tpid != 0 {
+        let v: *const u8 = ptr_at::<VlanHdr>(ctx, ETH_LEN).ok_or(drop(reason::DROP_MALFORMED))? as *const u8;
+        // SAFETY: 4 bytes of VLAN header in bounds.
+        l2.tci = unsafe { ld16(v) };
+    }
+    Ok(l2)
+}
+
+/// Writes the L2 header (with the tag if `tpid` is set) at the frame's start.
+#[inline(always)]
+fn write_l2(ctx: &XdpContext, tpid: u16, tci: u16, dst: Mac, src: Mac, ethertype: u16) -> Result<(), Verdict> {
+    let eth: *mut u8 = ptr_at::<EthHdr>(ctx, 0).ok_or(drop(reason::DROP_MALFORMED))? as *mut u8;
+    // SAFETY: 14 bytes in bounds (ptr_at above).
+    unsafe {
+        dst.store(eth);
+        src.store(eth.add(6));
+    }
+    if tpid != 0 {
+        let v: *mut u8 = ptr_at::<[u8; ETH_LEN + VLAN_LEN]>(ctx, 0).ok_or(drop(reason::DROP_MALFORMED))? as *mut u8;
+        // SAFETY: 18 bytes in bounds.
+        unsafe {
+            st16(v.add(12), tpid);
+            st16(v.add(14), tci);
+            st16(v.add(16), ethertype);
+        }
+    } else {
+        // SAFETY: 14 bytes in bounds.
+        unsafe { st16(eth.add(12), ethertype) };
+    }
+    Ok(())
+}
+
+/// Shrinks the frame to `want` bytes (never grows it).
+#[inline(always)]
+fn trim_to(ctx: &XdpContext, want: usize) -> Result<(), Verdict> {
+    let cur = ctx.data_end() - ctx.data();
+    if cur > want {
+        // SAFETY: plain helper call on our own context.
+        if unsafe { bpf_xdp_adjust_tail(ctx.ctx, -((cur - want) as i32)) } != 0 {
+            return Err(drop(reason::DROP_ADJUST_HEAD));
+        }
+    }
+    Ok(())
+}
+
+/// Writes a 20-byte IPv4 header (no options, id 0) at `l3` with its checksum.
+#[inline(always)]
+fn write_ipv4(ctx: &XdpContext, l3: usize, tot_len: u16, frags: u16, proto: u8, src: u32, dst: u32) -> Result<(), Verdict> {
+    let o: *mut u8 = ptr_at::<Ipv4Hdr>(ctx, l3).ok_or(drop(reason::DROP_MALFORMED))? as *mut u8;
+    // SAFETY: 20 bytes in bounds.
+    unsafe {
+        *o = 0x45;
+        *o.add(1) = 0;
+        st16(o.add(2), tot_len.to_be());
+        st16(o.add(4), 0);
+        st16(o.add(6), frags);
+        *o.add(8) = OUTER_TTL;
+        *o.add(9) = proto;
+        st16(o.add(10), 0);
+        st32(o.add(12), src);
+        st32(o.add(16), dst);
+        st16(o.add(10), ipv4_csum20(o));
+    }
+    Ok(())
+}
+
+/// Writes a 40-byte IPv6 header (traffic class and flow label 0) at `l3`.
+#[inline(always)]
+fn write_ipv6(ctx: &XdpContext, l3: usize, payload_len: u16, nh: u8, src: &[u32; 4], dst: &[u32; 4]) -> Result<(), Verdict> {
+    let o: *mut u8 = ptr_at::<Ipv6Hdr>(ctx, l3).ok_or(drop(reason::DROP_MALFORMED))? as *mut u8;
+    // SAFETY: 40 bytes in bounds.
+    unsafe {
+        st32(o, (6u32 << 28).to_be());
+        st16(o.add(4), payload_len.to_be());
+        *o.add(6) = nh;
+        *o.add(7) = OUTER_TTL;
+        let mut i = 0;
+        while i < 4 {
+            st32(o.add(8 + 4 * i), src[i]);
+            st32(o.add(24 + 4 * i), dst[i]);
+            i += 1;
+        }
+    }
+    Ok(())
+}
+
+/// ICMP echo request to a VIP address: answered in place (MACs, addresses swapped,
+/// type -> reply, checksum updated incrementally, TTL / hop limit 64). IPv4 options and
+/// IPv6 extension headers: passed (the reply would have to mirror them).
+#[inline(always)]
+fn echo_reply(ctx: &XdpContext, ip: &Ip) -> Result<(), Verdict> {
+    let l3 = ip.l3_off();
+    let hdr = if ip.v6 { IPV6_LEN } else { IPV4_LEN };
+    if ip.l4_off != l3 + hdr || !is_vip_address(&ip.dst) {
+        return Err(pass(reason::PASS_ICMP));
+    }
+    if !reply_allowed() {
+        return Err(drop(reason::DROP_REPLY_RATELIMITED));
+    }
+    let l2 = save_l2(ctx, ip.tpid)?;
+    let ethertype = if ip.v6 { ETH_P_IPV6 } else { ETH_P_IP };
+    write_l2(ctx, ip.tpid, l2.tci, l2.peer, l2.ours, ethertype)?;
+    if ip.v6 {
+        let o: *mut u8 = ptr_at::<[u8; IPV6_LEN + 8]>(ctx, l3).ok_or(drop(reason::DROP_MALFORMED))? as *mut u8;
+        // SAFETY: IPv6 header and ICMPv6 header in bounds.
+        unsafe {
+            *o.add(7) = OUTER_TTL;
+            let mut i = 0;
+            while i < 4 {
+                st32(o.add(8 + 4 * i), ip.dst[i]);
+                st32(o.add(24 + 4 * i), ip.src[i]);
+                i += 1;
+            }
+            // The pseudo-header sum is unchanged by the swap: only the type changes.
+            set_icmp_type(o.add(IPV6_LEN), ICMPV6_ECHO_REPLY);
+        }
+    } else {
+        let o: *mut u8 = ptr_at::<[u8; IPV4_LEN + 8]>(ctx, l3).ok_or(drop(reason::DROP_MALFORMED))? as *mut u8;
+        // SAFETY: IPv4 header (IHL 5, checked above) and ICMP header in bounds.
+        unsafe {
+            *o.add(8) = OUTER_TTL;
+            st32(o.add(12), ip.dst[3]);
+            st32(o.add(16), ip.src[3]);
+            st16(o.add(10), 0);
+            st16(o.add(10), ipv4_csum20(o));
+            set_icmp_type(o.add(IPV4_LEN), ICMP_ECHO_REPLY);
+        }
+    }
+    Err(tx(reason::TX_ECHO_REPLY))
+}
+
+/// Sets the ICMP type and updates the checksum incrementally (RFC 1624, eqn. 3).
+///
+/// # Safety
+/// `h` must point to 4 writable bytes (type, code, checksum).
+#[inline(always)]
+unsafe fn set_icmp_type(h: *mut u8, ty: u8) {
+    unsafe {
+        let old = ld16(h);
+        *h = ty;
+        let new = ld16(h);
+        let hc = ld16(h.add(2));
+        st16(h.add(2), csum_fold((!hc) as u32 + (!old) as u32 + new as u32));
+    }
+}
+
+/// ICMP error about a VIP flow (IPv4 destination unreachable incl. fragmentation
+/// needed; ICMPv6 destination unreachable, packet too big): the embedded packet is one
+/// the backend sent from the VIP to the client, so its addresses and ports swapped are
+/// the client's flow. That flow's backend gets the whole ICMP packet.
+#[inline(always)]
+fn steer_icmp_error(ctx: &XdpContext, ip: &Ip, len: u64) -> Result<(), Verdict> {
+    const BAD: Verdict = (XDP_PASS, reason::PASS_ICMP_ERROR);
+    let inner = ip.l4_off + 8;
+    let (vip_addr, client, l4, proto) = if ip.v6 {
+        let h: *const u8 = ptr_at::<Ipv6Hdr>(ctx, inner).ok_or(BAD)? as *const u8;
+        // SAFETY: 40 bytes of embedded IPv6 header in bounds.
+        let (v, nh, s, d) = unsafe {
+            (
+                *h >> 4,
+                *h.add(6),
+                [ld32(h.add(8)), ld32(h.add(12)), ld32(h.add(16)), ld32(h.add(20))],
+                [ld32(h.add(24)), ld32(h.add(28)), ld32(h.add(32)), ld32(h.add(36))],
+            )
+        };
+        if v != 6 {
+            return Err(BAD);
+        }
+        (s, d, inner + IPV6_LEN, nh)
+    } else {
+        let h: *const u8 = ptr_at::<Ipv4Hdr>(ctx, inner).ok_or(BAD)? as *const u8;
+        // SAFETY: 20 bytes of embedded IPv4 header in bounds.
+        let (vihl, frags, p, s, d) = unsafe { (*h, ld16(h.add(6)), *h.add(9), ld32(h.add(12)), ld32(h.add(16))) };
+        let ihl = ((vihl & 0x0f) as usize) * 4;
+        // A non-first fragment quotes no ports.
+        if vihl >> 4 != 4 || ihl < IPV4_LEN || frags & IP_OFFSET != 0 {
+            return Err(BAD);
+        }
+        (v4_mapped_words(s), v4_mapped_words(d), inner + ihl, p)
+    };
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return Err(BAD);
+    }
+    // The first 8 bytes of the embedded L4 header, inside the ICMP packet.
+    let p: *const u8 = ptr_at::<[u8; 8]>(ctx, l4).ok_or(BAD)? as *const u8;
+    if l4 + 8 > ip.l4_off + ip.l4_len {
+        return Err(BAD);
+    }
+    // SAFETY: 8 bytes in bounds.
+    let (vip_port, client_port) = unsafe { (ld16(p), ld16(p.add(2))) };
+    let vip = lookup_vip(&vip_addr, vip_port, proto).ok_or(BAD)?;
+    let flow = flow_key(&client, &vip_addr, client_port, vip_port, proto);
+    let (id, be, _) = pick_backend(&vip, &flow, true, false)?;
+    // Never answer an ICMP error with one: too big is a plain drop here.
+    forward(ctx, ip, &vip, id, &be, false, len, false)?;
+    count_reason(reason::FWD_ICMP_ERROR, len);
+    Ok(())
+}
+
+/// The flow's backend: its flow-table entry (if `lookup`) when that backend still
+/// serves this service, else the Maglev pick (recorded in the flow table if `create`).
+#[inline(always)]
+fn pick_backend(vip: &VipValue, flow: &FlowKey, lookup: bool, create: bool) -> Result<(u32, BackendValue, bool), Verdict> {
+    if vip.service_id >= MAX_SERVICES {
+        return Err(drop(reason::DROP_BAD_STATE));
+    }
     // SAFETY: the value is copied out at once.
-    if let Some(fv) = unsafe { FLOWS.get(flow) } {
+    if lookup && let Some(fv) = unsafe { FLOWS.get(flow) } {
         let id = fv.backend_id;
         if let Some(be) = BACKENDS.get(id)
             && be.flags & BACKEND_F_VALID != 0
@@ -357,7 +896,7 @@ fn pick_backend(vip: &VipValue, flow: &FlowKey, create: bool) -> Result<(u32, Ba
         let v = FlowValue { backend_id: id, _pad: 0, created_ns: unsafe { bpf_ktime_get_ns() } };
         // A failed insert (map full of in-flight updates) only costs stickiness for this
         // packet; the next packet retries.
-        if FLOWS.insert(flow, &v, 0).is_ok() {
+        if FLOWS.insert(flow, v, 0).is_ok() {
             report_new_flow(flow, id, vip.service_id);
         }
     }
@@ -382,16 +921,27 @@ fn report_new_flow(flow: &FlowKey, backend_id: u32, service_id: u32) {
     }
 }
 
-/// Copies a MAC (6 bytes) between packet/stack locations.
-///
-/// # Safety
-/// Both pointers must be valid for 6 bytes.
+/// Sends the packet to its backend (dsr-l2 or ipip) and counts it.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn copy_mac(dst: *mut u8, src: *const u8) {
-    unsafe {
-        st32(dst, ld32(src));
-        st16(dst.add(4), ld16(src.add(4)));
+fn forward(
+    ctx: &XdpContext,
+    ip: &Ip,
+    vip: &VipValue,
+    id: u32,
+    be: &BackendValue,
+    new_flow: bool,
+    len: u64,
+    may_answer_too_big: bool,
+) -> Result<(), Verdict> {
+    if vip.mode == MODE_DSR_L2 {
+        rewrite_l2(ctx, be)?;
+    } else {
+        encapsulate(ctx, ip, be, may_answer_too_big)?;
     }
+    count_traffic(&SERVICE_STATS, vip.service_id, len, new_flow);
+    count_traffic(&BACKEND_STATS, id, len, new_flow);
+    Ok(())
 }
 
 /// dsr-l2: destination MAC := backend's, source MAC := the address the frame was sent
@@ -404,28 +954,39 @@ fn rewrite_l2(ctx: &XdpContext, be: &BackendValue) -> Result<(), Verdict> {
     let eth: *mut u8 = ptr_at::<EthHdr>(ctx, 0).ok_or(drop(reason::DROP_MALFORMED))? as *mut u8;
     // SAFETY: 14 bytes of Ethernet header are in bounds.
     unsafe {
-        copy_mac(eth.add(6), eth);
-        copy_mac(eth, be.mac.as_ptr());
+        Mac::load(eth).store(eth.add(6));
+        Mac::load(be.mac.as_ptr()).store(eth);
     }
     Ok(())
 }
 
 /// ipip: prepend an outer IPv4 (proto 4/41) or IPv6 (next header 4/41) header from our
 /// encap source to the backend, keep the VLAN tag, address the frame to the next hop.
+/// Over the MTU: ICMP too big to the client when DF is set (IPv4) or always (IPv6),
+/// unless the packet is itself an ICMP error (`may_answer_too_big` false); else dropped.
 #[inline(always)]
-fn encapsulate(ctx: &XdpContext, p: &Parsed, be: &BackendValue) -> Result<(), Verdict> {
+fn encapsulate(ctx: &XdpContext, ip: &Ip, be: &BackendValue, may_answer_too_big: bool) -> Result<(), Verdict> {
     let settings = SETTINGS.get(0).ok_or(drop(reason::DROP_BAD_STATE))?;
+    // SAFETY: both MAC fields are 6 bytes at 4-byte aligned offsets.
     let nh_mac = if be.flags & BACKEND_F_HAS_MAC != 0 {
-        be.mac
+        unsafe { Mac::load(be.mac.as_ptr()) }
     } else if settings.flags & SETTINGS_F_HAS_GATEWAY != 0 {
-        settings.gateway_mac
+        unsafe { Mac::load(settings.gateway_mac.as_ptr()) }
     } else {
         return Err(drop(reason::DROP_NO_NEXTHOP));
     };
     let outer_v6 = be.flags & BACKEND_F_V6 != 0;
     let hdr_len: usize = if outer_v6 { IPV6_LEN } else { IPV4_LEN };
     let mtu = if settings.mtu == 0 { 1500 } else { settings.mtu };
-    if p.ip_len + hdr_len as u32 > mtu {
+    if ip.ip_len + hdr_len as u32 > mtu {
+        if may_answer_too_big && ip.df {
+            let room = mtu.saturating_sub(hdr_len as u32);
+            return if ip.v6 {
+                icmp_error_reply(ctx, ip, ICMPV6_PKT_TOOBIG, 0, if room < 1280 { 1280 } else { room }, reason::TX_TOO_BIG)
+            } else {
+                icmp_error_reply(ctx, ip, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, if room < 68 { 68 } else { room }, reason::TX_TOO_BIG)
+            };
+        }
         return Err(drop(reason::DROP_TOO_BIG));
     }
     let src_v4 = settings.encap_src_v4;
@@ -433,19 +994,10 @@ fn encapsulate(ctx: &XdpContext, p: &Parsed, be: &BackendValue) -> Result<(), Ve
     if (outer_v6 && src_v6 == [0; 4]) || (!outer_v6 && src_v4 == 0) {
         return Err(drop(reason::DROP_NO_ENCAP_SOURCE));
     }
-    let inner_proto = if p.v6 { IPPROTO_IPV6 } else { IPPROTO_IPIP };
+    let inner_proto = if ip.v6 { IPPROTO_IPV6 } else { IPPROTO_IPIP };
 
     // Save the old L2 fields: the outer header overwrites them.
-    let old: *const u8 = ptr_at::<EthHdr>(ctx, 0).ok_or(drop(reason::DROP_MALFORMED))? as *const u8;
-    let mut our_mac = [0u8; 6];
-    // SAFETY: 14 bytes of Ethernet header are in bounds.
-    unsafe { copy_mac(our_mac.as_mut_ptr(), old) };
-    let mut tci = 0u16;
-    if p.tpid != 0 {
-        let vlan: *const u8 = ptr_at::<VlanHdr>(ctx, ETH_LEN).ok_or(drop(reason::DROP_MALFORMED))? as *const u8;
-        // SAFETY: 4 bytes of VLAN header are in bounds.
-        tci = unsafe { ld16(vlan) };
-    }
+    let l2 = save_l2(ctx, ip.tpid)?;
 
     // SAFETY: plain helper call on our own context.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(hdr_len as i32)) } != 0 {
@@ -454,35 +1006,17 @@ fn encapsulate(ctx: &XdpContext, p: &Parsed, be: &BackendValue) -> Result<(), Ve
     // Layout now: [hdr_len new bytes][old eth (+vlan)][inner IP]. The new L2 header and
     // the outer header fill the first l3_off + hdr_len bytes, i.e. end where the inner
     // IP header starts.
-    // Derived from the tag, not carried in `p`: the verifier needs a constant here.
-    let l3_off = if p.tpid != 0 { ETH_LEN + VLAN_LEN } else { ETH_LEN };
-    let eth: *mut u8 = ptr_at::<EthHdr>(ctx, 0).ok_or(drop(reason::DROP_MALFORMED))? as *mut u8;
+    let l3_off = ip.l3_off();
     let outer_ethertype = if outer_v6 { ETH_P_IPV6 } else { ETH_P_IP };
-    // SAFETY: 14 bytes in bounds (ptr_at above).
-    unsafe {
-        copy_mac(eth, nh_mac.as_ptr());
-        copy_mac(eth.add(6), our_mac.as_ptr());
-    }
-    if p.tpid != 0 {
-        let v: *mut u8 = ptr_at::<[u8; ETH_LEN + VLAN_LEN]>(ctx, 0).ok_or(drop(reason::DROP_MALFORMED))? as *mut u8;
-        // SAFETY: 18 bytes in bounds.
-        unsafe {
-            st16(v.add(12), p.tpid);
-            st16(v.add(14), tci);
-            st16(v.add(16), outer_ethertype);
-        }
-    } else {
-        // SAFETY: 14 bytes in bounds.
-        unsafe { st16(eth.add(12), outer_ethertype) };
-    }
+    write_l2(ctx, ip.tpid, l2.tci, nh_mac, l2.ours, outer_ethertype)?;
 
     if outer_v6 {
         let o: *mut u8 = ptr_at::<Ipv6Hdr>(ctx, l3_off).ok_or(drop(reason::DROP_MALFORMED))? as *mut u8;
         // SAFETY: 40 bytes of outer header in bounds.
         unsafe {
             // Version 6, traffic class copied from the inner packet, flow label 0.
-            st32(o, ((6u32 << 28) | ((p.tos as u32) << 20)).to_be());
-            st16(o.add(4), (p.ip_len as u16).to_be());
+            st32(o, ((6u32 << 28) | ((ip.tos as u32) << 20)).to_be());
+            st16(o.add(4), (ip.ip_len as u16).to_be());
             *o.add(6) = inner_proto;
             *o.add(7) = OUTER_TTL;
             let mut i = 0;
@@ -497,8 +1031,8 @@ fn encapsulate(ctx: &XdpContext, p: &Parsed, be: &BackendValue) -> Result<(), Ve
         // SAFETY: 20 bytes of outer header in bounds.
         unsafe {
             *o = 0x45;
-            *o.add(1) = p.tos;
-            st16(o.add(2), ((p.ip_len + IPV4_LEN as u32) as u16).to_be());
+            *o.add(1) = ip.tos;
+            st16(o.add(2), ((ip.ip_len + IPV4_LEN as u32) as u16).to_be());
             // Id 0 with DF: an atomic datagram (RFC 6864); we never fragment.
             st16(o.add(4), 0);
             st16(o.add(6), IP_DF);
@@ -511,6 +1045,115 @@ fn encapsulate(ctx: &XdpContext, p: &Parsed, be: &BackendValue) -> Result<(), Ve
         }
     }
     Ok(())
+}
+
+/// An ICMP error from the VIP to the client (port unreachable, too big) quoting the
+/// start of the offending IP packet: trim the frame to L2 + quote, prepend the new IP
+/// and ICMP headers, checksum. `info` is the ICMP header's second word (next-hop MTU).
+#[inline(always)]
+fn icmp_error_reply(ctx: &XdpContext, ip: &Ip, ty: u8, code: u8, info: u32, r: u32) -> Result<(), Verdict> {
+    if !reply_allowed() {
+        return Err(drop(reason::DROP_REPLY_RATELIMITED));
+    }
+    let l2 = save_l2(ctx, ip.tpid)?;
+    let l3 = ip.l3_off();
+    let (hdr, qmax) = if ip.v6 { (IPV6_LEN, QUOTE6_MAX) } else { (IPV4_LEN, QUOTE4_MAX) };
+    let mut quote = ip.ip_len as usize;
+    if quote > qmax {
+        quote = qmax;
+    }
+    trim_to(ctx, l3 + quote)?;
+    // SAFETY: plain helper call on our own context.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -((hdr + 8) as i32)) } != 0 {
+        return Err(drop(reason::DROP_ADJUST_HEAD));
+    }
+    // Layout now: [l3 + hdr + 8 new bytes][quote]. Offsets from constants again.
+    let l3 = ip.l3_off();
+    let msg_len = 8 + quote;
+    if ip.v6 {
+        write_l2(ctx, ip.tpid, l2.tci, l2.peer, l2.ours, ETH_P_IPV6)?;
+        write_ipv6(ctx, l3, msg_len as u16, IPPROTO_ICMPV6, &ip.dst, &ip.src)?;
+    } else {
+        write_l2(ctx, ip.tpid, l2.tci, l2.peer, l2.ours, ETH_P_IP)?;
+        write_ipv4(ctx, l3, (IPV4_LEN + msg_len) as u16, 0, IPPROTO_ICMP, ip.dst[3], ip.src[3])?;
+    }
+    let off = l3 + hdr;
+    let h: *mut u8 = ptr_at::<[u8; 8]>(ctx, off).ok_or(drop(reason::DROP_MALFORMED))? as *mut u8;
+    // SAFETY: 8 bytes of ICMP header in bounds.
+    unsafe {
+        *h = ty;
+        *h.add(1) = code;
+        st16(h.add(2), 0);
+        st32(h.add(4), info.to_be());
+    }
+    let mut sum = if ip.v6 { pseudo_sum(true, &ip.dst, &ip.src, IPPROTO_ICMPV6, msg_len as u32) } else { 0 };
+    sum += if ip.v6 {
+        csum_packet::<{ QUOTE6_MAX + 8 }>(ctx, off, msg_len)
+    } else {
+        csum_packet::<{ QUOTE4_MAX + 8 }>(ctx, off, msg_len)
+    }
+    .ok_or(drop(reason::DROP_MALFORMED))?;
+    let h: *mut u8 = ptr_at::<[u8; 8]>(ctx, off).ok_or(drop(reason::DROP_MALFORMED))? as *mut u8;
+    // SAFETY: as above.
+    unsafe { st16(h.add(2), csum_fold64(sum)) };
+    Err(tx(r))
+}
+
+/// TCP to a service without backends: a RST from the VIP (RFC 793 reset generation):
+/// with ACK set, seq = its ack and no ACK; else seq 0, ack = seq + segment length
+/// (+1 for SYN, +1 for FIN), RST|ACK. Options, IPv4 options, IPv6 extension headers
+/// and payload are not carried over.
+#[inline(always)]
+fn tcp_reset(ctx: &XdpContext, ip: &Ip) -> Result<(), Verdict> {
+    let t: *const u8 = ptr_at::<TcpHdr>(ctx, ip.l4_off).ok_or(drop(reason::DROP_MALFORMED))? as *const u8;
+    // SAFETY: 20 bytes of TCP header in bounds (parse_l4 checked the same).
+    let (sport, dport, seq, ack, doff, flags) = unsafe {
+        (ld16(t), ld16(t.add(2)), u32::from_be(ld32(t.add(4))), ld32(t.add(8)), (*t.add(12) >> 4) as usize, *t.add(13))
+    };
+    let seg_len = ip.l4_len.saturating_sub(doff * 4) as u32
+        + (flags & TCP_SYN != 0) as u32
+        + (flags & TCP_FIN != 0) as u32;
+    let (rseq, rack, rflags) =
+        if flags & TCP_ACK != 0 { (ack, 0, TCP_RST) } else { (0, seq.wrapping_add(seg_len).to_be(), TCP_RST | TCP_ACK) };
+    if !reply_allowed() {
+        return Err(drop(reason::DROP_REPLY_RATELIMITED));
+    }
+    let l2 = save_l2(ctx, ip.tpid)?;
+    let l3 = ip.l3_off();
+    let hdr = if ip.v6 { IPV6_LEN } else { IPV4_LEN };
+    trim_to(ctx, l3 + hdr + 20)?;
+    let l3 = ip.l3_off();
+    if ip.v6 {
+        write_l2(ctx, ip.tpid, l2.tci, l2.peer, l2.ours, ETH_P_IPV6)?;
+        write_ipv6(ctx, l3, 20, IPPROTO_TCP, &ip.dst, &ip.src)?;
+    } else {
+        write_l2(ctx, ip.tpid, l2.tci, l2.peer, l2.ours, ETH_P_IP)?;
+        write_ipv4(ctx, l3, (IPV4_LEN + 20) as u16, IP_DF, IPPROTO_TCP, ip.dst[3], ip.src[3])?;
+    }
+    let off = l3 + hdr;
+    let o: *mut u8 = ptr_at::<TcpHdr>(ctx, off).ok_or(drop(reason::DROP_MALFORMED))? as *mut u8;
+    // SAFETY: 20 bytes of TCP header in bounds.
+    let sum = unsafe {
+        st16(o, dport);
+        st16(o.add(2), sport);
+        st32(o.add(4), rseq);
+        st32(o.add(8), rack);
+        *o.add(12) = 5 << 4;
+        *o.add(13) = rflags;
+        st16(o.add(14), 0);
+        st16(o.add(16), 0);
+        st16(o.add(18), 0);
+        let mut sum = pseudo_sum(ip.v6, &ip.dst, &ip.src, IPPROTO_TCP, 20);
+        let mut i = 0;
+        while i < 5 {
+            sum += ld32(o.add(4 * i)) as u64;
+            i += 1;
+        }
+        sum
+    };
+    // SAFETY: as above.
+    unsafe { st16(o.add(16), csum_fold64(sum)) };
+    Err(tx(reason::TX_RST))
 }
 
 #[cfg(not(test))]

@@ -220,3 +220,217 @@ pub fn arp() -> Vec<u8> {
     f.extend_from_slice(&[192, 0, 2, 1, 0, 0, 0, 0, 0, 0, 10, 0, 0, 100]);
     f
 }
+
+// ---------------------------------------------------------------------------------
+// Datapath completeness: ICMP, fragments, extension headers, generated replies. The
+// expected replies are built with etherparse from the input's fields.
+// ---------------------------------------------------------------------------------
+
+use etherparse::{
+    Icmpv4Type, Icmpv6Type, IcmpEchoHeader, NetSlice, SlicedPacket, TransportSlice,
+    icmpv4::DestUnreachableHeader, icmpv6::DestUnreachableCode,
+};
+
+/// The input's IP source and destination.
+fn ip_addrs(frame: &[u8]) -> (IpAddr, IpAddr) {
+    let l3 = l3_offset(frame);
+    let b = &frame[l3..];
+    if b[0] >> 4 == 4 {
+        let s: [u8; 4] = b[12..16].try_into().unwrap();
+        let d: [u8; 4] = b[16..20].try_into().unwrap();
+        (IpAddr::from(s), IpAddr::from(d))
+    } else {
+        let s: [u8; 16] = b[8..24].try_into().unwrap();
+        let d: [u8; 16] = b[24..40].try_into().unwrap();
+        (IpAddr::from(s), IpAddr::from(d))
+    }
+}
+
+/// Re-inserts the input's VLAN tag (if any) into an untagged frame.
+fn retag(input: &[u8], untagged: Vec<u8>) -> Vec<u8> {
+    if l3_offset(input) == 14 {
+        return untagged;
+    }
+    let mut out = untagged[..12].to_vec();
+    out.extend_from_slice(&input[12..16]);
+    out.extend_from_slice(&untagged[12..]);
+    out
+}
+
+/// Start of a reply to `input`: MACs swapped, IP from its destination to its source,
+/// TTL/hop limit 64, IPv4 id 0 with DF as given.
+fn reply_ip(input: &[u8], proto: IpNumber, df: bool) -> etherparse::PacketBuilderStep<IpHeaders> {
+    let dst_mac: [u8; 6] = input[6..12].try_into().unwrap();
+    let src_mac: [u8; 6] = input[0..6].try_into().unwrap();
+    let b = PacketBuilder::ethernet2(src_mac, dst_mac);
+    match ip_addrs(input) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut h = Ipv4Header::new(0, 64, proto, d.octets(), s.octets()).expect("v4");
+            h.dont_fragment = df;
+            b.ip(IpHeaders::Ipv4(h, Default::default()))
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => b.ipv6(d.octets(), s.octets(), 64),
+        _ => unreachable!(),
+    }
+}
+
+/// The RST the balancer must send for a TCP segment to a service without backends
+/// (RFC 793: ACK set -> seq = its ack; else seq 0, ack = seq + len (+SYN, +FIN), RST|ACK).
+pub fn rst_expected(input: &[u8]) -> Vec<u8> {
+    let p = SlicedPacket::from_ethernet(input).expect("parse");
+    let Some(TransportSlice::Tcp(t)) = p.transport else { panic!("not tcp") };
+    let seg = t.payload().len() as u32 + t.syn() as u32 + t.fin() as u32;
+    let b = reply_ip(input, IpNumber::TCP, true);
+    let mut out = Vec::new();
+    if t.ack() {
+        b.tcp(t.destination_port(), t.source_port(), t.acknowledgment_number(), 0).rst().write(&mut out, &[]).unwrap();
+    } else {
+        b.tcp(t.destination_port(), t.source_port(), 0, 0).rst().ack(t.sequence_number().wrapping_add(seg)).write(&mut out, &[]).unwrap();
+    }
+    retag(input, out)
+}
+
+/// The start of `input`'s IP packet an ICMP error quotes (576 / 1280 bytes in all).
+fn quote(input: &[u8]) -> &[u8] {
+    let l3 = l3_offset(input);
+    let len = ip_len(input, l3);
+    let max = if input[l3] >> 4 == 4 { 576 - 28 } else { 1280 - 48 };
+    &input[l3..l3 + len.min(max)]
+}
+
+/// ICMP port unreachable (IPv4) / ICMPv6 destination unreachable code 4 for `input`.
+pub fn port_unreachable_expected(input: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    match ip_addrs(input).0 {
+        IpAddr::V4(_) => reply_ip(input, IpNumber::ICMP, false)
+            .icmpv4(Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port))
+            .write(&mut out, quote(input))
+            .unwrap(),
+        IpAddr::V6(_) => reply_ip(input, IpNumber::IPV6_ICMP, false)
+            .icmpv6(Icmpv6Type::DestinationUnreachable(DestUnreachableCode::Port))
+            .write(&mut out, quote(input))
+            .unwrap(),
+    }
+    retag(input, out)
+}
+
+/// ICMP fragmentation needed / ICMPv6 packet too big with `mtu` for `input`.
+pub fn too_big_expected(input: &[u8], mtu: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    match ip_addrs(input).0 {
+        IpAddr::V4(_) => reply_ip(input, IpNumber::ICMP, false)
+            .icmpv4(Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: mtu as u16 }))
+            .write(&mut out, quote(input))
+            .unwrap(),
+        IpAddr::V6(_) => reply_ip(input, IpNumber::IPV6_ICMP, false)
+            .icmpv6(Icmpv6Type::PacketTooBig { mtu })
+            .write(&mut out, quote(input))
+            .unwrap(),
+    }
+    retag(input, out)
+}
+
+/// The echo reply to an echo request: MACs and addresses swapped, TTL / hop limit 64,
+/// the rest of the IPv4 header (id, flags, TOS) kept, same id/seq/data.
+pub fn echo_reply_expected(input: &[u8]) -> Vec<u8> {
+    let p = SlicedPacket::from_ethernet(input).expect("parse");
+    let dst_mac: [u8; 6] = input[6..12].try_into().unwrap();
+    let src_mac: [u8; 6] = input[0..6].try_into().unwrap();
+    let b = PacketBuilder::ethernet2(src_mac, dst_mac);
+    let mut out = Vec::new();
+    match (p.net.expect("ip"), p.transport.expect("icmp")) {
+        (NetSlice::Ipv4(ip), TransportSlice::Icmpv4(icmp)) => {
+            let mut h = ip.header().to_header();
+            std::mem::swap(&mut h.source, &mut h.destination);
+            h.time_to_live = 64;
+            let Icmpv4Type::EchoRequest(e) = icmp.icmp_type() else { panic!("not an echo request") };
+            b.ip(IpHeaders::Ipv4(h, Default::default())).icmpv4(Icmpv4Type::EchoReply(e)).write(&mut out, icmp.payload()).unwrap();
+        }
+        (NetSlice::Ipv6(ip), TransportSlice::Icmpv6(icmp)) => {
+            let h = ip.header();
+            let Icmpv6Type::EchoRequest(e) = icmp.icmp_type() else { panic!("not an echo request") };
+            b.ipv6(h.destination(), h.source(), 64).icmpv6(Icmpv6Type::EchoReply(e)).write(&mut out, icmp.payload()).unwrap();
+        }
+        _ => panic!("not ICMP"),
+    }
+    retag(input, out)
+}
+
+/// Client -> balancer ICMPv6 echo request.
+pub fn v6_echo(src: &str, dst: &str, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+        .ipv6(v6_octets(src), v6_octets(dst), 64)
+        .icmpv6_echo_request(7, 1)
+        .write(&mut out, payload)
+        .unwrap();
+    out
+}
+
+/// Client -> balancer ICMP message of any type (IPv4).
+pub fn v4_icmp(src: &str, dst: &str, t: Icmpv4Type, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC).ipv4(v4_octets(src), v4_octets(dst), 64).icmpv4(t).write(&mut out, payload).unwrap();
+    out
+}
+
+/// Client -> balancer ICMPv6 message of any type.
+pub fn v6_icmp(src: &str, dst: &str, t: Icmpv6Type, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC).ipv6(v6_octets(src), v6_octets(dst), 64).icmpv6(t).write(&mut out, payload).unwrap();
+    out
+}
+
+/// The IP packet (no L2) a backend sends from the VIP to the client (direct server
+/// return): what an ICMP error about the flow quotes.
+pub fn from_vip(vip: &str, client: &str, l4: L4, payload: &[u8]) -> Vec<u8> {
+    let f = if vip.contains(':') { v6(vip, client, l4, payload) } else { v4(vip, client, l4, payload) };
+    f[14..].to_vec()
+}
+
+/// Echo request/reply header shorthand.
+pub fn echo(id: u16, seq: u16) -> IcmpEchoHeader {
+    IcmpEchoHeader { id, seq }
+}
+
+/// Splits the IPv4 packet of `frame` into two fragments (id `id`): the first carries
+/// `split` bytes of the IP payload (a multiple of 8), the second the rest.
+pub fn v4_fragments(frame: &[u8], split: usize, id: u16) -> (Vec<u8>, Vec<u8>) {
+    assert_eq!(split % 8, 0);
+    let l3 = l3_offset(frame);
+    let hl = ((frame[l3] & 0x0f) as usize) * 4;
+    let len = ip_len(frame, l3);
+    let payload = &frame[l3 + hl..l3 + len];
+    let make = |data: &[u8], off: usize, mf: bool| {
+        let mut f = frame[..l3 + hl].to_vec();
+        f[l3 + 2..l3 + 4].copy_from_slice(&((hl + data.len()) as u16).to_be_bytes());
+        f[l3 + 4..l3 + 6].copy_from_slice(&id.to_be_bytes());
+        let frag = ((off / 8) as u16) | if mf { 0x2000 } else { 0 };
+        f[l3 + 6..l3 + 8].copy_from_slice(&frag.to_be_bytes());
+        f.extend_from_slice(data);
+        fix_ipv4_checksum(&mut f, l3);
+        f
+    };
+    (make(&payload[..split], 0, true), make(&payload[split..], split, false))
+}
+
+/// Splits the IPv6 packet of `frame` (no extension headers) into two fragments with a
+/// fragment header (id `id`); the first carries `split` bytes of the payload.
+pub fn v6_fragments(frame: &[u8], split: usize, id: u32) -> (Vec<u8>, Vec<u8>) {
+    assert_eq!(split % 8, 0);
+    let l3 = l3_offset(frame);
+    let nh = frame[l3 + 6];
+    let len = ip_len(frame, l3);
+    let payload = &frame[l3 + 40..l3 + len];
+    let make = |data: &[u8], off: usize, m: bool| {
+        let mut f = frame[..l3 + 40].to_vec();
+        f[l3 + 6] = 44;
+        f[l3 + 4..l3 + 6].copy_from_slice(&((8 + data.len()) as u16).to_be_bytes());
+        f.extend_from_slice(&[nh, 0]);
+        f.extend_from_slice(&((off as u16) | m as u16).to_be_bytes());
+        f.extend_from_slice(&id.to_be_bytes());
+        f.extend_from_slice(data);
+        f
+    };
+    (make(&payload[..split], 0, true), make(&payload[split..], split, false))
+}

@@ -31,6 +31,20 @@ fn fwd(svc: &str, be: &str, new_flow: bool) -> Vec<(Counted, u64)> {
     v
 }
 
+/// Counter deltas of one forwarded fragment (never a new flow).
+fn fwd_frag(svc: &str, be: &str) -> Vec<(Counted, u64)> {
+    let mut v = fwd(svc, be, false);
+    v.push((Reason(reason::FWD_FRAGMENT), 1));
+    v
+}
+
+/// Counter deltas of one forwarded ICMP error (never a new flow).
+fn fwd_icmp(svc: &str, be: &str) -> Vec<(Counted, u64)> {
+    let mut v = fwd(svc, be, false);
+    v.push((Reason(reason::FWD_ICMP_ERROR), 1));
+    v
+}
+
 fn counted(r: u32) -> Vec<(Counted, u64)> {
     vec![(Reason(r), 1)]
 }
@@ -50,6 +64,13 @@ fn setup() -> Datapath {
     add(c, "mixed", "10.0.0.104:80/tcp", Mode::Ipip, vec![backend("2001:db8:1::51", 1, None)]);
     add(c, "sticky", "10.0.0.105:80/tcp", Mode::Ipip, vec![backend("10.1.5.1", 1, None)]);
     add(c, "drained", "10.0.0.106:80/tcp", Mode::Ipip, vec![backend("10.1.6.1", 0, None), backend("10.1.6.2", 1, None)]);
+    add(c, "empty_udp", "10.0.0.103:53/udp", Mode::Ipip, vec![]);
+    add(c, "empty6", "[2001:db8::103]:80/tcp", Mode::Ipip, vec![]);
+    add(c, "empty6_udp", "[2001:db8::103]:53/udp", Mode::Ipip, vec![]);
+    let four = |p: &str| (1..=4).map(|i| backend(&format!("{p}{i}"), 1, None)).collect::<Vec<_>>();
+    add(c, "multi", "10.0.0.107:80/tcp", Mode::Ipip, four("10.1.7."));
+    add(c, "frag", "10.0.0.108:0/udp", Mode::Ipip, four("10.1.8."));
+    add(c, "multi6", "[2001:db8::107]:80/tcp", Mode::Ipip, four("2001:db8:1::7"));
     dp
 }
 
@@ -116,6 +137,11 @@ fn balancer_fixtures() {
     let ipip_to_vip = ipip_frame(CLIENT, "10.0.0.100", &syn[14..]);
     let ipip_to_other = ipip_frame(CLIENT, "10.9.9.9", &syn[14..]);
 
+    let empty_syn = v4(CLIENT, "10.0.0.103", L4::Tcp(1, 80, Tcp::Syn), b"");
+    let ping = v4(CLIENT, "10.0.0.100", L4::IcmpEcho, b"ping");
+    let hbh = with_ipv6_ext(&syn6, 0);
+    let frag6 = with_ipv6_ext(&syn6, 44);
+
     let sticky_f = v4(CLIENT, "10.0.0.105", L4::Tcp(41000, 80, Tcp::Syn), b"");
     let sticky_f_ack = v4(CLIENT, "10.0.0.105", L4::Tcp(41000, 80, Tcp::Ack), b"more");
     let sticky_g = v4(CLIENT, "10.0.0.105", L4::Tcp(41001, 80, Tcp::Syn), b"");
@@ -138,7 +164,7 @@ fn balancer_fixtures() {
         row("IPv4 VIP, IPv6 backend: 4in6", mixed.clone(), XDP_TX, ipip6(&mixed, "2001:db8:1::51", GW_MAC), fwd("mixed", "2001:db8:1::51", true)),
         row("RST of an unknown flow: forwarded, no flow created", rst.clone(), XDP_TX, ipip4(&rst, "10.1.0.11", GW_MAC), fwd("web4", "10.1.0.11", false)),
         row("ACK after that RST: still a new flow", after_rst.clone(), XDP_TX, ipip4(&after_rst, "10.1.0.11", GW_MAC), fwd("web4", "10.1.0.11", true)),
-        row("empty service: dropped, counted", v4(CLIENT, "10.0.0.103", L4::Tcp(1, 80, Tcp::Syn), b""), XDP_DROP, Expect::Unchanged, counted(reason::DROP_NO_BACKEND)),
+        row("empty service: SYN answered with RST|ACK", empty_syn.clone(), XDP_TX, Expect::Frame(rst_expected(&empty_syn)), counted(reason::TX_RST)),
         row("drained backend gets no new flow", v4(CLIENT, "10.0.0.106", L4::Tcp(1, 80, Tcp::Syn), b""), XDP_TX,
             ipip4(&v4(CLIENT, "10.0.0.106", L4::Tcp(1, 80, Tcp::Syn), b""), "10.1.6.2", GW_MAC), fwd("drained", "10.1.6.2", true)),
         row("VIP address, wrong port: passed", v4(CLIENT, "10.0.0.100", L4::Tcp(1, 81, Tcp::Syn), b""), XDP_PASS, Expect::Unchanged, counted(reason::PASS_NO_SERVICE)),
@@ -148,10 +174,10 @@ fn balancer_fixtures() {
         row("ARP: passed untouched", arp(), XDP_PASS, Expect::Unchanged, counted(reason::PASS_NOT_IP)),
         row("IPIP to a VIP address: passed (not tcp/udp)", ipip_to_vip, XDP_PASS, Expect::Unchanged, counted(reason::PASS_OTHER_PROTO)),
         row("IPIP to another address: passed", ipip_to_other, XDP_PASS, Expect::Unchanged, counted(reason::PASS_NOT_VIP)),
-        row("ICMP echo to VIP: passed, counted", v4(CLIENT, "10.0.0.100", L4::IcmpEcho, b"ping"), XDP_PASS, Expect::Unchanged, counted(reason::PASS_ICMP)),
-        row("IPv4 fragment to VIP: passed, counted", frag, XDP_PASS, Expect::Unchanged, counted(reason::PASS_FRAGMENT)),
-        row("IPv6 hop-by-hop header to VIP: passed, counted", with_ipv6_ext(&syn6, 0), XDP_PASS, Expect::Unchanged, counted(reason::PASS_IPV6_EXT)),
-        row("IPv6 fragment header to VIP: passed, counted", with_ipv6_ext(&syn6, 44), XDP_PASS, Expect::Unchanged, counted(reason::PASS_FRAGMENT)),
+        row("ICMP echo to VIP: answered", ping.clone(), XDP_TX, Expect::Frame(echo_reply_expected(&ping)), counted(reason::TX_ECHO_REPLY)),
+        row("IPv4 first fragment to an exact-port VIP: forwarded", frag.clone(), XDP_TX, ipip4(&frag, "10.1.0.21", BE_MAC), fwd_frag("dns4", "10.1.0.21")),
+        row("IPv6 hop-by-hop header to VIP: walked, forwarded", hbh.clone(), XDP_TX, ipip6(&hbh, "2001:db8:1::11", GW_MAC), fwd("web6", "2001:db8:1::11", false)),
+        row("IPv6 first fragment to VIP: forwarded by the port-less hash", frag6.clone(), XDP_TX, ipip6(&frag6, "2001:db8:1::11", GW_MAC), fwd_frag("web6", "2001:db8:1::11")),
         row("two VLAN tags: passed, counted", qinq, XDP_PASS, Expect::Unchanged, counted(reason::PASS_VLAN_STACKED)),
         row("truncated 802.1Q header: dropped", truncated_vlan, XDP_DROP, Expect::Unchanged, counted(reason::DROP_MALFORMED)),
         row("truncated IPv4 header: dropped", truncated_ip, XDP_DROP, Expect::Unchanged, counted(reason::DROP_MALFORMED)),
@@ -161,7 +187,7 @@ fn balancer_fixtures() {
         row("IHL beyond the packet: dropped", ihl_beyond, XDP_DROP, Expect::Unchanged, counted(reason::DROP_MALFORMED)),
         row("IPv4 total length beyond the frame: dropped", tot_len_beyond, XDP_DROP, Expect::Unchanged, counted(reason::DROP_MALFORMED)),
         row("EtherType IPv4 with version 6: dropped", not_ip_version, XDP_DROP, Expect::Unchanged, counted(reason::DROP_MALFORMED)),
-        row("encapsulated packet over the MTU: dropped, counted", too_big, XDP_DROP, Expect::Unchanged, counted(reason::DROP_TOO_BIG)),
+        row("encapsulated packet over the MTU with DF: ICMP frag-needed (MTU 1480)", too_big.clone(), XDP_TX, Expect::Frame(too_big_expected(&too_big, 1480)), counted(reason::TX_TOO_BIG)),
         row("encapsulated packet exactly at the MTU: forwarded", fits_mtu.clone(), XDP_TX, ipip4(&fits_mtu, "10.1.0.11", GW_MAC), fwd("web4", "10.1.0.11", true)),
         // Stickiness: the flow keeps its backend while the set changes around it.
         row("sticky: flow F starts on 10.1.5.1", sticky_f.clone(), XDP_TX, ipip4(&sticky_f, "10.1.5.1", GW_MAC), fwd("sticky", "10.1.5.1", true)),
@@ -180,6 +206,238 @@ fn balancer_fixtures() {
     ];
     assert!(cases.len() >= 25);
     run_cases(&mut dp, cases);
+}
+
+/// ICMP steering, echo, fragments, extension headers, too big, empty-service replies.
+#[test]
+fn completeness_fixtures() {
+    use etherparse::{Icmpv4Type, Icmpv6Type, icmpv4::DestUnreachableHeader, icmpv6::DestUnreachableCode};
+    use lb_common::{FlowKey, PROTO_TCP, PROTO_UDP};
+    let mut dp = setup();
+    let predict = |dp: &Datapath, svc: &str, key: FlowKey| dp.predict(svc, &key).to_string();
+    let key = |c: &str, cp: u16, v: &str, vp: u16, proto: u8| FlowKey::new(ip(c), cp, ip(v), vp, proto);
+
+    // --- ICMP errors about a VIP flow go to the flow's backend. ---
+    // Flow F on the 4-backend service; G: a flow never seen, on another backend than F.
+    let f = v4(CLIENT, "10.0.0.107", L4::Tcp(42000, 80, Tcp::Syn), b"");
+    let be_f = predict(&dp, "multi", key(CLIENT, 42000, "10.0.0.107", 80, PROTO_TCP));
+    let g_port = (42001..43000).find(|p| predict(&dp, "multi", key(CLIENT, *p, "10.0.0.107", 80, PROTO_TCP)) != be_f).unwrap();
+    let be_g = predict(&dp, "multi", key(CLIENT, g_port, "10.0.0.107", 80, PROTO_TCP));
+    // What routers send: the quoted packet is the backend's reply, VIP -> client.
+    let frag_needed = |inner: &[u8]| {
+        v4_icmp("198.51.100.1", "10.0.0.107", Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 }), inner)
+    };
+    let reply_f = from_vip("10.0.0.107", CLIENT, L4::Tcp(80, 42000, Tcp::Ack), &[0u8; 64]);
+    let ptb_f = frag_needed(&reply_f);
+    let ptb_f_short = frag_needed(&reply_f[..28]); // IP header + 8 bytes: the minimum quote
+    let ptb_g = frag_needed(&from_vip("10.0.0.107", CLIENT, L4::Tcp(80, g_port, Tcp::Ack), b""));
+    let unreach_udp = v4_icmp("198.51.100.1", "10.0.0.100", Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Host),
+        &from_vip("10.0.0.100", CLIENT, L4::Udp(53, 5353), b"answer"));
+    // IPv6: flow F6 on a 4-backend IPv6 service.
+    let f6 = v6(CLIENT6, "2001:db8::107", L4::Tcp(42000, 80, Tcp::Syn), b"");
+    let be_f6 = predict(&dp, "multi6", key(CLIENT6, 42000, "2001:db8::107", 80, PROTO_TCP));
+    let reply_f6 = from_vip("2001:db8::107", CLIENT6, L4::Tcp(80, 42000, Tcp::Ack), &[0u8; 100]);
+    let ptb6 = v6_icmp("2001:db8:ff::1", "2001:db8::107", Icmpv6Type::PacketTooBig { mtu: 1280 }, &reply_f6);
+    let unreach6 = v6_icmp("2001:db8:ff::1", "2001:db8::107", Icmpv6Type::DestinationUnreachable(DestUnreachableCode::Address), &reply_f6);
+    let g6_port = (42001..43000).find(|p| predict(&dp, "multi6", key(CLIENT6, *p, "2001:db8::107", 80, PROTO_TCP)) != be_f6).unwrap();
+    let be_g6 = predict(&dp, "multi6", key(CLIENT6, g6_port, "2001:db8::107", 80, PROTO_TCP));
+    let ptb6_g = v6_icmp("2001:db8:ff::1", "2001:db8::107", Icmpv6Type::PacketTooBig { mtu: 1280 },
+        &from_vip("2001:db8::107", CLIENT6, L4::Tcp(80, g6_port, Tcp::Ack), b""));
+    // Not about a VIP flow / malformed quote / other ICMP types.
+    let not_vip_flow = frag_needed(&from_vip("10.0.0.100", CLIENT, L4::Tcp(81, 42000, Tcp::Ack), b""));
+    let truncated_quote = frag_needed(&reply_f[..24]);
+    let quoted_icmp = frag_needed(&from_vip("10.0.0.107", CLIENT, L4::IcmpEcho, b""));
+    let mut bad_inner_version = ptb_f.clone();
+    bad_inner_version[14 + 20 + 8] = 0x65;
+    let timestamp = v4_icmp(CLIENT, "10.0.0.100", Icmpv4Type::TimestampRequest(etherparse::icmpv4::TimestampMessage { id: 1, seq: 1, originate_timestamp: 0, receive_timestamp: 0, transmit_timestamp: 0 }), b"");
+    let echo_reply_in = v4_icmp(CLIENT, "10.0.0.100", Icmpv4Type::EchoReply(echo(1, 1)), b"x");
+    let about_empty = frag_needed(&from_vip("10.0.0.103", CLIENT, L4::Tcp(80, 1, Tcp::Ack), b""));
+    let about_empty = {
+        let mut f = about_empty;
+        f[14 + 16..14 + 20].copy_from_slice(&[10, 0, 0, 103]);
+        fix_ipv4_checksum(&mut f, 14);
+        f
+    };
+
+    // --- Echo. ---
+    let ping6 = v6_echo(CLIENT6, "2001:db8::100", b"ping6");
+    let ping_vlan = vlan(&v4(CLIENT, "10.0.0.107", L4::IcmpEcho, b"tagged"), 42);
+    let ping_opts = {
+        let mut h = etherparse::Ipv4Header::new(0, 64, etherparse::IpNumber::ICMP, [192, 0, 2, 10], [10, 0, 0, 100]).unwrap();
+        h.options = etherparse::Ipv4Options::try_from(&[1u8, 1, 1, 0][..]).unwrap();
+        let mut out = Vec::new();
+        etherparse::PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC).ip(etherparse::IpHeaders::Ipv4(h, Default::default())).icmpv4_echo_request(1, 1).write(&mut out, b"x").unwrap();
+        out
+    };
+    // An address that is no VIP but shares a VIP's prefilter bit: the VIPS walk says no.
+    let vip_bit = lb_common::vip_addr_bit(&lb_common::addr_words(ip("10.0.0.100")));
+    let collider = (0..=u16::MAX)
+        .map(|i| format!("10.9.{}.{}", i >> 8, i & 0xff))
+        .find(|a| lb_common::vip_addr_bit(&lb_common::addr_words(ip(a))) == vip_bit)
+        .unwrap();
+    let ping_collider = v4(CLIENT, &collider, L4::IcmpEcho, b"");
+
+    // --- Fragments. ---
+    let dgram = v4("192.0.2.77", "10.0.0.108", L4::Udp(1111, 2222), &[7u8; 40]);
+    let (frag1, frag2) = v4_fragments(&dgram, 24, 0x4242);
+    let be_frag = predict(&dp, "frag", key("192.0.2.77", 0, "10.0.0.108", 0, PROTO_UDP));
+    let exact = v4(CLIENT, "10.0.0.100", L4::Udp(5353, 53), &[9u8; 40]);
+    let (exact1, exact2) = v4_fragments(&exact, 16, 0x5151);
+    let (_, orphan) = v4_fragments(&v4(CLIENT, "10.0.0.100", L4::Udp(5353, 53), &[9u8; 40]), 16, 0x6161);
+    let syn6_data = v6(CLIENT6, "2001:db8::100", L4::Tcp(40100, 80, Tcp::Ack), &[3u8; 64]);
+    let (f6a, f6b) = v6_fragments(&syn6_data, 32, 0xdead_beef);
+
+    // --- IPv6 extension headers. ---
+    let ack6 = v6(CLIENT6, "2001:db8::100", L4::Tcp(40200, 80, Tcp::Ack), b"ext");
+    let dst_rt = with_ipv6_ext(&with_ipv6_ext(&ack6, 60), 43);
+    let four_ext = with_ipv6_ext(&with_ipv6_ext(&with_ipv6_ext(&with_ipv6_ext(&ack6, 60), 60), 43), 0);
+    let five_ext = with_ipv6_ext(&four_ext, 60);
+    let ah = with_ipv6_ext(&ack6, 51);
+    let mut ext_too_long = with_ipv6_ext(&ack6, 60);
+    ext_too_long[14 + 40 + 1] = 200; // 1608 bytes announced in a small packet
+    let ext_truncated = {
+        let mut f = with_ipv6_ext(&ack6, 60);
+        f.truncate(14 + 40 + 4);
+        f[18..20].copy_from_slice(&4u16.to_be_bytes());
+        f
+    };
+    let ext_then_frag = with_ipv6_ext(&with_ipv6_ext(&syn6_data, 44), 0);
+
+    // --- Too big. ---
+    let big6 = v6(CLIENT6, "2001:db8::100", L4::Tcp(40300, 80, Tcp::Ack), &[0u8; 1500 - 40 - 20 - 39]);
+    let fits6 = v6(CLIENT6, "2001:db8::100", L4::Tcp(40301, 80, Tcp::Ack), &[0u8; 1500 - 40 - 20 - 40]);
+    let big_no_df = {
+        let mut f = v4(CLIENT, "10.0.0.100", L4::Tcp(40302, 80, Tcp::Ack), &[0u8; 1500 - 40 - 19]);
+        f[20] &= !0x40;
+        fix_ipv4_checksum(&mut f, 14);
+        f
+    };
+    let big_4in6 = v4(CLIENT, "10.0.0.104", L4::Tcp(40303, 80, Tcp::Ack), &[0u8; 1500 - 40 - 39]);
+    let big_vlan = vlan(&v4(CLIENT, "10.0.0.100", L4::Udp(40304, 53), &[1u8; 1500 - 28 - 19]), 42);
+    let big_icmp_error = frag_needed(&from_vip("10.0.0.107", CLIENT, L4::Tcp(80, 42000, Tcp::Ack), &[0u8; 1500 - 40 - 28 - 19]));
+
+    // --- Empty service replies. ---
+    let e_ack = v4(CLIENT, "10.0.0.103", L4::Tcp(2, 80, Tcp::Ack), b"hello");
+    let e_rst = v4(CLIENT, "10.0.0.103", L4::Tcp(3, 80, Tcp::Rst), b"");
+    let e_fin = {
+        // FIN without ACK, with data: ack = seq + 4 + 1.
+        let mut out = Vec::new();
+        etherparse::PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC).ipv4([192, 0, 2, 10], [10, 0, 0, 103], 64).tcp(4, 80, 0xffff_fffe, 100).fin().write(&mut out, b"data").unwrap();
+        out
+    };
+    let e_syn6 = v6(CLIENT6, "2001:db8::103", L4::Tcp(5, 80, Tcp::Syn), b"");
+    let e_syn_vlan = vlan(&v4(CLIENT, "10.0.0.103", L4::Tcp(6, 80, Tcp::Syn), b""), 7);
+    let e_syn_opts = v4_with_options(CLIENT, "10.0.0.103", 7, 80, &[1, 1, 1, 0]);
+    let e_syn6_ext = with_ipv6_ext(&v6(CLIENT6, "2001:db8::103", L4::Tcp(8, 80, Tcp::Syn), b""), 0);
+    let e_udp = v4(CLIENT, "10.0.0.103", L4::Udp(5353, 53), b"query");
+    let e_udp_big = v4(CLIENT, "10.0.0.103", L4::Udp(5354, 53), &[5u8; 1000]);
+    let e_udp6 = v6(CLIENT6, "2001:db8::103", L4::Udp(5353, 53), b"query6");
+    let e_udp6_big = v6(CLIENT6, "2001:db8::103", L4::Udp(5354, 53), &[6u8; 1400]);
+    let e_udp_vlan = vlan(&v4(CLIENT, "10.0.0.103", L4::Udp(5355, 53), b"q"), 9);
+
+    let pass_icmp_err = || counted(reason::PASS_ICMP_ERROR);
+    let cases = vec![
+        row("flow F's SYN: Maglev pick", f.clone(), XDP_TX, ipip4(&f, &be_f, GW_MAC), fwd("multi", &be_f, true)),
+        row("ICMP frag-needed about F: to F's backend", ptb_f.clone(), XDP_TX, ipip4(&ptb_f, &be_f, GW_MAC), fwd_icmp("multi", &be_f)),
+        row("ICMP frag-needed quoting only IP + 8 bytes: to F's backend", ptb_f_short.clone(), XDP_TX, ipip4(&ptb_f_short, &be_f, GW_MAC), fwd_icmp("multi", &be_f)),
+        row("ICMP frag-needed about unseen flow G: G's Maglev backend (not F's)", ptb_g.clone(), XDP_TX, ipip4(&ptb_g, &be_g, GW_MAC), fwd_icmp("multi", &be_g)),
+        row("ICMP host unreachable about a udp4 flow: to its backend", unreach_udp.clone(), XDP_TX, ipip4(&unreach_udp, "10.1.0.21", BE_MAC), fwd_icmp("dns4", "10.1.0.21")),
+        row("flow F6's SYN: Maglev pick", f6.clone(), XDP_TX, ipip6(&f6, &be_f6, GW_MAC), fwd("multi6", &be_f6, true)),
+        row("ICMPv6 packet too big about F6: to F6's backend", ptb6.clone(), XDP_TX, ipip6(&ptb6, &be_f6, GW_MAC), fwd_icmp("multi6", &be_f6)),
+        row("ICMPv6 destination unreachable about F6: to F6's backend", unreach6.clone(), XDP_TX, ipip6(&unreach6, &be_f6, GW_MAC), fwd_icmp("multi6", &be_f6)),
+        row("ICMPv6 packet too big about unseen G6: G6's Maglev backend", ptb6_g.clone(), XDP_TX, ipip6(&ptb6_g, &be_g6, GW_MAC), fwd_icmp("multi6", &be_g6)),
+        row("ICMP error about a VIP port without service: passed", not_vip_flow, XDP_PASS, Expect::Unchanged, pass_icmp_err()),
+        row("ICMP error with a quote shorter than IP + 8: passed", truncated_quote, XDP_PASS, Expect::Unchanged, pass_icmp_err()),
+        row("ICMP error quoting an ICMP packet: passed", quoted_icmp, XDP_PASS, Expect::Unchanged, pass_icmp_err()),
+        row("ICMP error quoting a non-IPv4 header: passed", bad_inner_version, XDP_PASS, Expect::Unchanged, pass_icmp_err()),
+        row("ICMP error about a flow of an empty service: dropped", about_empty, XDP_DROP, Expect::Unchanged, counted(reason::DROP_NO_BACKEND)),
+        row("ICMP timestamp request to VIP: passed", timestamp, XDP_PASS, Expect::Unchanged, counted(reason::PASS_ICMP)),
+        row("ICMP echo reply to VIP: passed", echo_reply_in, XDP_PASS, Expect::Unchanged, counted(reason::PASS_ICMP)),
+        row("ICMPv6 echo to VIP: answered", ping6.clone(), XDP_TX, Expect::Frame(echo_reply_expected(&ping6)), counted(reason::TX_ECHO_REPLY)),
+        row("tagged ICMP echo to VIP: answered with the tag", ping_vlan.clone(), XDP_TX, Expect::Frame(echo_reply_expected(&ping_vlan)), counted(reason::TX_ECHO_REPLY)),
+        row("ICMP echo with IPv4 options: passed", ping_opts, XDP_PASS, Expect::Unchanged, counted(reason::PASS_ICMP)),
+        row("ICMP echo to a non-VIP sharing a VIP's bloom bit: passed", ping_collider, XDP_PASS, Expect::Unchanged, counted(reason::PASS_ICMP)),
+        row("port-0 udp VIP, first fragment: port-less hash", frag1.clone(), XDP_TX, ipip4(&frag1, &be_frag, GW_MAC), fwd_frag("frag", &be_frag)),
+        row("port-0 udp VIP, second fragment: same backend", frag2.clone(), XDP_TX, ipip4(&frag2, &be_frag, GW_MAC), fwd_frag("frag", &be_frag)),
+        row("exact-port VIP, first fragment", exact1.clone(), XDP_TX, ipip4(&exact1, "10.1.0.21", BE_MAC), fwd_frag("dns4", "10.1.0.21")),
+        row("exact-port VIP, second fragment: port remembered", exact2.clone(), XDP_TX, ipip4(&exact2, "10.1.0.21", BE_MAC), fwd_frag("dns4", "10.1.0.21")),
+        row("exact-port VIP, later fragment of an unseen datagram: passed", orphan, XDP_PASS, Expect::Unchanged, counted(reason::PASS_FRAGMENT)),
+        row("IPv6 first fragment", f6a.clone(), XDP_TX, ipip6(&f6a, "2001:db8:1::11", GW_MAC), fwd_frag("web6", "2001:db8:1::11")),
+        row("IPv6 second fragment: same backend", f6b.clone(), XDP_TX, ipip6(&f6b, "2001:db8:1::11", GW_MAC), fwd_frag("web6", "2001:db8:1::11")),
+        row("IPv6 hop-by-hop then fragment header", ext_then_frag.clone(), XDP_TX, ipip6(&ext_then_frag, "2001:db8:1::11", GW_MAC), fwd_frag("web6", "2001:db8:1::11")),
+        row("IPv6 routing + destination options: walked, forwarded", dst_rt.clone(), XDP_TX, ipip6(&dst_rt, "2001:db8:1::11", GW_MAC), fwd("web6", "2001:db8:1::11", true)),
+        row("IPv6 four extension headers: walked, forwarded", four_ext.clone(), XDP_TX, ipip6(&four_ext, "2001:db8:1::11", GW_MAC), fwd("web6", "2001:db8:1::11", false)),
+        row("IPv6 five extension headers: beyond the bound, passed", five_ext, XDP_PASS, Expect::Unchanged, counted(reason::PASS_IPV6_EXT)),
+        row("IPv6 AH: passed", ah, XDP_PASS, Expect::Unchanged, counted(reason::PASS_IPV6_EXT)),
+        row("IPv6 extension header longer than the payload: dropped", ext_too_long, XDP_DROP, Expect::Unchanged, counted(reason::DROP_MALFORMED)),
+        row("IPv6 truncated extension header: dropped", ext_truncated, XDP_DROP, Expect::Unchanged, counted(reason::DROP_MALFORMED)),
+        row("IPv6 over the MTU: packet too big (MTU 1460)", big6.clone(), XDP_TX, Expect::Frame(too_big_expected(&big6, 1460)), counted(reason::TX_TOO_BIG)),
+        row("IPv6 exactly at the MTU: forwarded", fits6.clone(), XDP_TX, ipip6(&fits6, "2001:db8:1::11", GW_MAC), fwd("web6", "2001:db8:1::11", true)),
+        row("IPv4 over the MTU without DF: dropped", big_no_df, XDP_DROP, Expect::Unchanged, counted(reason::DROP_TOO_BIG)),
+        row("IPv4 VIP, IPv6 backend, over the MTU: frag-needed (MTU 1460)", big_4in6.clone(), XDP_TX, Expect::Frame(too_big_expected(&big_4in6, 1460)), counted(reason::TX_TOO_BIG)),
+        row("tagged udp4 over the MTU: frag-needed with the tag", big_vlan.clone(), XDP_TX, Expect::Frame(too_big_expected(&big_vlan, 1480)), counted(reason::TX_TOO_BIG)),
+        row("ICMP error over the MTU: dropped, never answered", big_icmp_error, XDP_DROP, Expect::Unchanged, counted(reason::DROP_TOO_BIG)),
+        row("empty service: ACK with data gets RST seq=ack", e_ack.clone(), XDP_TX, Expect::Frame(rst_expected(&e_ack)), counted(reason::TX_RST)),
+        row("empty service: RST is never answered", e_rst, XDP_DROP, Expect::Unchanged, counted(reason::DROP_NO_BACKEND)),
+        row("empty service: FIN with data, no ACK: ack = seq + 5 (wraps)", e_fin.clone(), XDP_TX, Expect::Frame(rst_expected(&e_fin)), counted(reason::TX_RST)),
+        row("empty IPv6 service: SYN gets RST|ACK", e_syn6.clone(), XDP_TX, Expect::Frame(rst_expected(&e_syn6)), counted(reason::TX_RST)),
+        row("empty service: tagged SYN, tag kept", e_syn_vlan.clone(), XDP_TX, Expect::Frame(rst_expected(&e_syn_vlan)), counted(reason::TX_RST)),
+        row("empty service: SYN with IPv4 options, RST without", e_syn_opts.clone(), XDP_TX, Expect::Frame(rst_expected(&strip_v4_options(&e_syn_opts))), counted(reason::TX_RST)),
+        row("empty IPv6 service: SYN behind hop-by-hop, RST without", e_syn6_ext.clone(), XDP_TX,
+            Expect::Frame(rst_expected(&v6(CLIENT6, "2001:db8::103", L4::Tcp(8, 80, Tcp::Syn), b""))), counted(reason::TX_RST)),
+        row("empty udp service: ICMP port unreachable", e_udp.clone(), XDP_TX, Expect::Frame(port_unreachable_expected(&e_udp)), counted(reason::TX_PORT_UNREACHABLE)),
+        row("empty udp service: large datagram, quote cut at 576", e_udp_big.clone(), XDP_TX, Expect::Frame(port_unreachable_expected(&e_udp_big)), counted(reason::TX_PORT_UNREACHABLE)),
+        row("empty udp6 service: ICMPv6 port unreachable", e_udp6.clone(), XDP_TX, Expect::Frame(port_unreachable_expected(&e_udp6)), counted(reason::TX_PORT_UNREACHABLE)),
+        row("empty udp6 service: large datagram, quote cut at 1280", e_udp6_big.clone(), XDP_TX, Expect::Frame(port_unreachable_expected(&e_udp6_big)), counted(reason::TX_PORT_UNREACHABLE)),
+        row("empty udp service: tagged, tag kept", e_udp_vlan.clone(), XDP_TX, Expect::Frame(port_unreachable_expected(&e_udp_vlan)), counted(reason::TX_PORT_UNREACHABLE)),
+    ];
+    run_cases(&mut dp, cases);
+    // Fragments never create flow-table entries (with or without ports).
+    for k in [key("192.0.2.77", 0, "10.0.0.108", 0, PROTO_UDP), key("192.0.2.77", 1111, "10.0.0.108", 2222, PROTO_UDP), key(CLIENT6, 0, "2001:db8::100", 0, PROTO_TCP)] {
+        assert!(dp.flow(&k).is_none(), "fragment created a flow entry {k:?}");
+    }
+    // ICMP errors never create flow-table entries either (G was never seen).
+    assert!(dp.flow(&key(CLIENT, g_port, "10.0.0.107", 80, PROTO_TCP)).is_none());
+}
+
+/// The same IPv4 frame without its header options (what a RST to it quotes nothing of).
+fn strip_v4_options(frame: &[u8]) -> Vec<u8> {
+    let hl = ((frame[14] & 0x0f) as usize) * 4;
+    let mut out = frame[..34].to_vec();
+    out[14] = 0x45;
+    let tot = u16::from_be_bytes([frame[16], frame[17]]) - (hl as u16 - 20);
+    out[16..18].copy_from_slice(&tot.to_be_bytes());
+    out.extend_from_slice(&frame[14 + hl..]);
+    fix_ipv4_checksum(&mut out, 14);
+    out
+}
+
+/// Replies are rate-limited per CPU: with a rate of 1/s the second reply in a row is
+/// dropped and counted. The thread is pinned so both runs use the same CPU's bucket.
+#[test]
+fn replies_are_rate_limited() {
+    // SAFETY: plain affinity syscall on this thread with a zeroed, then filled, set.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set), 0, "pin to CPU 0");
+    }
+    let mut dp = setup();
+    let mut s = settings(ENCAP4, ENCAP6, Some(GW_MAC), 1500);
+    s.reply_rate = 1;
+    dp.control.set_settings(s).unwrap();
+    let syn = v4(CLIENT, "10.0.0.103", L4::Tcp(1, 80, Tcp::Syn), b"");
+    let udp = v4(CLIENT, "10.0.0.103", L4::Udp(1, 53), b"");
+    let ping = v4(CLIENT, "10.0.0.100", L4::IcmpEcho, b"");
+    run_cases(
+        &mut dp,
+        vec![
+            row("first reply: within the burst", syn.clone(), XDP_TX, Expect::Frame(rst_expected(&syn)), counted(reason::TX_RST)),
+            row("second RST within a second: dropped", syn, XDP_DROP, Expect::Unchanged, counted(reason::DROP_REPLY_RATELIMITED)),
+            row("port unreachable shares the bucket: dropped", udp, XDP_DROP, Expect::Unchanged, counted(reason::DROP_REPLY_RATELIMITED)),
+            row("echo reply shares the bucket: dropped", ping, XDP_DROP, Expect::Unchanged, counted(reason::DROP_REPLY_RATELIMITED)),
+        ],
+    );
 }
 
 /// A frame whose IHL is too small cannot be parsed by etherparse: checksum by hand.
