@@ -38,6 +38,8 @@ struct Raw {
     gateway_mac: Option<Mac>,
     #[serde(default = "default_mtu")]
     mtu: u32,
+    #[serde(default)]
+    reply_rate: u32,
     state_dir: Option<PathBuf>,
     socket: Option<PathBuf>,
     #[serde(default, rename = "service")]
@@ -55,6 +57,9 @@ pub struct Config {
     pub encap_source_v6: Option<Ipv6Addr>,
     pub gateway_mac: Option<Mac>,
     pub mtu: u32,
+    /// Replies the datapath builds itself (RST, port unreachable, echo, too big) per
+    /// second per CPU; 0 = the datapath's default.
+    pub reply_rate: u32,
     pub state_dir: PathBuf,
     pub socket: PathBuf,
     pub services: Vec<ServiceDef>,
@@ -109,6 +114,9 @@ impl Config {
             if !seen.insert(i) {
                 errs.push(format!("interfaces: {i:?} listed twice"));
             }
+        }
+        if raw.reply_rate > 1_000_000 {
+            errs.push(format!("reply_rate {}: at most 1000000 per second per CPU (0 = default)", raw.reply_rate));
         }
         if !(576..=9216).contains(&raw.mtu) {
             errs.push(format!("mtu {}: out of range 576..=9216", raw.mtu));
@@ -168,6 +176,7 @@ impl Config {
             encap_source_v6: raw.encap_source_v6,
             gateway_mac: raw.gateway_mac,
             mtu: raw.mtu,
+            reply_rate: raw.reply_rate,
             services,
             cluster: raw.cluster.map(|c| c.into_inner()),
         })
@@ -181,7 +190,7 @@ impl Config {
 
     /// The datapath's settings entry.
     pub fn settings(&self) -> Settings {
-        let mut s = Settings { mtu: self.mtu, ..Settings::default() };
+        let mut s = Settings { mtu: self.mtu, reply_rate: self.reply_rate, ..Settings::default() };
         if let Some(a) = self.encap_source_v4 {
             s.encap_src_v4 = u32::from_ne_bytes(a.octets());
         }
