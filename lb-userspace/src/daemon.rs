@@ -106,13 +106,16 @@ impl Daemon {
         // What to run: the saved state if it came from this very file, else the file.
         // `cluster_pos`: where the services stood in the pair's order last time.
         let mut from_file = true;
+        let mut saved_epoch = None;
         let (services, health, mut version, saved_ifaces, cluster_pos) = match persist::load(&cfg.state_file()) {
             persist::Loaded::Found(st) if st.config_hash == hash => {
                 from_file = false;
+                saved_epoch = st.cluster_epoch;
                 info!(state = %cfg.state_file().display(), version = st.version, "restoring runtime state (config file unchanged)");
                 (st.services, st.health, st.version, st.interfaces, st.cluster_config)
             }
             persist::Loaded::Found(st) => {
+                saved_epoch = st.cluster_epoch;
                 warn!("config file changed since the state was saved: the file's services replace runtime changes");
                 (cfg.services.clone(), st.health, st.version + 1, st.interfaces, st.cluster_config)
             }
@@ -138,10 +141,7 @@ impl Daemon {
             None => None,
             Some(cc) => {
                 let key = crate::cluster::load_secret(&cc.secret_file)?;
-                let last = match persist::load(&cfg.state_file()) {
-                    persist::Loaded::Found(st) => st.cluster_epoch,
-                    _ => None,
-                };
+                let last = saved_epoch;
                 let wall_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
                 let epoch = crate::cluster::wire::next_epoch(wall_ms, last);
                 let sock = std::net::UdpSocket::bind(cc.listen).with_context(|| format!("cluster.listen {}", cc.listen))?;

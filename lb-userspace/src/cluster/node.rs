@@ -253,11 +253,9 @@ impl Daemon {
 
     fn on_tick(self: &Arc<Self>, sock: &UdpSocket, peer: std::net::SocketAddr) {
         let Some(cl) = self.cluster.as_ref() else { return };
-        let services = serde_json::to_vec(&lock(&self.core).services()).unwrap_or_default();
-        let (t, out) = {
+        let (mut out, send_config) = {
             let mut c = lock(cl);
             let now = c.now();
-            let t = c.election.on_tick(now);
             let mut out = Vec::new();
             let hb = c.election.heartbeat();
             if let Ok(d) = c.sealer.seal(&Message::Heartbeat(hb)) {
@@ -275,18 +273,20 @@ impl Daemon {
             let peer_pos = c.election.status(now).peer.map(|p| p.heartbeat.config);
             let pos = c.pos;
             let behind = peer_pos.is_some_and(|p| c.replicator.on_peer(now, pos, p));
-            if std::mem::take(&mut c.push_config) || behind {
-                match c.sealer.seal_config(pos, &services, ETHERNET_DATAGRAM) {
-                    Ok(ds) => out.extend(ds),
-                    Err(e) => error!(error = %e, "cluster: encoding the config"),
-                }
-            }
-            (t, out)
+            (out, std::mem::take(&mut c.push_config) || behind)
         };
-        send_all(sock, peer, out);
-        if let Some(t) = t {
-            self.on_transition(t);
+        if send_config {
+            // Serialised only when sent: a big config is not re-encoded every tick.
+            let core = lock(&self.core);
+            let services = serde_json::to_vec(&core.services()).unwrap_or_default();
+            let mut c = lock(cl);
+            let pos = c.pos;
+            match c.sealer.seal_config(pos, &services, ETHERNET_DATAGRAM) {
+                Ok(ds) => out.extend(ds),
+                Err(e) => error!(error = %e, "cluster: encoding the config"),
+            }
         }
+        send_all(sock, peer, out);
     }
 
     fn on_datagram(self: &Arc<Self>, sock: &UdpSocket, peer: std::net::SocketAddr, d: &[u8]) {
