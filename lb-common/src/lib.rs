@@ -25,6 +25,7 @@ use core::mem::size_of;
 pub mod map_names {
     pub const VIPS: &str = "VIPS";
     pub const VIP_BLOOM: &str = "VIP_BLOOM";
+    pub const VIP_ADDRS: &str = "VIP_ADDRS";
     pub const TABLES: &str = "TABLES";
     pub const BACKENDS: &str = "BACKENDS";
     pub const FLOWS: &str = "FLOWS";
@@ -39,7 +40,7 @@ pub mod map_names {
     /// The balancer's maps that lbd pins under /sys/fs/bpf/<instance>/ and reuses on
     /// restart or upgrade: state and counters. Any other map in the object is per load.
     pub const PINNED: &[&str] =
-        &[VIPS, VIP_BLOOM, TABLES, BACKENDS, FLOWS, SETTINGS, REASON_STATS, SERVICE_STATS, BACKEND_STATS];
+        &[VIPS, VIP_BLOOM, VIP_ADDRS, TABLES, BACKENDS, FLOWS, SETTINGS, REASON_STATS, SERVICE_STATS, BACKEND_STATS];
 }
 
 /// Program names (the function names in lb-ebpf).

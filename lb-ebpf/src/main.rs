@@ -11,14 +11,13 @@
 #![no_std]
 #![no_main]
 
-use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{
         BPF_F_MMAPABLE,
         xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     },
-    helpers::{bpf_for_each_map_elem, bpf_ktime_get_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    helpers::{bpf_ktime_get_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     macros::{map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::XdpContext,
@@ -41,6 +40,11 @@ use lb_ebpf::*;
 /// (VIP address, port or 0, protocol) -> service id, forwarding mode, live table slot.
 #[map]
 static VIPS: HashMap<VipKey, VipValue> = HashMap::with_max_entries(MAX_VIPS, 0);
+
+/// Every VIP address (IPv4-mapped words) -> number of services on it. Echo requests
+/// are answered for these addresses only.
+#[map]
+static VIP_ADDRS: HashMap<[u32; 4], u32> = HashMap::with_max_entries(MAX_VIPS, 0);
 
 /// One-entry bitmap over VIP addresses: a clear bit proves "not a VIP", so non-VIP
 /// traffic costs one array lookup instead of two hash lookups.
@@ -550,44 +554,12 @@ fn icmp(ctx: &XdpContext, ip: &Ip, len: u64) -> Result<(), Verdict> {
     Err(pass(reason::PASS_ICMP))
 }
 
-#[repr(C)]
-struct AddrSearch {
-    addr: [u32; 4],
-    found: u32,
-}
-
-/// bpf_for_each_map_elem callback over VIPS: stops at a key with the searched address.
-#[inline(never)]
-extern "C" fn vip_addr_match(_map: *mut c_void, key: *mut VipKey, _value: *mut c_void, search: *mut AddrSearch) -> i64 {
-    // SAFETY: the kernel passes a valid key and our stack context.
-    unsafe {
-        let k = &(*key).addr;
-        let s = &mut *search;
-        if k[0] == s.addr[0] && k[1] == s.addr[1] && k[2] == s.addr[2] && k[3] == s.addr[3] {
-            s.found = 1;
-            return 1;
-        }
-    }
-    0
-}
-
-/// Whether any service (any port, any protocol) has this VIP address: a walk over VIPS
-/// (at most MAX_VIPS keys) with bpf_for_each_map_elem. Only echo requests that passed
-/// the bloom filter pay for it; userspace needs no extra map.
+/// Whether any service (any port, any protocol) has this VIP address: one lookup in
+/// VIP_ADDRS, which userspace keeps with the bloom filter.
 #[inline(always)]
 fn is_vip_address(addr: &[u32; 4]) -> bool {
-    let mut s = AddrSearch { addr: *addr, found: 0 };
-    // SAFETY: VIPS is a map definition, the callback matches the helper's contract and
-    // `s` lives on our stack for the duration of the call.
-    unsafe {
-        bpf_for_each_map_elem(
-            &VIPS as *const _ as *mut c_void,
-            vip_addr_match as *mut c_void,
-            &mut s as *mut AddrSearch as *mut c_void,
-            0,
-        );
-    }
-    s.found != 0
+    // SAFETY: the value is only tested for presence.
+    unsafe { VIP_ADDRS.get(addr).is_some() }
 }
 
 /// Takes one reply token from this CPU's bucket (rate per second, burst one second).

@@ -497,12 +497,16 @@ impl<W: MapWriter> ControlPlane<W> {
         first_err.map_or(Ok(()), |e| Err(e.into()))
     }
 
+    /// The VIP address maps: the bloom prefilter and the exact set (echo replies).
     fn write_bloom(&mut self) -> Result<(), ControlError> {
         let mut bloom = VipBloom::default();
+        let mut addrs = BTreeMap::new();
         for s in self.services.values() {
             bloom.set(s.spec.vip.addr);
+            *addrs.entry(addr_words(s.spec.vip.addr)).or_insert(0u32) += 1;
         }
         self.w.put_bloom(&bloom)?;
+        self.w.put_vip_addrs(&addrs)?;
         Ok(())
     }
 }
@@ -545,6 +549,7 @@ mod tests {
         let v = m.vips[&key];
         assert_eq!((v.service_id, v.active_slot, v.table_size, v.mode), (0, 0, 251, MODE_IPIP));
         assert!(m.bloom.contains("10.0.0.100".parse().unwrap()));
+        assert_eq!(m.vip_addrs.get(&addr_words("10.0.0.100".parse().unwrap())), Some(&1));
         let t = &m.tables[&(0, 0)];
         let ids: BTreeSet<u32> = t.iter().copied().collect();
         assert_eq!(ids, BTreeSet::from([0, 1]));

@@ -31,6 +31,8 @@ pub trait MapWriter {
     fn put_vip(&mut self, key: &VipKey, value: &VipValue) -> Result<(), MapWriteError>;
     fn delete_vip(&mut self, key: &VipKey) -> Result<(), MapWriteError>;
     fn put_bloom(&mut self, bloom: &VipBloom) -> Result<(), MapWriteError>;
+    /// Makes VIP_ADDRS hold exactly `addrs` (address words -> services on it).
+    fn put_vip_addrs(&mut self, addrs: &std::collections::BTreeMap<[u32; 4], u32>) -> Result<(), MapWriteError>;
     /// Writes `entries` (len = the service's table size) into a service's table slot.
     fn put_table(&mut self, service_id: u32, slot: u32, entries: &[u32]) -> Result<(), MapWriteError>;
     fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapWriteError>;
@@ -94,6 +96,7 @@ impl Drop for TableMmap {
 pub struct AyaMaps {
     vips: BpfHashMap<MapData, VipKey, VipValue>,
     bloom: Array<MapData, VipBloom>,
+    vip_addrs: BpfHashMap<MapData, [u32; 4], u32>,
     tables: TableMmap,
     backends: Array<MapData, BackendValue>,
     settings: Array<MapData, Settings>,
@@ -123,7 +126,14 @@ impl AyaMaps {
             }
         };
         Self::from_data(
-            [take(map_names::VIPS)?, take(map_names::VIP_BLOOM)?, take(map_names::TABLES)?, take(map_names::BACKENDS)?, take(map_names::SETTINGS)?],
+            [
+                take(map_names::VIPS)?,
+                take(map_names::VIP_BLOOM)?,
+                take(map_names::VIP_ADDRS)?,
+                take(map_names::TABLES)?,
+                take(map_names::BACKENDS)?,
+                take(map_names::SETTINGS)?,
+            ],
             stats,
         )
     }
@@ -132,13 +142,20 @@ impl AyaMaps {
     pub fn from_pins(dir: &Path) -> Result<Self, MapWriteError> {
         let open = |name: &'static str| MapData::from_pin(dir.join(name)).map_err(|e| MapWriteError::new(name, e));
         Self::from_data(
-            [open(map_names::VIPS)?, open(map_names::VIP_BLOOM)?, open(map_names::TABLES)?, open(map_names::BACKENDS)?, open(map_names::SETTINGS)?],
+            [
+                open(map_names::VIPS)?,
+                open(map_names::VIP_BLOOM)?,
+                open(map_names::VIP_ADDRS)?,
+                open(map_names::TABLES)?,
+                open(map_names::BACKENDS)?,
+                open(map_names::SETTINGS)?,
+            ],
             [open(map_names::SERVICE_STATS)?, open(map_names::BACKEND_STATS)?],
         )
     }
 
-    fn from_data(state: [MapData; 5], stats: [MapData; 2]) -> Result<Self, MapWriteError> {
-        let [vips, bloom, tables, backends, settings] = state;
+    fn from_data(state: [MapData; 6], stats: [MapData; 2]) -> Result<Self, MapWriteError> {
+        let [vips, bloom, vip_addrs, tables, backends, settings] = state;
         let [service_stats, backend_stats] = stats;
         let per_cpu = |m: MapData, name: &'static str| {
             PerCpuArray::try_from(Map::PerCpuArray(m)).map_err(|e| MapWriteError::new(name, e))
@@ -148,6 +165,7 @@ impl AyaMaps {
             backend_stats: per_cpu(backend_stats, map_names::BACKEND_STATS)?,
             vips: BpfHashMap::try_from(Map::HashMap(vips)).map_err(|e| MapWriteError::new(map_names::VIPS, e))?,
             bloom: Array::try_from(Map::Array(bloom)).map_err(|e| MapWriteError::new(map_names::VIP_BLOOM, e))?,
+            vip_addrs: BpfHashMap::try_from(Map::HashMap(vip_addrs)).map_err(|e| MapWriteError::new(map_names::VIP_ADDRS, e))?,
             tables: TableMmap::new(tables)?,
             backends: Array::try_from(Map::Array(backends)).map_err(|e| MapWriteError::new(map_names::BACKENDS, e))?,
             settings: Array::try_from(Map::Array(settings)).map_err(|e| MapWriteError::new(map_names::SETTINGS, e))?,
@@ -194,6 +212,18 @@ impl MapWriter for AyaMaps {
     fn put_bloom(&mut self, bloom: &VipBloom) -> Result<(), MapWriteError> {
         self.bloom.set(0, bloom, 0).map_err(|e| MapWriteError::new(map_names::VIP_BLOOM, e))
     }
+    fn put_vip_addrs(&mut self, addrs: &std::collections::BTreeMap<[u32; 4], u32>) -> Result<(), MapWriteError> {
+        let err = |e| MapWriteError::new(map_names::VIP_ADDRS, e);
+        // Add first, then remove: an address that stays is never missing.
+        for (a, n) in addrs {
+            self.vip_addrs.insert(a, n, 0).map_err(err)?;
+        }
+        let stale: Vec<[u32; 4]> = self.vip_addrs.keys().filter_map(Result::ok).filter(|k| !addrs.contains_key(k)).collect();
+        for k in stale {
+            self.vip_addrs.remove(&k).map_err(err)?;
+        }
+        Ok(())
+    }
     fn put_table(&mut self, service_id: u32, slot: u32, entries: &[u32]) -> Result<(), MapWriteError> {
         if entries.len() > MAX_TABLE_SIZE as usize {
             return Err(MapWriteError::new(map_names::TABLES, "table larger than MAX_TABLE_SIZE"));
@@ -220,6 +250,7 @@ impl MapWriter for AyaMaps {
 pub struct MemMaps {
     pub vips: HashMap<VipKey, VipValue>,
     pub bloom: VipBloom,
+    pub vip_addrs: std::collections::BTreeMap<[u32; 4], u32>,
     pub tables: HashMap<(u32, u32), Vec<u32>>,
     pub backends: HashMap<u32, BackendValue>,
     pub settings: Settings,
@@ -263,6 +294,11 @@ impl MapWriter for MemMaps {
     fn put_bloom(&mut self, bloom: &VipBloom) -> Result<(), MapWriteError> {
         self.step(map_names::VIP_BLOOM)?;
         self.bloom = *bloom;
+        Ok(())
+    }
+    fn put_vip_addrs(&mut self, addrs: &std::collections::BTreeMap<[u32; 4], u32>) -> Result<(), MapWriteError> {
+        self.step(map_names::VIP_ADDRS)?;
+        self.vip_addrs = addrs.clone();
         Ok(())
     }
     fn put_table(&mut self, service_id: u32, slot: u32, entries: &[u32]) -> Result<(), MapWriteError> {

@@ -45,6 +45,7 @@ fn expected(name: &str) -> Option<(u32, u32, bool)> {
     match name {
         map_names::VIPS => s(size_of::<VipKey>(), size_of::<VipValue>(), false),
         map_names::VIP_BLOOM => s(4, size_of::<VipBloom>(), false),
+        map_names::VIP_ADDRS => s(16, 4, false),
         map_names::TABLES => s(4, 4, false),
         map_names::BACKENDS => s(4, size_of::<BackendValue>(), false),
         map_names::FLOWS => s(size_of::<FlowKey>(), size_of::<FlowValue>(), false),
