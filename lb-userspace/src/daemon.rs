@@ -606,6 +606,9 @@ impl Daemon {
         }
         let _ = std::fs::remove_file(&socket);
         lock(&self.health).sync(&[], &(Arc::new(|_: &Target, _| {}) as health::Report));
+        // Stopping on purpose: the VIPs go now, so the peer's takeover is clean (the
+        // cluster thread may not get to it before the process exits).
+        self.release_all_vips();
         info!("lbd stopped; pinned datapath (if not detached) keeps forwarding");
         Ok(())
     }

@@ -199,7 +199,7 @@ impl Daemon {
         }
     }
 
-    fn release_all_vips(&self) {
+    pub(crate) fn release_all_vips(&self) {
         let (Some(c), iface) = (self.cluster.as_ref(), self.vip_interface()) else { return };
         let vips: BTreeSet<IpAddr> = lock(&self.core).services().iter().map(|d| d.vip.addr).collect();
         for v in vips {
