@@ -185,7 +185,6 @@ impl Daemon {
         }
         core.restore_health(&health);
         core.set_settings(cfg.settings())?;
-        // Services from the file: a new local position (the peer converges on the newer).
         let changed = if adopted { core.replace_all_forced(services.clone()) } else { core.replace_all(services.clone()) };
         if let Err(e) = changed {
             // Saved state no longer valid for this build: the file is the authority.
