@@ -33,13 +33,18 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 /// Waits until `f` holds, checking every 50 ms, at most `max`; the time it took.
-pub fn wait_for(max: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+pub fn wait_for(max: Duration, f: impl FnMut() -> bool) -> Option<Duration> {
+    poll_every(Duration::from_millis(50), max, f)
+}
+
+/// `wait_for` checking every `every`.
+pub fn poll_every(every: Duration, max: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
     let t = Instant::now();
     while t.elapsed() < max {
         if f() {
             return Some(t.elapsed());
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(every);
     }
     None
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use lb_tests::lbd::wait_for;
+use lb_tests::lbd::{poll_every, wait_for};
 use lb_tests::pair::{cluster, pair, role, web};
 
 const ROUNDS: usize = 20;
@@ -22,18 +22,6 @@ const PROBE_EVERY: Duration = Duration::from_millis(10);
 fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
-}
-
-/// Polls `f` every 5 ms for at most `max`.
-fn poll(max: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
-    let t = Instant::now();
-    while t.elapsed() < max {
-        if f() {
-            return Some(t.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    None
 }
 
 /// From `t0`: the time until the first probe started after `t0` that connected
@@ -100,7 +88,7 @@ fn main() {
                     .and_then(|r| r.data)
                     .is_some_and(|d| d["vips_held"].as_array().is_some_and(|a| !a.is_empty()))
             };
-            let took = poll(Duration::from_secs(5), holds).unwrap_or_else(|| panic!("round {round}: no takeover"));
+            let took = poll_every(Duration::from_millis(5), Duration::from_secs(5), holds).unwrap_or_else(|| panic!("round {round}: no takeover"));
             takeover.push(took.as_secs_f64() * 1e3);
             if std::env::var_os("LB_BENCH_VERBOSE").is_some() {
                 eprintln!("round {round}: node {} failed, takeover {took:?}", active + 1);
