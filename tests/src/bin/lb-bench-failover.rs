@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use lb_tests::lbd::{poll_every, wait_for};
-use lb_tests::pair::{cluster, pair, role, web};
+use lb_tests::pair::{pair, role, web};
 
 const ROUNDS: usize = 20;
 const PROBE_EVERY: Duration = Duration::from_millis(10);
