@@ -16,6 +16,7 @@ pub struct Lbd {
     pub ns: String,
     pub ifname: String,
     pub encap_source: String,
+    pub encap_source_v6: String,
     pub dir: PathBuf,
     child: Option<ChildGuard>,
 }
@@ -63,6 +64,7 @@ impl Lbd {
             ns: node.ns.clone(),
             ifname: node.ifname.clone(),
             encap_source: node.v4.to_string(),
+            encap_source_v6: node.v6.to_string(),
             dir,
             child: None,
         }
@@ -79,10 +81,11 @@ impl Lbd {
     /// The global keys of this node's config; append `[[service]]` tables.
     pub fn config_header(&self) -> String {
         format!(
-            "instance = \"{}\"\ninterfaces = [\"{}\"]\nxdp_mode = \"native\"\nencap_source_v4 = \"{}\"\nsocket = \"{}\"\nstate_dir = \"{}\"\n",
+            "instance = \"{}\"\ninterfaces = [\"{}\"]\nxdp_mode = \"native\"\nencap_source_v4 = \"{}\"\nencap_source_v6 = \"{}\"\nsocket = \"{}\"\nstate_dir = \"{}\"\n",
             self.instance,
             self.ifname,
             self.encap_source,
+            self.encap_source_v6,
             self.socket().display(),
             self.dir.join("state").display()
         )

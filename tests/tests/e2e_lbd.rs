@@ -72,7 +72,7 @@ impl Predictor {
             names.insert(id as u32, t.backend_by_addr(addr).unwrap().name.clone());
         }
         bs.sort_by_key(|b| b.addr);
-        Self { table: maglev::build(&bs, m).unwrap(), names, vip, client: IpAddr::V4(t.client.v4) }
+        Self { table: maglev::build(&bs, m).unwrap(), names, vip, client: t.client.addr(vip.is_ipv6()) }
     }
 
     fn predict(&self, port: u16) -> String {
@@ -408,4 +408,19 @@ fn datapath_config_errors_are_counted_and_logged_through_lbd() {
     assert!(l.log().matches("drop_no_nexthop").count() <= 6, "logarithmic, not per packet:\n{}", l.log());
     let b = &l.lbctl_json(&["backend", "list", "dns"])[0];
     assert_eq!(b["next_hop"], "unresolved");
+}
+
+#[test]
+fn ipv6_vip_with_next_hops_from_neighbour_discovery() {
+    let vip = lb_tests::netns::vip_v6(1);
+    let (t, mut l) = setup(3, &[vip]);
+    // IP6IP6 to every backend, MACs from the neighbour table (NDP in the LB's namespace).
+    let backends: String = (0..3).map(|i| format!("[[service.backend]]\naddress = \"{}\"\nweight = {}\n", t.backends[i].v6, i + 1)).collect();
+    l.write_config(&format!("[[service]]\nname = \"web6\"\nvip = \"[{vip}]:80/tcp\"\ntable_size = 1009\n{backends}"));
+    l.start();
+    wait_next_hops(&l, "web6");
+    let counts = spread(&t, &l, "web6", vip, 60);
+    assert_eq!(counts.len(), 3, "every backend reached over IPv6: {counts:?}");
+    let stats = l.lbctl_json(&["stats"]);
+    assert_eq!(stats["services"][0]["new_flows"].as_u64(), Some(60));
 }
