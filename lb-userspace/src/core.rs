@@ -671,6 +671,23 @@ mod tests {
     }
 
     #[test]
+    fn a_full_backend_table_is_refused_without_change() {
+        let mut c = core();
+        let addrs: Vec<String> = (0..MAX_BACKENDS).map(|i| format!("10.{}.{}.1", i / 256, i % 256)).collect();
+        let bs: Vec<(&str, u32)> = addrs.iter().map(|a| (a.as_str(), 1)).collect();
+        let mut d = def("big", "10.0.0.100:80/tcp", &bs);
+        d.table_size = 65537;
+        c.replace_all(vec![d]).unwrap();
+        let writes = c.control().writer().writes;
+        let e = c.apply(Change::AddBackend { service: "big".into(), address: ip("192.0.2.1"), weight: 1, mac: None }).unwrap_err();
+        assert!(e.to_string().contains("backend table full"), "{e}");
+        assert_eq!(c.control().writer().writes, writes, "nothing written");
+        assert_eq!(c.service("big").unwrap().backends.len(), MAX_BACKENDS as usize);
+        let e = c.replace_all(vec![def("other", "10.0.0.101:80/tcp", &[("192.0.2.9", 1)]), c.services()[0].clone()]).unwrap_err();
+        assert!(e.to_string().contains("backend table holds"), "{e}");
+    }
+
+    #[test]
     fn drain_keeps_entry_enable_restores() {
         let mut c = core();
         c.replace_all(vec![def("web", "10.0.0.100:80/tcp", &[("10.0.1.1", 1), ("10.0.1.2", 1)])]).unwrap();
