@@ -57,7 +57,7 @@ fn main() -> anyhow::Result<()> {
             "--repeat" => repeat = it.next().context("--repeat N")?.parse().context("--repeat N")?,
             "--rounds" => rounds = it.next().context("--rounds N")?.parse().context("--rounds N")?,
             "datapath" => what = Some("datapath"),
-            other => bail!("unknown argument {other:?} (usage: lb-bench datapath [--repeat N] [--rounds N])"),
+            other => bail!("unknown argument {other:?} (usage: [LB_BENCH_FLOWS=N] lb-bench datapath [--repeat N] [--rounds N])"),
         }
     }
     ensure!(what == Some("datapath"), "usage: lb-bench datapath [--repeat N] [--rounds N]");
@@ -73,7 +73,8 @@ fn main() -> anyhow::Result<()> {
         ensure!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0, "pinning to CPU 0");
     }
 
-    let mut dp = Datapath::load_with_flows(MAX_FLOWS);
+    let flows = std::env::var("LB_BENCH_FLOWS").ok().and_then(|v| v.parse().ok()).unwrap_or(MAX_FLOWS);
+    let mut dp = Datapath::load_with_flows(flows);
     let mut s = settings("10.0.0.5", "2001:db8::5", Some(GW_MAC), 1500);
     // Measure the reply paths, not the rate limiter's drops.
     s.reply_rate = u32::MAX;
