@@ -564,6 +564,16 @@ impl Lab {
         Ok(body)
     }
 
+    /// Runs `sql` on the database server itself (its socket, not the network): stdout.
+    pub fn db_query(&self, sql: &str) -> io::Result<String> {
+        run_ok(
+            Command::new("mariadb")
+                .arg("--no-defaults")
+                .arg(format!("--socket={}", self.dir.join("db1").join("mysqld.sock").display()))
+                .args(["-u", "root", "--connect-timeout=2", "-N", "-B", "lab", "-e", sql]),
+        )
+    }
+
     /// A keep-alive HTTP/1.1 connection from the client to the web VIP.
     pub fn keepalive(&self) -> io::Result<KeepAlive> {
         let s = self.t.client_stream(web_vip(), 80)?;
@@ -587,7 +597,8 @@ impl Drop for Lab {
         if self.keep {
             return;
         }
-        for name in self.children.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect::<Vec<_>>() {
+        let names: Vec<String> = self.children.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+        for name in names {
             self.stop(&name, libc::SIGTERM);
         }
         let _ = down(&self.prefix, &self.dir);
@@ -662,6 +673,8 @@ pub struct WebDown {
     pub window: Duration,
     /// Answered requests started after the removal that went to web1 (must be 0).
     pub web1_after_removal: usize,
+    /// Failed requests started before the stop (must be 0).
+    pub failed_before_stop: usize,
 }
 
 /// Step 3's result.
@@ -673,6 +686,8 @@ pub struct Failover {
     pub keepalive_after: usize,
     pub keepalive_error: Option<String>,
     pub keepalive_web: String,
+    /// Failed requests started later than 1 s after the takeover (must be 0).
+    pub failed_after_takeover: usize,
 }
 
 /// Step 4's result.
@@ -702,6 +717,7 @@ impl Lab {
         let t0 = counts.started.unwrap();
         let since_stop = |at: Duration| (t0 + at).checked_duration_since(stop_at);
         let last_failure_after_stop = counts.samples.iter().filter(|(_, ok)| !ok).filter_map(|(at, _)| since_stop(*at)).max();
+        let failed_before_stop = counts.samples.iter().filter(|(at, ok)| !ok && since_stop(*at).is_none()).count();
         // Which web server answered after the removal: from a second pass, so the
         // per-request names need not be kept.
         let after = self.visits(20, Duration::ZERO, Duration::from_secs(10));
@@ -710,6 +726,7 @@ impl Lab {
             last_failure_after_stop,
             window,
             web1_after_removal: after.by_web.get("web1").copied().unwrap_or(0),
+            failed_before_stop,
             counts,
         }
     }
@@ -736,16 +753,19 @@ impl Lab {
         }
         // Let the active stream the connection's flow to the backup (a heartbeat).
         std::thread::sleep(Duration::from_millis(300));
-        let (counts, takeover) = std::thread::scope(|s| {
+        let (counts, takeover, t0) = std::thread::scope(|s| {
             let h = s.spawn(|| self.visits(100, Duration::from_millis(30), Duration::from_secs(6)));
             std::thread::sleep(Duration::from_millis(500));
             let t0 = Instant::now();
             self.stop(&format!("lbd-n{}", from + 1), libc::SIGKILL);
             let lb = &self.t.lbs[from];
             let _ = Command::new("ip").args(["-n", &lb.ns, "link", "set", &lb.ifname, "down"]).status();
-            let took = wait_for(Duration::from_secs(5), || self.nodes[to].role() == "active");
-            (h.join().expect("request loop"), took.map(|_| t0.elapsed()))
+            let took = wait_for(Duration::from_secs(5), || self.nodes[to].role() == "active").map(|_| t0.elapsed());
+            (h.join().expect("request loop"), took, t0)
         });
+        let settled = t0 + takeover.unwrap_or(Duration::ZERO) + Duration::from_secs(1);
+        let start = counts.started.unwrap();
+        let failed_after_takeover = counts.samples.iter().filter(|(at, ok)| !ok && start + *at > settled).count();
         let mut after = 0;
         for _ in 0..3 {
             match ka.visit() {
@@ -755,7 +775,7 @@ impl Lab {
                 }
             }
         }
-        Failover { counts, takeover, keepalive_before: before, keepalive_after: after, keepalive_error: ka_err, keepalive_web: ka_web }
+        Failover { counts, takeover, failed_after_takeover, keepalive_before: before, keepalive_after: after, keepalive_error: ka_err, keepalive_web: ka_web }
     }
 
     /// Step 4: nginx on web1 restarted (health brings it back) and app3 added with
