@@ -107,6 +107,9 @@ fn up(once: bool) {
     let mut t = Table::new();
     t.row("4 web1 back, app3 added", &s4.counts, r4.clone());
     t.print();
+    if let Some(e) = &s4.counts.first_error {
+        println!("  first failure: {e}\n");
+    }
     all.row("4 backend added", &s4.counts, r4);
 
     let back = lab.restore_failed_node();
