@@ -7,6 +7,7 @@ pub mod netns;
 pub mod packets;
 pub mod pair;
 pub mod lbd;
+pub mod lab;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

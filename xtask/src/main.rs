@@ -1,8 +1,9 @@
-//! `cargo xtask`: setup, build-ebpf, test, bench. Every command prints what it runs
+//! `cargo xtask`: setup, build-ebpf, test, lab, bench. Every command prints what it runs
 //! (`$ ...`) before running it, so a CI log shows exactly what happened.
 
 mod bench;
 mod build_ebpf;
+mod lab;
 mod setup;
 mod test;
 
@@ -35,6 +36,12 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// The lab: web/app/db tiers behind an lbd pair in network namespaces, with a narrated
+    /// scenario; stays up (`--once`: removed at the end). `lab down` removes it.
+    Lab {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Benchmarks: `datapath` (ns/packet beside a trivial XDP program).
     Bench {
         what: String,
@@ -48,6 +55,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Setup => setup::setup(),
         Cmd::BuildEbpf { release } => build_ebpf::build_ebpf(release).map(drop),
         Cmd::Test { args } => test::test(&args),
+        Cmd::Lab { args } => lab::lab(&args),
         Cmd::Bench { what, args } => bench::bench(&what, &args),
     }
 }

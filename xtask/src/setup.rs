@@ -7,8 +7,23 @@ use anyhow::{Context as _, bail};
 
 use crate::{probe, require_root, run};
 
-/// LLVM 22 dev libraries for building bpf-linker; iproute2/ethtool for the datapath tests.
-const APT_PACKAGES: &[&str] = &["llvm-22-dev", "libclang-22-dev", "libpolly-22-dev", "iproute2", "ethtool"];
+/// LLVM 22 dev libraries for building bpf-linker; iproute2/ethtool for the datapath tests;
+/// nginx, MariaDB (server and client) and HAProxy for the lab (`cargo xtask lab`, its
+/// end-to-end test, and the HAProxy comparison).
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libclang-22-dev",
+    "libpolly-22-dev",
+    "iproute2",
+    "ethtool",
+    "nginx",
+    "mariadb-server",
+    "mariadb-client",
+    "haproxy",
+];
+/// Tells invoke-rc.d not to start services: the lab runs nginx/MariaDB/HAProxy only
+/// inside its namespaces, never as the distribution's services on this machine.
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 /// What we install; any installed 0.13 or later is accepted.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_LINKER_MIN: (u64, u64) = (0, 13);
@@ -30,10 +45,21 @@ pub fn setup() -> anyhow::Result<()> {
     if !missing.is_empty() {
         require_root("apt-get install")?;
         run(Command::new("apt-get").args(["update", "-q"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
-        run(Command::new("apt-get")
+        // A temporary policy-rc.d (exit 101: "not allowed") unless one exists already.
+        let ours = !std::path::Path::new(POLICY_RC_D).exists();
+        if ours {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::write(POLICY_RC_D, "#!/bin/sh\n# cargo xtask setup: no service starts during install\nexit 101\n")?;
+            std::fs::set_permissions(POLICY_RC_D, std::fs::Permissions::from_mode(0o755))?;
+        }
+        let r = run(Command::new("apt-get")
             .args(["install", "-y", "-q"])
             .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+            .env("DEBIAN_FRONTEND", "noninteractive"));
+        if ours {
+            let _ = std::fs::remove_file(POLICY_RC_D);
+        }
+        r?;
         installed.extend(missing.iter().map(|s| s.to_string()));
     }
 
