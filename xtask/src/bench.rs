@@ -28,6 +28,14 @@ pub fn bench(what: &str, args: &[String]) -> anyhow::Result<()> {
                 .args(["run", "--release", "--package", "lb-tests", "--bin", "lb-bench-failover", "--"])
                 .args(args))
         }
-        other => bail!("unknown bench {other:?} (available: datapath, control, failover)"),
+        // tests/src/bin/lb-bench-lab.rs: the lab's web tier behind lbd, then HAProxy.
+        "lab" => {
+            run(Command::new("cargo").args(["build", "--release", "--package", "lb-userspace", "--bins"]))?;
+            run(Command::new("cargo").args(["build", "--release", "--package", "lb-tests", "--bins"]))?;
+            run(Command::new("cargo")
+                .args(["run", "--release", "--package", "lb-tests", "--bin", "lb-bench-lab", "--"])
+                .args(args))
+        }
+        other => bail!("unknown bench {other:?} (available: datapath, control, failover, lab)"),
     }
 }
