@@ -75,11 +75,6 @@ fn take_lock(instance: &str) -> anyhow::Result<std::fs::File> {
     Ok(f)
 }
 
-/// True when an lbd holds the instance lock.
-pub fn is_running(instance: &str) -> bool {
-    take_lock(instance).is_err()
-}
-
 /// `lbd --detach`: removes an instance's datapath when no lbd runs for it.
 pub fn detach_offline(instance: &str) -> anyhow::Result<Vec<String>> {
     let _lock = take_lock(instance).context("lbd is running: use `lbctl detach`")?;

@@ -12,7 +12,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
-use aya::maps::MapData;
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::xdp::XdpLink;
 use aya::programs::{Xdp, XdpMode};
@@ -243,15 +242,4 @@ pub fn adopt_control(maps: AyaMaps, known: &[ServiceDef]) -> anyhow::Result<Cont
         services.push(Adopted { spec, id: val.service_id, active_slot: val.active_slot, backends: bs });
     }
     Ok(ControlPlane::adopt(maps, settings, services)?)
-}
-
-/// Opens a running instance's counters without lbd (for tests and tools).
-pub fn open_stats(instance: &str) -> anyhow::Result<crate::stats::Stats> {
-    Ok(crate::stats::Stats::from_pins(&pin_dir(instance))?)
-}
-
-/// FLOWS of a running instance.
-pub fn open_flows(instance: &str) -> anyhow::Result<aya::maps::HashMap<MapData, FlowKey, FlowValue>> {
-    let m = MapData::from_pin(pin_dir(instance).join(map_names::FLOWS))?;
-    Ok(aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(m))?)
 }

@@ -82,10 +82,7 @@ impl LbNode {
     }
     /// `lbctl --socket .. ARGS`: (success, stdout, stderr).
     pub fn lbctl(&self, args: &[&str]) -> (bool, String, String) {
-        match Command::new(bin("lbctl")).arg("--socket").arg(self.socket()).args(args).stdin(Stdio::null()).output() {
-            Ok(o) => (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned()),
-            Err(e) => (false, String::new(), e.to_string()),
-        }
+        crate::lbd::lbctl_at(&self.socket(), args)
     }
     pub fn json(&self, args: &[&str]) -> Option<Value> {
         let mut a = vec!["-o", "json"];

@@ -33,6 +33,15 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// Runs the lbctl binary against the lbd listening on `socket`: (success, stdout,
+/// stderr); a failure to run it at all is (false, "", the error).
+pub fn lbctl_at(socket: &Path, args: &[&str]) -> (bool, String, String) {
+    match Command::new(bin("lbctl")).arg("--socket").arg(socket).args(args).stdin(Stdio::null()).output() {
+        Ok(o) => (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned()),
+        Err(e) => (false, String::new(), e.to_string()),
+    }
+}
+
 /// Waits until `f` holds, checking every 50 ms, at most `max`; the time it took.
 pub fn wait_for(max: Duration, f: impl FnMut() -> bool) -> Option<Duration> {
     poll_every(Duration::from_millis(50), max, f)
@@ -126,8 +135,7 @@ impl Lbd {
 
     /// Runs lbctl against this lbd: (success, stdout, stderr).
     pub fn lbctl(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(bin("lbctl")).arg("--socket").arg(self.socket()).args(args).output().expect("running lbctl");
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        lbctl_at(&self.socket(), args)
     }
 
     /// `lbctl -o json ARGS`, parsed; panics on failure.

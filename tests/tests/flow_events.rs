@@ -11,9 +11,7 @@ use lb_userspace::Mode;
 fn events(rb: &mut RingBuf<aya::maps::MapData>) -> Vec<FlowEvent> {
     let mut out = Vec::new();
     while let Some(item) = rb.next() {
-        assert_eq!(item.len(), size_of::<FlowEvent>());
-        // SAFETY: FlowEvent is repr(C) plain data of exactly this size.
-        out.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const FlowEvent) });
+        out.push(lb_userspace::flowsync::parse_event(&item).expect("a FlowEvent-sized record"));
     }
     out
 }

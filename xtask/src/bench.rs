@@ -11,31 +11,33 @@ pub fn bench(what: &str, args: &[String]) -> anyhow::Result<()> {
     setup()?;
     match what {
         // tests/src/bin/lb-bench.rs; lb-userspace's build.rs builds the objects it embeds.
-        "datapath" => run(Command::new("cargo")
-            .args(["run", "--release", "--package", "lb-tests", "--bin", "lb-bench", "--", "datapath"])
-            .args(args)),
-        // tests/src/bin/lb-bench-control.rs drives a real lbd: build lbd and lbctl first.
+        "datapath" => run_bin("lb-bench", &["datapath"], args),
+        // The others drive real lbd/lbctl processes: build those binaries first.
         "control" => {
-            run(Command::new("cargo").args(["build", "--release", "--package", "lb-userspace", "--bins"]))?;
-            run(Command::new("cargo")
-                .args(["run", "--release", "--package", "lb-tests", "--bin", "lb-bench-control", "--"])
-                .args(args))
+            build_bins(&["lb-userspace"])?;
+            run_bin("lb-bench-control", &[], args)
         }
-        // tests/src/bin/lb-bench-failover.rs: two real lbd nodes in namespaces.
         "failover" => {
-            run(Command::new("cargo").args(["build", "--release", "--package", "lb-userspace", "--bins"]))?;
-            run(Command::new("cargo")
-                .args(["run", "--release", "--package", "lb-tests", "--bin", "lb-bench-failover", "--"])
-                .args(args))
+            build_bins(&["lb-userspace"])?;
+            run_bin("lb-bench-failover", &[], args)
         }
-        // tests/src/bin/lb-bench-lab.rs: the lab's web tier behind lbd, then HAProxy.
+        // The lab also runs the lab's app server binary.
         "lab" => {
-            run(Command::new("cargo").args(["build", "--release", "--package", "lb-userspace", "--bins"]))?;
-            run(Command::new("cargo").args(["build", "--release", "--package", "lb-tests", "--bins"]))?;
-            run(Command::new("cargo")
-                .args(["run", "--release", "--package", "lb-tests", "--bin", "lb-bench-lab", "--"])
-                .args(args))
+            build_bins(&["lb-userspace", "lb-tests"])?;
+            run_bin("lb-bench-lab", &[], args)
         }
         other => bail!("unknown bench {other:?} (available: datapath, control, failover, lab)"),
     }
+}
+
+fn build_bins(packages: &[&str]) -> anyhow::Result<()> {
+    for p in packages {
+        run(Command::new("cargo").args(["build", "--release", "--package", p, "--bins"]))?;
+    }
+    Ok(())
+}
+
+/// `cargo run` of a benchmark binary of tests/ (tests/src/bin/<bin>.rs).
+fn run_bin(bin: &str, first: &[&str], args: &[String]) -> anyhow::Result<()> {
+    run(Command::new("cargo").args(["run", "--release", "--package", "lb-tests", "--bin", bin, "--"]).args(first).args(args))
 }
