@@ -5,6 +5,7 @@
 //! after the old entries expire.
 //!
 //! Frames are built here (unit-tested byte by byte) and sent on an AF_PACKET socket.
+//! The VIP addresses themselves are added and removed over netlink (`kernel::netlink`).
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
@@ -72,7 +73,9 @@ pub fn unsolicited_na_frame(mac: [u8; 6], vip: Ipv6Addr) -> Vec<u8> {
 /// run in a namespace whose /sys shows another one's interfaces).
 pub fn interface_mac(interface: &str) -> std::io::Result<[u8; 6]> {
     if interface.len() >= libc::IFNAMSIZ {
-        return Err(std::io::Error::other(format!("interface name {interface:?} too long")));
+        return Err(std::io::Error::other(format!(
+            "interface name {interface:?} too long"
+        )));
     }
     // SAFETY: a datagram socket only used for the ioctl below; owned right away.
     let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
@@ -98,27 +101,6 @@ pub fn interface_mac(interface: &str) -> std::io::Result<[u8; 6]> {
     Ok(mac)
 }
 
-/// Puts a VIP on `interface` (so this node answers ARP/ND for it) or takes it off.
-pub fn set_vip(interface: &str, vip: std::net::IpAddr, hold: bool) -> std::io::Result<()> {
-    let prefix = if vip.is_ipv4() { format!("{vip}/32") } else { format!("{vip}/128") };
-    let mut cmd = std::process::Command::new("ip");
-    if hold {
-        cmd.args(["addr", "replace", &prefix, "dev", interface]);
-        if vip.is_ipv6() {
-            cmd.arg("nodad");
-        }
-    } else {
-        cmd.args(["addr", "del", &prefix, "dev", interface]);
-    }
-    let out = cmd.output()?;
-    // Deleting an address that is not there is the state we want.
-    if out.status.success() || (!hold && String::from_utf8_lossy(&out.stderr).contains("Cannot assign")) {
-        Ok(())
-    } else {
-        Err(std::io::Error::other(format!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr).trim())))
-    }
-}
-
 /// Announces `vip` on `interface` with the interface's MAC.
 pub fn announce(interface: &str, vip: std::net::IpAddr) -> std::io::Result<()> {
     let mac = interface_mac(interface)?;
@@ -131,7 +113,8 @@ pub fn announce(interface: &str, vip: std::net::IpAddr) -> std::io::Result<()> {
 
 /// Sends `frame` as is on `interface` (in the caller's network namespace).
 pub fn send_frame(interface: &str, frame: &[u8]) -> std::io::Result<()> {
-    let name = std::ffi::CString::new(interface).map_err(|_| std::io::Error::other("interface name with NUL"))?;
+    let name = std::ffi::CString::new(interface)
+        .map_err(|_| std::io::Error::other("interface name with NUL"))?;
     // SAFETY: if_nametoindex on a NUL-terminated string.
     let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
     if ifindex == 0 {
@@ -160,7 +143,11 @@ pub fn send_frame(interface: &str, frame: &[u8]) -> std::io::Result<()> {
             std::mem::size_of::<libc::sockaddr_ll>() as u32,
         )
     };
-    if n < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -177,7 +164,9 @@ mod tests {
         assert_eq!(f.len(), 42);
         assert_eq!(&f[0..6], &BROADCAST);
         match eth {
-            etherparse::LinkSlice::Ethernet2(e) => assert_eq!(e.ether_type(), etherparse::EtherType::ARP),
+            etherparse::LinkSlice::Ethernet2(e) => {
+                assert_eq!(e.ether_type(), etherparse::EtherType::ARP)
+            }
             _ => panic!("not ethernet"),
         }
         assert_eq!(&f[20..22], &[0, 1], "request");
@@ -191,12 +180,23 @@ mod tests {
         let vip: Ipv6Addr = "2001:db8::100".parse().unwrap();
         let f = unsolicited_na_frame(MAC, vip);
         let p = etherparse::SlicedPacket::from_ethernet(&f).unwrap();
-        let Some(etherparse::NetSlice::Ipv6(ip)) = p.net else { panic!("not IPv6") };
+        let Some(etherparse::NetSlice::Ipv6(ip)) = p.net else {
+            panic!("not IPv6")
+        };
         assert_eq!(ip.header().hop_limit(), 255);
         assert_eq!(ip.header().source_addr(), vip);
-        let Some(etherparse::TransportSlice::Icmpv6(icmp)) = p.transport else { panic!("not ICMPv6") };
+        let Some(etherparse::TransportSlice::Icmpv6(icmp)) = p.transport else {
+            panic!("not ICMPv6")
+        };
         assert_eq!(icmp.type_u8(), 136);
-        let want = icmp.icmp_type().calc_checksum(ip.header().source(), ip.header().destination(), icmp.payload()).unwrap();
+        let want = icmp
+            .icmp_type()
+            .calc_checksum(
+                ip.header().source(),
+                ip.header().destination(),
+                icmp.payload(),
+            )
+            .unwrap();
         assert_eq!(icmp.checksum(), want, "checksum");
         let body = icmp.payload();
         assert_eq!(&body[0..16], &vip.octets(), "target = VIP");

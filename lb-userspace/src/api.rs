@@ -71,6 +71,14 @@ pub struct InterfaceView {
     pub mode: String,
     /// This run attached it (false: adopted from the pins of a previous run).
     pub attached_now: bool,
+    /// attached | missing (the interface does not exist: attached when it appears) |
+    /// error: ... (it exists, attaching failed)
+    #[serde(default = "attached")]
+    pub state: String,
+}
+
+fn attached() -> String {
+    "attached".into()
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -91,6 +99,9 @@ pub struct StatusView {
     pub backends_up: usize,
     pub backends_down: usize,
     pub backends_drained: usize,
+    /// Enabled but not in the table yet: next hop unresolved or first check not passed.
+    #[serde(default)]
+    pub backends_pending: usize,
     /// Cluster role, peer state, last heartbeat, config on both sides; none when standalone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<String>,
@@ -117,6 +128,10 @@ pub struct BackendView {
     pub id: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_check_error: Option<String>,
+    /// Why it is not in the table yet although enabled: "next hop unresolved" or
+    /// "waiting for its first check". None: usable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -8,7 +8,10 @@
 //! - A change is validated before anything is written; a rejected change leaves the
 //!   model and the maps as they were.
 //! - A backend the datapath sees = configured backend, minus drained (weight 0), minus
-//!   health-down (weight 0 with `unhealthy = "keep"`, absent with `"reset"`).
+//!   health-down (weight 0 with `unhealthy = "keep"`, absent with `"reset"`), minus
+//!   pending ones: absent until the datapath can reach them (next hop known: configured
+//!   MAC, resolved neighbour or, in ipip mode, the gateway MAC) and, with health checks,
+//!   until their first check passed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -83,6 +86,8 @@ pub struct Core<W: MapWriter> {
     health: BTreeMap<(String, IpAddr), HealthState>,
     /// Next-hop MACs learnt from the kernel for backends configured without one.
     resolved: BTreeMap<IpAddr, Mac>,
+    /// Last failed check of backends still waiting for their first passed one.
+    pending_errors: BTreeMap<(String, IpAddr), String>,
     /// Bumped by every applied change.
     pub version: u64,
 }
@@ -116,7 +121,7 @@ pub fn validate_set(defs: &[ServiceDef]) -> Vec<String> {
 
 impl<W: MapWriter> Core<W> {
     pub fn new(cp: ControlPlane<W>) -> Self {
-        Self { cp, services: BTreeMap::new(), health: BTreeMap::new(), resolved: BTreeMap::new(), version: 0 }
+        Self { cp, services: BTreeMap::new(), health: BTreeMap::new(), resolved: BTreeMap::new(), pending_errors: BTreeMap::new(), version: 0 }
     }
 
     pub fn control(&self) -> &ControlPlane<W> {
@@ -142,10 +147,24 @@ impl<W: MapWriter> Core<W> {
         Ok(())
     }
 
-    /// None: no health check on this service.
+    /// None: no health check on this service. A backend not checked yet counts as up
+    /// here; `pending` keeps it out of the table until its first check passes.
     fn health_up(&self, def: &ServiceDef, addr: IpAddr) -> Option<bool> {
         def.health.as_ref()?;
         Some(self.health.get(&(def.name.clone(), addr)).is_none_or(|h| h.tracker.up))
+    }
+
+    /// Why the datapath cannot use `b` yet, if it cannot: no next hop, or (with health
+    /// checks) no passed check so far.
+    pub fn pending(&self, def: &ServiceDef, b: &BackendDef) -> Option<&'static str> {
+        let gateway = def.mode == crate::control::Mode::Ipip && self.cp.settings().flags & lb_common::SETTINGS_F_HAS_GATEWAY != 0;
+        if self.mac_of(b).is_none() && !gateway {
+            return Some("next hop unresolved");
+        }
+        if def.health.is_some() && !self.health.contains_key(&(def.name.clone(), b.address)) {
+            return Some("waiting for its first check");
+        }
+        None
     }
 
     fn mac_of(&self, b: &BackendDef) -> Option<Mac> {
@@ -161,11 +180,11 @@ impl<W: MapWriter> Core<W> {
                 if !up && def.unhealthy == FlowPolicy::Reset {
                     return None;
                 }
-                let mac = self.mac_of(b);
-                // dsr-l2 cannot forward without the backend's MAC: out until resolved.
-                if def.mode == crate::control::Mode::DsrL2 && mac.is_none() {
+                // Not reachable or not checked yet: out until it is.
+                if self.pending(def, b).is_some() {
                     return None;
                 }
+                let mac = self.mac_of(b);
                 let weight = if b.drained || !up { 0 } else { b.weight };
                 Some(BackendSpec { addr: b.address, weight, mac: mac.map(|m| m.0) })
             })
@@ -226,6 +245,39 @@ impl<W: MapWriter> Core<W> {
         Ok(changed)
     }
 
+    /// Next hops from the kernel: a MAC, or None when the next hop is gone (the backend
+    /// is pending again). Rewrites the services whose backends changed; returns them.
+    pub fn set_next_hops(&mut self, hops: &[(IpAddr, Option<Mac>)]) -> Result<Vec<String>, ControlError> {
+        let mut changed_addrs = BTreeSet::new();
+        for (a, m) in hops {
+            let before = match m {
+                Some(m) => self.resolved.insert(*a, *m),
+                None => self.resolved.remove(a),
+            };
+            if before != *m {
+                changed_addrs.insert(*a);
+            }
+        }
+        let mut changed = Vec::new();
+        if changed_addrs.is_empty() {
+            return Ok(changed);
+        }
+        for d in self.services.values().cloned().collect::<Vec<_>>() {
+            if !d.backends.iter().any(|b| b.mac.is_none() && changed_addrs.contains(&b.address)) {
+                continue;
+            }
+            let eff = self.effective(&d);
+            if self.current(&d.name) != Some(sorted(eff.clone())) {
+                self.cp.set_backends(&d.name, eff)?;
+                changed.push(d.name.clone());
+            }
+        }
+        if !changed.is_empty() {
+            self.version += 1;
+        }
+        Ok(changed)
+    }
+
     fn current(&self, name: &str) -> Option<Vec<BackendSpec>> {
         self.cp.service(name).map(|v| v.backends.into_iter().map(|(s, _)| s).collect())
     }
@@ -251,7 +303,14 @@ impl<W: MapWriter> Core<W> {
         let old = std::mem::take(&mut self.services);
         self.services = desired.into_iter().map(|d| (d.name.clone(), d)).collect();
         match self.sync_all(force) {
-            Ok(changed) => {
+            Ok(mut changed) => {
+                // A service whose definition changed is changed even when its datapath
+                // set is not yet (a new backend waiting for its next hop or check).
+                for (name, d) in &self.services {
+                    if old.get(name) != Some(d) && !changed.contains(name) {
+                        changed.push(name.clone());
+                    }
+                }
                 self.prune_health();
                 if !changed.is_empty() {
                     self.version += 1;
@@ -305,6 +364,7 @@ impl<W: MapWriter> Core<W> {
     fn prune_health(&mut self) {
         let services = &self.services;
         self.health.retain(|(s, a), _| services.get(s).is_some_and(|d| d.health.is_some() && d.backend(*a).is_some()));
+        self.pending_errors.retain(|(s, a), _| services.get(s).is_some_and(|d| d.health.is_some() && d.backend(*a).is_some()));
     }
 
     /// Applies one CLI change to its service only. Nothing changes on error.
@@ -381,7 +441,7 @@ impl<W: MapWriter> Core<W> {
         for d in self.services.values() {
             let Some(h) = &d.health else { continue };
             for b in &d.backends {
-                out.push(Target { service: d.name.clone(), addr: b.address, port: h.port(d.vip.port), spec: h.clone() });
+                out.push(Target { service: d.name.clone(), addr: b.address, port: h.port(d.vip.port), spec: h.clone(), source: None });
             }
         }
         out
@@ -397,6 +457,24 @@ impl<W: MapWriter> Core<W> {
         }
         let def = def.clone();
         let key = (t.service.clone(), t.addr);
+        if !self.health.contains_key(&key) {
+            // Pending: a failure keeps it pending (the error is shown); the first pass
+            // puts it in the table.
+            let Err(e) = r else {
+                let before = self.health.clone();
+                self.health.insert(key.clone(), HealthState { tracker: Tracker::new(true), last_error: None, checks: 1 });
+                let eff = self.effective(&def);
+                if let Err(e) = self.cp.set_backends(&def.name, eff) {
+                    self.health = before;
+                    return Err(e);
+                }
+                self.version += 1;
+                return Ok(Some(HealthEvent { service: def.name, address: t.addr, up: true, detail: "first check passed".into() }));
+            };
+            self.pending_errors.insert(key, e);
+            return Ok(None);
+        }
+        self.pending_errors.remove(&key);
         let entry = self.health.entry(key.clone()).or_insert(HealthState { tracker: Tracker::new(true), last_error: None, checks: 0 });
         entry.checks += 1;
         let before = entry.tracker;
@@ -430,6 +508,7 @@ impl<W: MapWriter> Core<W> {
     fn backend_view(&self, d: &ServiceDef, b: &BackendDef) -> BackendView {
         let h = self.health.get(&(d.name.clone(), b.address));
         let up = self.health_up(d, b.address);
+        let pending = self.pending(d, b);
         let id = self.cp.backend_id(&d.name, b.address);
         let in_table = self.cp.service(&d.name).is_some_and(|v| v.backends.iter().any(|(s, _)| s.addr == b.address && s.weight > 0));
         let next_hop = match (b.mac, self.resolved.get(&b.address)) {
@@ -448,6 +527,7 @@ impl<W: MapWriter> Core<W> {
             next_hop,
             admin: if b.drained { "drained" } else { "enabled" }.into(),
             health: match up {
+                _ if d.health.is_some() && h.is_none() => "pending",
                 None => "unchecked",
                 Some(true) => "up",
                 Some(false) => "down",
@@ -455,7 +535,8 @@ impl<W: MapWriter> Core<W> {
             .into(),
             in_table,
             id,
-            last_check_error: h.and_then(|h| h.last_error.clone()),
+            last_check_error: h.and_then(|h| h.last_error.clone()).or_else(|| self.pending_errors.get(&(d.name.clone(), b.address)).cloned()),
+            pending: pending.map(str::to_string),
         }
     }
 
@@ -489,6 +570,11 @@ impl<W: MapWriter> Core<W> {
             .filter(|d| service.is_none_or(|s| s == d.name))
             .flat_map(|d| d.backends.iter().map(|b| self.backend_view(d, b)))
             .collect())
+    }
+
+    /// Backends not in the table yet because the datapath cannot use them (`pending`).
+    pub fn pending_count(&self) -> usize {
+        self.services.values().map(|d| d.backends.iter().filter(|b| self.pending(d, b).is_some()).count()).sum()
     }
 
     /// (up, down, drained) over all backends.
@@ -585,8 +671,18 @@ mod tests {
         }
     }
 
+    /// With a gateway MAC: ipip backends without one of their own are reachable.
     fn core() -> Core<MemMaps> {
-        Core::new(ControlPlane::new(MemMaps::default()))
+        let mut c = Core::new(ControlPlane::new(MemMaps::default()));
+        c.set_settings(Settings { gateway_mac: [2, 0, 0, 0, 0, 0xfe], flags: lb_common::SETTINGS_F_HAS_GATEWAY, ..Settings::default() }).unwrap();
+        c
+    }
+
+    /// Every backend's first check passed (they start pending).
+    fn pass_first_checks(c: &mut Core<MemMaps>) {
+        for t in c.health_targets() {
+            c.health_result(&t, Ok(())).unwrap();
+        }
     }
 
     fn ip(s: &str) -> IpAddr {
@@ -702,7 +798,7 @@ mod tests {
     }
 
     fn with_health(mut d: ServiceDef, policy: FlowPolicy) -> ServiceDef {
-        d.health = Some(HealthSpec { kind: HealthKind::Tcp, interval_ms: 100, timeout_ms: 50, rise: 2, fall: 2, path: None, port: None });
+        d.health = Some(HealthSpec { kind: HealthKind::Tcp, interval_ms: 100, timeout_ms: 50, rise: 2, fall: 2, path: None, port: None, host: None, expect: None });
         d.unhealthy = policy;
         d
     }
@@ -712,6 +808,8 @@ mod tests {
         for policy in [FlowPolicy::Keep, FlowPolicy::Reset] {
             let mut c = core();
             c.replace_all(vec![with_health(def("web", "10.0.0.100:80/tcp", &[("10.0.1.1", 1), ("10.0.1.2", 1)]), policy)]).unwrap();
+            assert_eq!(table_ids(&c, "10.0.0.100:80/tcp").len(), 1, "both pending: only NO_BACKEND in the table");
+            pass_first_checks(&mut c);
             let targets = c.health_targets();
             assert_eq!(targets.len(), 2);
             let t = targets.iter().find(|t| t.addr == ip("10.0.1.1")).unwrap().clone();
@@ -766,9 +864,75 @@ mod tests {
     }
 
     #[test]
+    fn a_backend_is_pending_until_reachable_and_checked() {
+        // No gateway: an ipip backend needs its own next hop.
+        let mut c = Core::new(ControlPlane::new(MemMaps::default()));
+        c.replace_all(vec![with_health(
+            def("web", "10.0.0.100:80/tcp", &[]),
+            FlowPolicy::Keep,
+        )])
+        .unwrap();
+        let a = ip("10.0.1.3");
+        c.apply(Change::AddBackend {
+            service: "web".into(),
+            address: a,
+            weight: 1,
+            mac: None,
+        })
+        .unwrap();
+        let v = &c.backend_views(Some("web")).unwrap()[0];
+        assert_eq!(
+            (v.in_table, v.pending.as_deref(), v.health.as_str()),
+            (false, Some("next hop unresolved"), "pending")
+        );
+        assert_eq!(c.pending_count(), 1);
+        let m: Mac = "02:00:00:00:01:03".parse().unwrap();
+        assert!(
+            c.set_next_hops(&[(a, Some(m))]).unwrap().is_empty(),
+            "reachable but unchecked: still out"
+        );
+        let t = c.health_targets()[0].clone();
+        assert_eq!(c.health_result(&t, Err("refused".into())).unwrap(), None);
+        let v = &c.backend_views(Some("web")).unwrap()[0];
+        assert_eq!(
+            (v.in_table, v.pending.as_deref()),
+            (false, Some("waiting for its first check"))
+        );
+        assert_eq!(v.last_check_error.as_deref(), Some("refused"));
+        let ev = c
+            .health_result(&t, Ok(()))
+            .unwrap()
+            .expect("first pass: in");
+        assert!(ev.up);
+        let id = c.control().backend_id("web", a).unwrap();
+        assert!(table_ids(&c, "10.0.0.100:80/tcp").contains(&id));
+        assert_eq!(c.control().writer().backends[&id].mac, m.0);
+        // The next hop disappears: out of the table; back when it returns.
+        assert_eq!(
+            c.set_next_hops(&[(a, None)]).unwrap(),
+            vec!["web".to_string()]
+        );
+        assert!(
+            !table_ids(&c, "10.0.0.100:80/tcp")
+                .iter()
+                .any(|x| *x != NO_BACKEND)
+        );
+        assert_eq!(
+            c.backend_views(Some("web")).unwrap()[0].pending.as_deref(),
+            Some("next hop unresolved")
+        );
+        assert_eq!(
+            c.set_next_hops(&[(a, Some(m))]).unwrap(),
+            vec!["web".to_string()]
+        );
+        assert_eq!(c.pending_count(), 0);
+    }
+
+    #[test]
     fn empty_after_all_down_drops_new_flows() {
         let mut c = core();
         c.replace_all(vec![with_health(def("web", "10.0.0.100:80/tcp", &[("10.0.1.1", 1)]), FlowPolicy::Keep)]).unwrap();
+        pass_first_checks(&mut c);
         let t = c.health_targets()[0].clone();
         c.health_result(&t, Err("x".into())).unwrap();
         c.health_result(&t, Err("x".into())).unwrap();

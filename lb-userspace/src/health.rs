@@ -1,23 +1,24 @@
 //! Backend health checks: a TCP connect or an HTTP GET per backend every interval,
-//! with HAProxy's rise/fall thresholds. The checks run in their own threads and report
-//! each result; the rise/fall bookkeeping (`Tracker`) is plain data, unit-tested.
+//! with HAProxy's rise/fall thresholds. Each target is a task on lbd's runtime
+//! (thousands cost a few KiB each, no thread), jittered, and reports each result to
+//! the owner task; the rise/fall bookkeeping (`Tracker`) is plain data, unit-tested.
 
 use std::collections::HashMap;
-use std::io::{Read as _, Write as _};
-use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpSocket;
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum HealthKind {
     /// The backend accepts a TCP connection.
     Tcp,
-    /// `GET path` answers with a 2xx or 3xx status.
+    /// `GET path` answers with a 2xx or 3xx status (or one listed in `expect`).
     Http,
 }
 
@@ -42,6 +43,12 @@ pub struct HealthSpec {
     /// Port to check; default the VIP's port (required when the VIP is port 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
+    /// HTTP only: the Host header; default the backend's address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// HTTP only: the status codes that pass; default any 2xx or 3xx.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect: Option<Vec<u16>>,
 }
 
 mod defaults {
@@ -64,10 +71,16 @@ impl HealthSpec {
     /// Checks the values; `vip_port` is the service's port (0 = all ports).
     pub fn validate(&self, vip_port: u16) -> Result<(), String> {
         if !(100..=3_600_000).contains(&self.interval_ms) {
-            return Err(format!("health.interval_ms {} out of range 100..=3600000", self.interval_ms));
+            return Err(format!(
+                "health.interval_ms {} out of range 100..=3600000",
+                self.interval_ms
+            ));
         }
         if self.timeout_ms == 0 || self.timeout_ms > self.interval_ms {
-            return Err(format!("health.timeout_ms {} must be between 1 and interval_ms ({})", self.timeout_ms, self.interval_ms));
+            return Err(format!(
+                "health.timeout_ms {} must be between 1 and interval_ms ({})",
+                self.timeout_ms, self.interval_ms
+            ));
         }
         if !(1..=100).contains(&self.rise) {
             return Err(format!("health.rise {} out of range 1..=100", self.rise));
@@ -76,11 +89,36 @@ impl HealthSpec {
             return Err(format!("health.fall {} out of range 1..=100", self.fall));
         }
         match (self.kind, &self.path) {
-            (HealthKind::Tcp, Some(_)) => return Err("health.path is only for kind = \"http\"".into()),
-            (HealthKind::Http, Some(p)) if !p.starts_with('/') || p.len() > 1024 || p.bytes().any(|c| c <= b' ' || c == 0x7f) => {
-                return Err(format!("health.path {p:?} must start with '/' and hold no spaces or control characters"));
+            (HealthKind::Tcp, Some(_)) => {
+                return Err("health.path is only for kind = \"http\"".into());
+            }
+            (HealthKind::Http, Some(p))
+                if !p.starts_with('/')
+                    || p.len() > 1024
+                    || p.bytes().any(|c| c <= b' ' || c == 0x7f) =>
+            {
+                return Err(format!(
+                    "health.path {p:?} must start with '/' and hold no spaces or control characters"
+                ));
             }
             _ => {}
+        }
+        if self.kind == HealthKind::Tcp && (self.host.is_some() || self.expect.is_some()) {
+            return Err("health.host and health.expect are only for kind = \"http\"".into());
+        }
+        if let Some(h) = &self.host
+            && (h.is_empty() || h.len() > 255 || h.bytes().any(|c| c <= b' ' || c == 0x7f))
+        {
+            return Err(format!(
+                "health.host {h:?} must be 1..=255 characters without spaces or control characters"
+            ));
+        }
+        if let Some(e) = &self.expect
+            && (e.is_empty() || e.len() > 16 || e.iter().any(|c| !(100..=599).contains(c)))
+        {
+            return Err(format!(
+                "health.expect {e:?}: 1 to 16 status codes, each 100..=599"
+            ));
         }
         if self.port == Some(0) {
             return Err("health.port must not be 0".into());
@@ -94,34 +132,80 @@ impl HealthSpec {
     pub fn port(&self, vip_port: u16) -> u16 {
         self.port.unwrap_or(vip_port)
     }
+
+    /// Whether an HTTP status passes this check.
+    pub fn status_ok(&self, code: u16) -> bool {
+        match &self.expect {
+            Some(list) => list.contains(&code),
+            None => (200..400).contains(&code),
+        }
+    }
 }
 
-/// One check against `addr:port`, bounded by `spec.timeout_ms` in total.
-pub fn probe(spec: &HealthSpec, addr: IpAddr, port: u16) -> Result<(), String> {
+/// One check against `addr:port` from `source` (the kernel's source address towards
+/// the backend; None: the kernel picks), bounded by `spec.timeout_ms` in total:
+/// connect, and for `http` the request and the status line.
+pub async fn probe(
+    spec: &HealthSpec,
+    addr: IpAddr,
+    port: u16,
+    source: Option<IpAddr>,
+) -> Result<(), String> {
     let timeout = Duration::from_millis(spec.timeout_ms as u64);
-    let deadline = Instant::now() + timeout;
     let sa = SocketAddr::new(addr, port);
-    let mut s = TcpStream::connect_timeout(&sa, timeout).map_err(|e| format!("connect {sa}: {e}"))?;
+    match tokio::time::timeout(timeout, probe_inner(spec, sa, source)).await {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "{} {sa}: timed out after {} ms",
+            if spec.kind == HealthKind::Tcp {
+                "connect"
+            } else {
+                "check"
+            },
+            spec.timeout_ms
+        )),
+    }
+}
+
+async fn probe_inner(
+    spec: &HealthSpec,
+    sa: SocketAddr,
+    source: Option<IpAddr>,
+) -> Result<(), String> {
+    let sock = if sa.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(|e| format!("socket: {e}"))?;
+    if let Some(src) = source.filter(|s| s.is_ipv4() == sa.is_ipv4()) {
+        sock.bind(SocketAddr::new(src, 0))
+            .map_err(|e| format!("bind {src}: {e}"))?;
+    }
+    let mut s = sock
+        .connect(sa)
+        .await
+        .map_err(|e| format!("connect {sa}: {e}"))?;
     if spec.kind == HealthKind::Tcp {
         return Ok(());
     }
-    let left = |what: &str| {
-        deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()).ok_or_else(|| format!("{what} {sa}: timed out"))
-    };
     let path = spec.path.as_deref().unwrap_or("/");
-    let host = match addr {
-        IpAddr::V4(a) => a.to_string(),
-        IpAddr::V6(a) => format!("[{a}]"),
+    let host = match (&spec.host, sa.ip()) {
+        (Some(h), _) => h.clone(),
+        (None, IpAddr::V4(a)) => a.to_string(),
+        (None, IpAddr::V6(a)) => format!("[{a}]"),
     };
-    let req = format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: lbd-health-check\r\nConnection: close\r\n\r\n");
-    s.set_write_timeout(Some(left("write")?)).map_err(|e| e.to_string())?;
-    s.write_all(req.as_bytes()).map_err(|e| format!("write {sa}: {e}"))?;
+    let req = format!(
+        "GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: lbd-health-check\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes())
+        .await
+        .map_err(|e| format!("write {sa}: {e}"))?;
     // The status line is all we need; read until its end or 512 bytes.
     let mut buf = [0u8; 512];
     let mut n = 0;
     while n < buf.len() && !buf[..n].contains(&b'\n') {
-        s.set_read_timeout(Some(left("read")?)).map_err(|e| e.to_string())?;
-        match s.read(&mut buf[n..]) {
+        match s.read(&mut buf[n..]).await {
             Ok(0) => break,
             Ok(k) => n += k,
             Err(e) => return Err(format!("read {sa}: {e}")),
@@ -132,10 +216,12 @@ pub fn probe(spec: &HealthSpec, addr: IpAddr, port: u16) -> Result<(), String> {
     let mut parts = line.split_whitespace();
     let (proto, code) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     if !proto.starts_with("HTTP/") {
-        return Err(format!("GET {path} on {sa}: not an HTTP response ({line:?})"));
+        return Err(format!(
+            "GET {path} on {sa}: not an HTTP response ({line:?})"
+        ));
     }
     match code.parse::<u16>() {
-        Ok(c) if (200..400).contains(&c) => Ok(()),
+        Ok(c) if spec.status_ok(c) => Ok(()),
         Ok(c) => Err(format!("GET {path} on {sa}: status {c}")),
         Err(_) => Err(format!("GET {path} on {sa}: bad status line {line:?}")),
     }
@@ -170,36 +256,37 @@ impl Tracker {
     }
 }
 
-/// What to check: a service's backend with its service's spec.
+/// What to check: a service's backend with its service's spec, from which source.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Target {
     pub service: String,
     pub addr: IpAddr,
     pub port: u16,
     pub spec: HealthSpec,
+    /// The interface address the kernel uses towards the backend (never a VIP).
+    pub source: Option<IpAddr>,
 }
 
 /// Where results go: (target, result of one probe).
-pub type Report = Arc<dyn Fn(&Target, Result<(), String>) + Send + Sync>;
+pub type Report = mpsc::Sender<(Target, Result<(), String>)>;
 
-struct Running {
-    stop: Arc<AtomicBool>,
-    _thread: JoinHandle<()>,
-}
-
-/// One thread per target, started and stopped as the backend sets change.
+/// One task per target on the runtime's threads, started and stopped as the backend
+/// sets change. Dropping the runner stops every check.
 #[derive(Default)]
 pub struct Runner {
-    running: HashMap<Target, Running>,
+    running: HashMap<Target, AbortHandle>,
 }
 
 impl Runner {
-    /// Runs exactly `targets`: starts new ones, stops the ones not listed.
-    pub fn sync(&mut self, targets: &[Target], report: &Report) {
-        self.running.retain(|t, r| {
-            let keep = targets.contains(t);
+    /// Runs exactly `targets`: starts new ones, stops the ones not listed. `now`:
+    /// targets whose first check runs at once (backends waiting for it); the others
+    /// start at a point spread over their interval, so thousands do not fire together.
+    pub fn sync(&mut self, targets: &[Target], now: &dyn Fn(&Target) -> bool, report: &Report) {
+        let want: std::collections::HashSet<&Target> = targets.iter().collect();
+        self.running.retain(|t, h| {
+            let keep = want.contains(t);
             if !keep {
-                r.stop.store(true, Ordering::Relaxed);
+                h.abort();
             }
             keep
         });
@@ -207,13 +294,13 @@ impl Runner {
             if self.running.contains_key(t) {
                 continue;
             }
-            let stop = Arc::new(AtomicBool::new(false));
-            let (t2, stop2, report) = (t.clone(), stop.clone(), report.clone());
-            let thread = std::thread::Builder::new()
-                .name(format!("health {}", t.addr))
-                .spawn(move || check_loop(&t2, &stop2, &*report))
-                .expect("spawning a health-check thread");
-            self.running.insert(t.clone(), Running { stop, _thread: thread });
+            let first = if now(t) {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(spread(t) % t.spec.interval_ms.max(1) as u64)
+            };
+            let h = tokio::spawn(check_loop(t.clone(), first, report.clone()));
+            self.running.insert(t.clone(), h.abort_handle());
         }
     }
 
@@ -224,51 +311,74 @@ impl Runner {
     pub fn is_empty(&self) -> bool {
         self.running.is_empty()
     }
+
+    pub fn stop_all(&mut self) {
+        for h in self.running.values() {
+            h.abort();
+        }
+        self.running.clear();
+    }
 }
 
 impl Drop for Runner {
     fn drop(&mut self) {
-        for r in self.running.values() {
-            r.stop.store(true, Ordering::Relaxed);
-        }
+        self.stop_all();
     }
 }
 
-fn check_loop(t: &Target, stop: &AtomicBool, report: &(dyn Fn(&Target, Result<(), String>) + Send + Sync)) {
+/// A per-target number that spreads first checks and jitter.
+fn spread(t: &Target) -> u64 {
+    lb_common::hash_words(&lb_common::addr_words(t.addr), 7 ^ t.port as u32) as u64
+}
+
+async fn check_loop(t: Target, first: Duration, report: Report) {
     let interval = Duration::from_millis(t.spec.interval_ms as u64);
-    // Spread the first checks over the interval so N backends are not probed at once.
-    let offset = lb_common::hash_words(&lb_common::addr_words(t.addr), 7) as u64 % (t.spec.interval_ms as u64).max(1);
-    let mut next = Instant::now() + Duration::from_millis(offset.min(200));
+    // ±5% per round, from a cheap per-target sequence: checks that started together
+    // drift apart instead of staying in lock step.
+    let mut x = spread(&t) | 1;
+    tokio::time::sleep(first).await;
     loop {
-        // Sleep in short slices so a stop takes effect quickly.
-        while Instant::now() < next {
-            if stop.load(Ordering::Relaxed) {
-                return;
-            }
-            std::thread::sleep((next - Instant::now()).min(Duration::from_millis(50)));
-        }
-        if stop.load(Ordering::Relaxed) {
+        let started = tokio::time::Instant::now();
+        let r = probe(&t.spec, t.addr, t.port, t.source).await;
+        if report.send((t.clone(), r)).await.is_err() {
             return;
         }
-        let r = probe(&t.spec, t.addr, t.port);
-        if stop.load(Ordering::Relaxed) {
-            return;
-        }
-        report(t, r);
-        next += interval;
-        if next < Instant::now() {
-            next = Instant::now() + interval;
-        }
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let span = (interval.as_millis() as u64 / 10).max(1);
+        let jitter = (x % span) as i64 - (span / 2) as i64;
+        let next = (interval.as_millis() as i64 + jitter).max(1) as u64;
+        tokio::time::sleep_until(started + Duration::from_millis(next)).await;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read as _, Write as _};
     use std::net::TcpListener;
+    use std::time::Instant;
 
     fn spec(kind: HealthKind) -> HealthSpec {
-        HealthSpec { kind, interval_ms: 1000, timeout_ms: 500, rise: 2, fall: 3, path: None, port: None }
+        HealthSpec {
+            kind,
+            interval_ms: 1000,
+            timeout_ms: 500,
+            rise: 2,
+            fall: 3,
+            path: None,
+            port: None,
+            host: None,
+            expect: None,
+        }
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
     }
 
     #[test]
@@ -276,7 +386,11 @@ mod tests {
         let mut t = Tracker::new(true);
         assert_eq!(t.record(false, 2, 3), None);
         assert_eq!(t.record(false, 2, 3), None);
-        assert_eq!(t.record(true, 2, 3), None, "a success resets the failure streak");
+        assert_eq!(
+            t.record(true, 2, 3),
+            None,
+            "a success resets the failure streak"
+        );
         assert_eq!(t.record(false, 2, 3), None);
         assert_eq!(t.record(false, 2, 3), None);
         assert_eq!(t.record(false, 2, 3), Some(false));
@@ -290,93 +404,262 @@ mod tests {
     fn validate_names_the_bad_key() {
         let ok = spec(HealthKind::Tcp);
         ok.validate(80).unwrap();
+        let http = spec(HealthKind::Http);
         let cases = [
-            (HealthSpec { interval_ms: 10, ..ok.clone() }, "interval_ms"),
-            (HealthSpec { timeout_ms: 2000, ..ok.clone() }, "timeout_ms"),
-            (HealthSpec { rise: 0, ..ok.clone() }, "rise"),
-            (HealthSpec { fall: 1000, ..ok.clone() }, "fall"),
-            (HealthSpec { path: Some("/x".into()), ..ok.clone() }, "only for kind"),
-            (HealthSpec { kind: HealthKind::Http, path: Some("no slash".into()), ..ok.clone() }, "path"),
-            (HealthSpec { kind: HealthKind::Http, path: Some("/a b".into()), ..ok.clone() }, "path"),
+            (
+                HealthSpec {
+                    interval_ms: 10,
+                    ..ok.clone()
+                },
+                "interval_ms",
+            ),
+            (
+                HealthSpec {
+                    timeout_ms: 2000,
+                    ..ok.clone()
+                },
+                "timeout_ms",
+            ),
+            (
+                HealthSpec {
+                    rise: 0,
+                    ..ok.clone()
+                },
+                "rise",
+            ),
+            (
+                HealthSpec {
+                    fall: 1000,
+                    ..ok.clone()
+                },
+                "fall",
+            ),
+            (
+                HealthSpec {
+                    path: Some("/x".into()),
+                    ..ok.clone()
+                },
+                "only for kind",
+            ),
+            (
+                HealthSpec {
+                    kind: HealthKind::Http,
+                    path: Some("no slash".into()),
+                    ..ok.clone()
+                },
+                "path",
+            ),
+            (
+                HealthSpec {
+                    kind: HealthKind::Http,
+                    path: Some("/a b".into()),
+                    ..ok.clone()
+                },
+                "path",
+            ),
+            (
+                HealthSpec {
+                    host: Some("a".into()),
+                    ..ok.clone()
+                },
+                "only for kind",
+            ),
+            (
+                HealthSpec {
+                    host: Some("a b".into()),
+                    ..http.clone()
+                },
+                "health.host",
+            ),
+            (
+                HealthSpec {
+                    expect: Some(vec![]),
+                    ..http.clone()
+                },
+                "health.expect",
+            ),
+            (
+                HealthSpec {
+                    expect: Some(vec![200, 99]),
+                    ..http.clone()
+                },
+                "health.expect",
+            ),
         ];
         for (s, want) in cases {
             let e = s.validate(80).unwrap_err();
             assert!(e.contains(want), "{e:?} should mention {want:?}");
         }
         assert!(ok.validate(0).unwrap_err().contains("port is required"));
-        HealthSpec { port: Some(8080), ..ok }.validate(0).unwrap();
+        HealthSpec {
+            port: Some(8080),
+            ..ok
+        }
+        .validate(0)
+        .unwrap();
+        HealthSpec {
+            host: Some("app.example".into()),
+            expect: Some(vec![200, 204]),
+            ..http
+        }
+        .validate(80)
+        .unwrap();
     }
 
     #[test]
-    fn tcp_probe_on_loopback() {
+    fn tcp_probe_on_loopback_from_a_given_source() {
+        let rt = rt();
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
-        probe(&spec(HealthKind::Tcp), "127.0.0.1".parse().unwrap(), port).unwrap();
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        rt.block_on(probe(
+            &spec(HealthKind::Tcp),
+            lo,
+            port,
+            Some("127.0.0.2".parse().unwrap()),
+        ))
+        .unwrap();
+        let (_, from) = l.accept().unwrap();
+        assert_eq!(
+            from.ip(),
+            "127.0.0.2".parse::<IpAddr>().unwrap(),
+            "the check leaves from the source given"
+        );
         drop(l);
-        let e = probe(&spec(HealthKind::Tcp), "127.0.0.1".parse().unwrap(), port).unwrap_err();
+        let e = rt
+            .block_on(probe(&spec(HealthKind::Tcp), lo, port, None))
+            .unwrap_err();
         assert!(e.contains("connect"), "{e}");
     }
 
-    /// Serves `n` connections on loopback, answering each with `status`.
-    fn http_server(status: &'static str, n: usize) -> u16 {
+    /// Serves `n` connections on loopback, answering each with `status`; sends each
+    /// request it read on the channel.
+    fn http_server(status: &'static str, n: usize) -> (u16, std::sync::mpsc::Receiver<String>) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
+        let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for _ in 0..n {
                 let Ok((mut c, _)) = l.accept() else { return };
                 c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
                 let mut buf = [0u8; 1024];
-                let _ = c.read(&mut buf);
+                let k = c.read(&mut buf).unwrap_or(0);
+                let _ = tx.send(String::from_utf8_lossy(&buf[..k]).to_string());
                 let _ = c.write_all(status.as_bytes());
             }
         });
-        port
+        (port, rx)
     }
 
     #[test]
-    fn http_probe_accepts_2xx_3xx_only() {
+    fn http_probe_checks_status_host_and_timeout() {
+        let rt = rt();
         let lo: IpAddr = "127.0.0.1".parse().unwrap();
-        let http = HealthSpec { path: Some("/healthz".into()), ..spec(HealthKind::Http) };
-        probe(&http, lo, http_server("HTTP/1.1 200 OK\r\n\r\n", 1)).unwrap();
-        probe(&http, lo, http_server("HTTP/1.0 302 Found\r\n\r\n", 1)).unwrap();
-        let e = probe(&http, lo, http_server("HTTP/1.1 503 Service Unavailable\r\n\r\n", 1)).unwrap_err();
+        let http = HealthSpec {
+            path: Some("/healthz".into()),
+            ..spec(HealthKind::Http)
+        };
+        let (p, rx) = http_server("HTTP/1.1 200 OK\r\n\r\n", 1);
+        rt.block_on(probe(&http, lo, p, None)).unwrap();
+        let req = rx.recv().unwrap();
+        assert!(
+            req.starts_with("GET /healthz HTTP/1.0\r\n") && req.contains("Host: 127.0.0.1\r\n"),
+            "{req}"
+        );
+        rt.block_on(probe(
+            &http,
+            lo,
+            http_server("HTTP/1.0 302 Found\r\n\r\n", 1).0,
+            None,
+        ))
+        .unwrap();
+        let e = rt
+            .block_on(probe(
+                &http,
+                lo,
+                http_server("HTTP/1.1 503 Service Unavailable\r\n\r\n", 1).0,
+                None,
+            ))
+            .unwrap_err();
         assert!(e.contains("status 503"), "{e}");
-        let e = probe(&http, lo, http_server("SSH-2.0-OpenSSH\r\n", 1)).unwrap_err();
+        let e = rt
+            .block_on(probe(
+                &http,
+                lo,
+                http_server("SSH-2.0-OpenSSH\r\n", 1).0,
+                None,
+            ))
+            .unwrap_err();
         assert!(e.contains("not an HTTP response"), "{e}");
+        // Expected codes and a Host header of our choice.
+        let strict = HealthSpec {
+            host: Some("app.example".into()),
+            expect: Some(vec![204]),
+            ..http.clone()
+        };
+        let e = rt
+            .block_on(probe(
+                &strict,
+                lo,
+                http_server("HTTP/1.1 200 OK\r\n\r\n", 1).0,
+                None,
+            ))
+            .unwrap_err();
+        assert!(e.contains("status 200"), "200 is not in expect: {e}");
+        let (p, rx) = http_server("HTTP/1.1 204 No Content\r\n\r\n", 1);
+        rt.block_on(probe(&strict, lo, p, None)).unwrap();
+        assert!(rx.recv().unwrap().contains("Host: app.example\r\n"));
         // A server that accepts and never answers: bounded by the timeout.
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let t0 = Instant::now();
-        let e = probe(&http, lo, l.local_addr().unwrap().port()).unwrap_err();
-        assert!(t0.elapsed() < Duration::from_secs(2), "probe is bounded by timeout_ms");
-        assert!(e.contains("read") || e.contains("timed out"), "{e}");
+        let e = rt
+            .block_on(probe(&http, lo, l.local_addr().unwrap().port(), None))
+            .unwrap_err();
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "probe is bounded by timeout_ms"
+        );
+        assert!(e.contains("timed out"), "{e}");
     }
 
     #[test]
     fn runner_reports_and_stops() {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let t = Target {
-            service: "web".into(),
-            addr: "127.0.0.1".parse().unwrap(),
-            port: l.local_addr().unwrap().port(),
-            spec: HealthSpec { interval_ms: 100, timeout_ms: 100, ..spec(HealthKind::Tcp) },
-        };
-        let (tx, rx) = std::sync::mpsc::channel();
-        let tx = std::sync::Mutex::new(tx);
-        let report: Report = Arc::new(move |t: &Target, r: Result<(), String>| {
-            let _ = tx.lock().unwrap().send((t.addr, r.is_ok()));
+        let rt = rt();
+        rt.block_on(async {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let t = Target {
+                service: "web".into(),
+                addr: "127.0.0.1".parse().unwrap(),
+                port: l.local_addr().unwrap().port(),
+                spec: HealthSpec {
+                    interval_ms: 100,
+                    timeout_ms: 100,
+                    ..spec(HealthKind::Tcp)
+                },
+                source: None,
+            };
+            let (tx, mut rx) = mpsc::channel(16);
+            let mut runner = Runner::default();
+            runner.sync(std::slice::from_ref(&t), &|_| true, &tx);
+            assert_eq!(runner.len(), 1);
+            for _ in 0..2 {
+                let (got, r) = tokio::time::timeout(Duration::from_secs(2), rx.recv())
+                    .await
+                    .expect("a report within 2 s")
+                    .unwrap();
+                assert_eq!(got, t);
+                assert!(r.is_ok());
+            }
+            runner.sync(&[], &|_| true, &tx);
+            assert!(runner.is_empty());
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            while rx.try_recv().is_ok() {}
+            assert!(
+                tokio::time::timeout(Duration::from_millis(400), rx.recv())
+                    .await
+                    .is_err(),
+                "stopped checks report nothing"
+            );
         });
-        let mut runner = Runner::default();
-        runner.sync(std::slice::from_ref(&t), &report);
-        assert_eq!(runner.len(), 1);
-        for _ in 0..2 {
-            let (_, ok) = rx.recv_timeout(Duration::from_secs(2)).expect("a report within 2 s");
-            assert!(ok);
-        }
-        runner.sync(&[], &report);
-        assert!(runner.is_empty());
-        // Drain what was in flight, then nothing more arrives.
-        std::thread::sleep(Duration::from_millis(300));
-        while rx.try_recv().is_ok() {}
-        assert!(rx.recv_timeout(Duration::from_millis(400)).is_err(), "stopped checks report nothing");
     }
 }

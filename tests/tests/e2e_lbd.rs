@@ -382,32 +382,55 @@ fn check_validates_without_touching_the_system() {
 }
 
 #[test]
-fn datapath_config_errors_are_counted_and_logged_through_lbd() {
+fn a_backend_without_a_next_hop_is_pending_never_a_drop() {
     let (t, mut l) = setup(3, &[]);
     // An on-link backend address nobody answers for: no MAC, no neighbour entry, no
-    // gateway_mac, so the datapath cannot forward and says why.
+    // gateway_mac. It stays out of the table ("pending"), so the service is empty and
+    // answers at once (ICMP port unreachable) instead of dropping in the datapath.
     let vip = vip_v4(3);
     l.write_config(&format!("[[service]]\nname = \"dns\"\nvip = \"{vip}:53/udp\"\ntable_size = 251\n[[service.backend]]\naddress = \"10.200.0.99\"\n"));
     l.start();
     let sent = lb_tests::netns::in_ns(&t.client.ns, || {
         let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-        (0..5).filter(|_| s.send_to(b"query", (vip, 53)).is_ok()).count()
+        (0..5)
+            .filter(|_| s.send_to(b"query", (vip, 53)).is_ok())
+            .count()
     });
     assert_eq!(sent, 5);
-    let dropped = || {
+    let reason = |name: &str| {
         let st = l.lbctl_json(&["stats"]);
-        st["reasons"].as_array().unwrap().iter().find(|r| r["reason"] == "drop_no_nexthop").unwrap()["packets"].as_u64().unwrap()
+        st["reasons"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["reason"] == name)
+            .unwrap()["packets"]
+            .as_u64()
+            .unwrap()
     };
-    assert!(wait_for(Duration::from_secs(3), || dropped() >= 5).is_some(), "counted: {}", dropped());
-    // The datapath's own record (aya-log) in lbd's log: first, second, fourth drop.
     assert!(
-        wait_for(Duration::from_secs(3), || l.log().matches("drop_no_nexthop: a backend has no next-hop MAC").count() >= 2).is_some(),
-        "datapath log in lbd's log:\n{}",
-        l.log()
+        wait_for(Duration::from_secs(3), || reason("tx_port_unreachable")
+            >= 5)
+        .is_some(),
+        "answered: {}",
+        reason("tx_port_unreachable")
     );
-    assert!(l.log().matches("drop_no_nexthop").count() <= 6, "logarithmic, not per packet:\n{}", l.log());
+    assert_eq!(
+        reason("drop_no_nexthop"),
+        0,
+        "a backend without a next hop is never in a table"
+    );
     let b = &l.lbctl_json(&["backend", "list", "dns"])[0];
-    assert_eq!(b["next_hop"], "unresolved");
+    assert_eq!(
+        (
+            b["next_hop"].as_str(),
+            b["in_table"].as_bool(),
+            b["pending"].as_str()
+        ),
+        (Some("unresolved"), Some(false), Some("next hop unresolved")),
+        "{b}"
+    );
+    assert_eq!(l.lbctl_json(&["status"])["backends_pending"], 1);
 }
 
 #[test]

@@ -198,6 +198,8 @@ fn main() -> ExitCode {
                         fall,
                         path: health_path,
                         port: health_port,
+                        host: None,
+                        expect: None,
                     }),
                     unhealthy: match unhealthy {
                         PolicyArg::Keep => FlowPolicy::Keep,
@@ -291,10 +293,13 @@ fn status_table(s: &StatusView) -> String {
     let ifaces: Vec<String> = s
         .interfaces
         .iter()
-        .map(|i| format!("{} ({}{})", i.name, if i.mode.is_empty() { "?" } else { &i.mode }, if i.attached_now { "" } else { ", adopted" }))
+        .map(|i| match i.state.as_str() {
+            "attached" => format!("{} ({}{})", i.name, if i.mode.is_empty() { "?" } else { &i.mode }, if i.attached_now { "" } else { ", adopted" }),
+            state => format!("{} ({state})", i.name),
+        })
         .collect();
     format!(
-        "instance     {}\npid          {}\nuptime       {} s\nconfig       {} (version {})\ndatapath     {}\npins         {}\nstate        {}\ninterfaces   {}\nservices     {}\nbackends     {} ({} up, {} down, {} drained)\n",
+        "instance     {}\npid          {}\nuptime       {} s\nconfig       {} (version {})\ndatapath     {}\npins         {}\nstate        {}\ninterfaces   {}\nservices     {}\nbackends     {} ({} up, {} down, {} drained, {} pending)\n",
         s.instance,
         s.pid,
         s.uptime_s,
@@ -308,7 +313,8 @@ fn status_table(s: &StatusView) -> String {
         s.backends,
         s.backends_up,
         s.backends_down,
-        s.backends_drained
+        s.backends_drained,
+        s.backends_pending
     ) + &s.cluster.as_ref().map_or(String::new(), |c| format!("cluster      {c}\n"))
 }
 
@@ -342,7 +348,11 @@ fn backends_table(v: &[BackendView]) -> String {
                     b.weight.to_string(),
                     b.admin.clone(),
                     b.health.clone(),
-                    if b.in_table { "yes" } else { "no" }.into(),
+                    match (&b.pending, b.in_table) {
+                        (Some(why), _) => format!("pending ({why})"),
+                        (None, true) => "yes".into(),
+                        (None, false) => "no".into(),
+                    },
                     b.next_hop.clone(),
                     b.last_check_error.clone().unwrap_or_default(),
                 ]

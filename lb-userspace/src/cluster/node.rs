@@ -1,140 +1,81 @@
-//! The cluster plane at run time, inside lbd: one UDP socket to the peer, a loop that
-//! ticks the election every heartbeat, sends heartbeats, replicates the services and
-//! streams new flows; role changes take or release the VIP addresses and turn the
-//! datapath's flow reporting on or off. The decisions are in `election`,
-//! `config_sync`, `flow_sync` and `wire`; this is the I/O around them.
-//!
-//! Lock order, as in the daemon: `core` before `cluster`; nothing that can block on
-//! the network is done while either is held.
+//! The cluster plane at run time: one task on a thread of its own (a current-thread
+//! runtime), so nothing in the control state can delay a heartbeat. It owns the UDP
+//! socket, the election, the sealer and the peer guard; every `heartbeat_ms` it sends
+//! a heartbeat, then the flows queued since the last one (active only), then the full
+//! services when the peer is behind. It tells the owner task about role changes and
+//! complete peer configs; the owner tells it about local changes. Synced flows from
+//! the peer go to the applier task through a bounded queue (drops counted).
 
-use std::collections::BTreeSet;
-use std::net::{IpAddr, UdpSocket};
-use std::os::fd::AsRawFd as _;
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use aya::maps::{MapData, RingBuf};
+use aya::maps::{MapData, PerCpuArray};
 use serde::{Deserialize, Serialize};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 
 use super::ClusterConfig;
 use super::config_sync::{Assembler, ConfigPos, Incoming, Replicator, incoming};
 use super::election::{Election, Transition};
-use super::flow_sync::{ApplyCounters, FlowQueue, QueueCounters, resolve};
-use super::wire::{ETHERNET_DATAGRAM, Header, Message, PeerGuard, Role, Sealer};
-use crate::daemon::{Daemon, lock};
-use crate::flowsync::{FlowWriter, parse_event};
-use crate::model::ServiceDef;
+use super::flow_sync::{FlowQueue, QueueCounters};
+use super::wire::{ETHERNET_DATAGRAM, Message, PeerGuard, Role, Sealer, SyncedFlow};
+use crate::daemon::flows::FlowCounters;
 
-/// Flows waiting for the peer, at most (about 2 MiB).
-const FLOW_QUEUE: usize = 65536;
-/// Flows sent per tick, at most.
-const FLOW_BUDGET: usize = 8192;
+/// Flows waiting for the peer, at most (about 3 MiB).
+pub const FLOW_QUEUE: usize = 65536;
+/// Flows sent per heartbeat, at most: 16384 per 100 ms is 160k flows/s.
+const FLOW_BUDGET: usize = 16384;
+/// Heartbeat send intervals kept for the p99 in `lbctl cluster status`.
+const INTERVALS_KEPT: usize = 4096;
 
-pub struct ClusterState {
-    pub cfg: ClusterConfig,
-    pub election: Election,
-    sealer: Sealer,
-    guard: PeerGuard,
-    queue: FlowQueue,
-    applied: ApplyCounters,
-    replicator: Replicator,
-    assembler: Assembler,
-    /// Where our services stand in the pair's order.
-    pub pos: ConfigPos,
-    /// Send our full config at the next tick (a local change).
-    push_config: bool,
-    held: BTreeSet<IpAddr>,
-    pub epoch: u64,
-    started: Instant,
-    last_transition: Option<(Transition, Instant)>,
-    flow_writer: Option<FlowWriter>,
+/// From the owner task.
+pub enum ClusterCmd {
+    /// Our services changed here: their new position and JSON.
+    LocalChange {
+        pos: ConfigPos,
+        services: Arc<Vec<u8>>,
+    },
+    /// The peer's config at `pos` is what we run now (applied, or we had it): ack it.
+    Applied {
+        pos: ConfigPos,
+        services: Arc<Vec<u8>>,
+    },
+    Failover(oneshot::Sender<Result<(), String>>),
+    Status(oneshot::Sender<ClusterView>),
+    Stop,
 }
 
-impl ClusterState {
-    pub fn new(cfg: ClusterConfig, key: super::wire::Key, pos: ConfigPos, epoch: u64, flow_writer: Option<FlowWriter>) -> Self {
-        let started = Instant::now();
+/// To the owner task.
+#[derive(Debug)]
+pub enum ClusterEvent {
+    Role(Transition),
+    PeerConfig(ConfigPos, Vec<u8>),
+}
+
+/// What the owner reads without asking: role and the peer's config position.
+#[derive(Clone, Copy, Debug)]
+pub struct ClusterSnapshot {
+    pub role: Role,
+    pub peer_pos: Option<ConfigPos>,
+    pub peer_alive: bool,
+    pub peer_node: Option<u32>,
+    pub peer_role: Option<Role>,
+    pub last_heard_ms_ago: Option<u64>,
+}
+
+impl Default for ClusterSnapshot {
+    fn default() -> Self {
         Self {
-            election: Election::new(cfg.params(), pos, 0),
-            sealer: Sealer::new(key.clone(), cfg.node_id, epoch),
-            guard: PeerGuard::new(key, cfg.node_id, cfg.peer_id),
-            queue: FlowQueue::new(FLOW_QUEUE),
-            applied: ApplyCounters::default(),
-            replicator: Replicator::new(cfg.heartbeat_ms as u64 * 10),
-            assembler: Assembler::default(),
-            cfg,
-            pos,
-            push_config: false,
-            held: BTreeSet::new(),
-            epoch,
-            started,
-            last_transition: None,
-            flow_writer,
-        }
-    }
-
-    fn now(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
-    }
-
-    pub fn role(&self) -> Role {
-        self.election.role()
-    }
-
-    /// A local change of the services (CLI, reload): a new position, sent at once.
-    pub fn local_change(&mut self) -> Option<Transition> {
-        let now = self.now();
-        let peer = self.election.status(now).peer.map(|p| p.heartbeat.config);
-        self.pos = self.pos.next(peer, self.cfg.node_id);
-        self.push_config = true;
-        self.election.set_local_config(now, self.pos)
-    }
-
-    fn election_tick(&mut self) -> Option<Transition> {
-        let now = self.now();
-        self.election.on_tick(now)
-    }
-
-    /// `lbctl cluster failover`.
-    pub fn failover(&mut self) -> Result<(), String> {
-        let now = self.now();
-        self.election.request_failover(now).map_err(|e| e.to_string())
-    }
-
-    pub fn view(&self, datapath_lost: u64) -> ClusterView {
-        let now = self.now();
-        let st = self.election.status(now);
-        let QueueCounters { queued, dropped_full, sent } = self.queue.counters;
-        ClusterView {
-            node_id: self.cfg.node_id,
-            role: st.role.to_string(),
-            priority: self.cfg.priority,
-            preempt: self.cfg.preempt,
-            synced: st.synced,
-            yielding: st.yielding,
-            config: st.config.to_string(),
-            peer: st.peer.map(|p| PeerStatus {
-                node_id: p.node_id,
-                role: p.heartbeat.role.to_string(),
-                priority: p.heartbeat.priority,
-                config: p.heartbeat.config.to_string(),
-                alive: st.peer_alive,
-                last_heartbeat_ms_ago: st.last_heard_ms_ago.unwrap_or(0),
-            }),
-            vips_held: self.held.iter().copied().collect(),
-            last_change: self.last_transition.map(|(t, at)| {
-                format!("{} -> {} ({:?}) {} ms ago", t.from, t.to, t.why, at.elapsed().as_millis())
-            }),
-            datagrams_accepted: self.guard.counters().accepted,
-            datagrams_rejected: self.guard.counters().by_reason().filter(|(_, n)| *n > 0).map(|(r, n)| (r.to_string(), n)).collect(),
-            flows_queued: queued,
-            flows_sent: sent,
-            flows_dropped_queue_full: dropped_full,
-            flows_lost_in_datapath: datapath_lost,
-            flows_applied: self.applied.applied,
-            flows_unknown_vip: self.applied.unknown_vip,
-            flows_unknown_backend: self.applied.unknown_backend,
+            role: Role::Init,
+            peer_pos: None,
+            peer_alive: false,
+            peer_node: None,
+            peer_role: None,
+            last_heard_ms_ago: None,
         }
     }
 }
@@ -163,6 +104,17 @@ pub struct ClusterView {
     pub peer: Option<PeerStatus>,
     pub vips_held: Vec<IpAddr>,
     pub last_change: Option<String>,
+    /// Role changes since start.
+    #[serde(default)]
+    pub role_changes: u64,
+    /// Heartbeat send interval: p99 and largest, ms, over the last 4096 sent.
+    #[serde(default)]
+    pub heartbeat_interval_p99_ms: f64,
+    #[serde(default)]
+    pub heartbeat_interval_max_ms: f64,
+    /// Longest silence of the peer between two heartbeats heard, ms.
+    #[serde(default)]
+    pub peer_gap_max_ms: u64,
     pub datagrams_accepted: u64,
     pub datagrams_rejected: Vec<(String, u64)>,
     pub flows_queued: u64,
@@ -172,131 +124,227 @@ pub struct ClusterView {
     pub flows_applied: u64,
     pub flows_unknown_vip: u64,
     pub flows_unknown_backend: u64,
+    /// Synced flows received but dropped: the applier was behind.
+    #[serde(default)]
+    pub flows_dropped_apply_queue: u64,
 }
 
-fn send_all(sock: &UdpSocket, peer: std::net::SocketAddr, datagrams: Vec<Vec<u8>>) {
-    for d in datagrams {
-        // A lost datagram is recovered by the protocol (heartbeats repeat, config is
-        // resent until acked); a send error is logged once per tick at most.
-        if let Err(e) = sock.send_to(&d, peer) {
-            warn!(error = %e, %peer, "cluster: send");
-            return;
-        }
-    }
+/// Everything the cluster task needs, built by the daemon at start.
+pub struct ClusterTask {
+    pub cfg: ClusterConfig,
+    pub key: super::wire::Key,
+    pub pos: ConfigPos,
+    pub epoch: u64,
+    pub services: Arc<Vec<u8>>,
+    /// Send our config at once (the file's services are a local change).
+    pub push_config: bool,
+    pub socket: std::net::UdpSocket,
+    pub queue: Arc<Mutex<FlowQueue>>,
+    pub apply: mpsc::Sender<Vec<SyncedFlow>>,
+    pub counters: Arc<FlowCounters>,
+    pub sync_stats: Option<PerCpuArray<MapData, u64>>,
+    pub held: watch::Receiver<Vec<IpAddr>>,
+    pub events: mpsc::UnboundedSender<ClusterEvent>,
+    pub snapshot: watch::Sender<ClusterSnapshot>,
 }
 
-impl Daemon {
-    /// Starts the cluster threads: the protocol loop and the flow-event reader.
-    pub(crate) fn start_cluster(self: &Arc<Self>, sock: UdpSocket, events: Option<RingBuf<MapData>>) {
-        // A restarted node may still hold VIPs from a previous life: it holds none
-        // until the election says so.
-        self.release_all_vips();
-        let me = self.clone();
-        let _ = std::thread::Builder::new().name("cluster".into()).spawn(move || me.cluster_loop(sock));
-        if let Some(rb) = events {
-            let me = Arc::downgrade(self);
-            let _ = std::thread::Builder::new().name("flow-events".into()).spawn(move || flow_event_loop(me, rb));
-        }
+struct Run {
+    t: ClusterTask,
+    election: Election,
+    sealer: Sealer,
+    guard: PeerGuard,
+    replicator: Replicator,
+    assembler: Assembler,
+    started: Instant,
+    last_transition: Option<(Transition, Instant)>,
+    role_changes: u64,
+    last_sent: Option<Instant>,
+    intervals: VecDeque<f64>,
+    last_heard: Option<Instant>,
+    peer_gap_max_ms: u64,
+    sock: UdpSocket,
+    peer: SocketAddr,
+}
+
+impl ClusterTask {
+    /// Runs on a thread of its own until `Stop` or the owner goes away.
+    pub fn spawn(
+        self,
+        cmds: mpsc::UnboundedReceiver<ClusterCmd>,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("lbd-cluster".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        error!(error = %e, "cluster: no runtime");
+                        return;
+                    }
+                };
+                rt.block_on(self.run(cmds));
+            })
     }
 
-    pub(crate) fn release_all_vips(&self) {
-        let (Some(c), iface) = (self.cluster.as_ref(), self.vip_interface()) else { return };
-        let vips: BTreeSet<IpAddr> = lock(&self.core).services().iter().map(|d| d.vip.addr).collect();
-        for v in vips {
-            let _ = crate::announce::set_vip(&iface, v, false);
-        }
-        lock(c).held.clear();
-    }
-
-    fn cluster_loop(self: Arc<Self>, sock: UdpSocket) {
-        let Some(cl) = self.cluster.as_ref() else { return };
-        let (hb_ms, peer) = {
-            let c = lock(cl);
-            (c.cfg.heartbeat_ms as u64, c.cfg.peer)
-        };
-        let tick = Duration::from_millis(hb_ms);
-        // The election looks at the peer's silence 5 times per heartbeat, so a death is
-        // noticed within a fifth of an interval of the dead time, not a whole one.
-        let eval = Duration::from_millis((hb_ms / 5).max(1));
-        let mut next = Instant::now();
-        let mut next_eval = Instant::now();
-        let mut buf = vec![0u8; 65536];
-        while !self.shutdown.load(Ordering::Relaxed) {
-            let wait = next.min(next_eval).saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-            let _ = sock.set_read_timeout(Some(wait));
-            match sock.recv_from(&mut buf) {
-                Ok((n, _from)) => self.on_datagram(&sock, peer, &buf[..n]),
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+    async fn run(self, mut cmds: mpsc::UnboundedReceiver<ClusterCmd>) {
+        let _ = self.socket.set_nonblocking(true);
+        let sock =
+            match UdpSocket::from_std(self.socket.try_clone().expect("cloning the cluster socket"))
+            {
+                Ok(s) => s,
                 Err(e) => {
-                    warn!(error = %e, "cluster: receive");
-                    std::thread::sleep(Duration::from_millis(10));
+                    error!(error = %e, "cluster: socket");
+                    return;
                 }
-            }
-            if Instant::now() >= next_eval {
-                next_eval = Instant::now() + eval;
-                let t = lock(cl).election_tick();
-                if let Some(t) = t {
-                    self.on_transition(t);
+            };
+        let peer = self.cfg.peer;
+        let mut r = Run {
+            election: Election::new(self.cfg.params(), self.pos, 0),
+            sealer: Sealer::new(self.key.clone(), self.cfg.node_id, self.epoch),
+            guard: PeerGuard::new(self.key.clone(), self.cfg.node_id, self.cfg.peer_id),
+            replicator: Replicator::new(self.cfg.heartbeat_ms as u64 * 10),
+            assembler: Assembler::default(),
+            started: Instant::now(),
+            last_transition: None,
+            role_changes: 0,
+            last_sent: None,
+            intervals: VecDeque::new(),
+            last_heard: None,
+            peer_gap_max_ms: 0,
+            sock,
+            peer,
+            t: self,
+        };
+        let hb = Duration::from_millis(r.t.cfg.heartbeat_ms as u64);
+        let mut tick = tokio::time::interval(hb);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The election looks at the peer's silence 5 times per heartbeat, so a death is
+        // noticed within a fifth of an interval of the dead time.
+        let mut eval = tokio::time::interval((hb / 5).max(Duration::from_millis(1)));
+        eval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut buf = vec![0u8; 65536];
+        loop {
+            tokio::select! {
+                biased;
+                _ = tick.tick() => r.on_tick().await,
+                _ = eval.tick() => {
+                    let now = r.now();
+                    if let Some(t) = r.election.on_tick(now) {
+                        r.transition(t).await;
+                    }
                 }
-            }
-            if Instant::now() >= next {
-                next += tick;
-                if next < Instant::now() {
-                    next = Instant::now() + tick;
-                }
-                self.on_tick(&sock, peer);
+                res = r.sock.recv_from(&mut buf) => match res {
+                    Ok((n, _)) => r.on_datagram(&buf[..n]).await,
+                    Err(e) => {
+                        warn!(error = %e, "cluster: receive");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                },
+                c = cmds.recv() => match c {
+                    None | Some(ClusterCmd::Stop) => return,
+                    Some(c) => r.on_cmd(c).await,
+                },
             }
         }
-        // Stopping on purpose: give the VIPs up so the peer's takeover is clean.
-        self.release_all_vips();
+    }
+}
+
+impl Run {
+    fn now(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
     }
 
-    fn on_tick(self: &Arc<Self>, sock: &UdpSocket, peer: std::net::SocketAddr) {
-        let Some(cl) = self.cluster.as_ref() else { return };
-        let (mut out, send_config) = {
-            let mut c = lock(cl);
-            let now = c.now();
-            let mut out = Vec::new();
-            let hb = c.election.heartbeat();
-            if let Ok(d) = c.sealer.seal(&Message::Heartbeat(hb)) {
-                out.push(d);
+    fn publish(&self) {
+        let st = self.election.status(self.now());
+        self.t.snapshot.send_replace(ClusterSnapshot {
+            role: st.role,
+            peer_pos: st.peer.map(|p| p.heartbeat.config),
+            peer_alive: st.peer_alive,
+            peer_node: st.peer.map(|p| p.node_id),
+            peer_role: st.peer.map(|p| p.heartbeat.role),
+            last_heard_ms_ago: st.last_heard_ms_ago,
+        });
+    }
+
+    async fn send(&self, datagrams: Vec<Vec<u8>>) {
+        for d in datagrams {
+            // A lost datagram is recovered by the protocol (heartbeats repeat, config is
+            // resent until acked, a flow left to Maglev).
+            if let Err(e) = self.sock.send_to(&d, self.peer).await {
+                warn!(error = %e, peer = %self.peer, "cluster: send");
+                return;
             }
-            if c.role() == Role::Active {
-                let flows = c.queue.take(FLOW_BUDGET);
-                if !flows.is_empty() {
-                    out.extend(c.sealer.seal_flows(&flows, ETHERNET_DATAGRAM).0);
+        }
+    }
+
+    async fn send_heartbeat(&mut self) {
+        let hb = self.election.heartbeat();
+        if let Ok(d) = self.sealer.seal(&Message::Heartbeat(hb)) {
+            let now = Instant::now();
+            if let Some(prev) = self.last_sent.replace(now) {
+                if self.intervals.len() == INTERVALS_KEPT {
+                    self.intervals.pop_front();
                 }
-            } else {
-                c.queue.clear();
+                self.intervals
+                    .push_back(now.duration_since(prev).as_secs_f64() * 1000.0);
             }
-            // Full config: after a local change, or when the peer is behind (paced).
-            let peer_pos = c.election.status(now).peer.map(|p| p.heartbeat.config);
-            let pos = c.pos;
-            let behind = peer_pos.is_some_and(|p| c.replicator.on_peer(now, pos, p));
-            (out, std::mem::take(&mut c.push_config) || behind)
-        };
-        if send_config {
-            // Serialised only when sent: a big config is not re-encoded every tick.
-            let core = lock(&self.core);
-            let services = serde_json::to_vec(&core.services()).unwrap_or_default();
-            let mut c = lock(cl);
-            let pos = c.pos;
-            match c.sealer.seal_config(pos, &services, ETHERNET_DATAGRAM) {
+            self.send(vec![d]).await;
+        }
+    }
+
+    async fn on_tick(&mut self) {
+        self.send_heartbeat().await;
+        let mut out = Vec::new();
+        if self.election.role() == Role::Active {
+            let flows = self
+                .t
+                .queue
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(FLOW_BUDGET);
+            if !flows.is_empty() {
+                out.extend(self.sealer.seal_flows(&flows, ETHERNET_DATAGRAM).0);
+            }
+        } else {
+            self.t
+                .queue
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
+        }
+        // Full config: after a local change, or when the peer is behind (paced).
+        let now = self.now();
+        let peer_pos = self.election.status(now).peer.map(|p| p.heartbeat.config);
+        let behind = peer_pos.is_some_and(|p| self.replicator.on_peer(now, self.t.pos, p));
+        if std::mem::take(&mut self.t.push_config) || behind {
+            match self
+                .sealer
+                .seal_config(self.t.pos, &self.t.services, ETHERNET_DATAGRAM)
+            {
                 Ok(ds) => out.extend(ds),
                 Err(e) => error!(error = %e, "cluster: encoding the config"),
             }
         }
-        send_all(sock, peer, out);
+        self.send(out).await;
+        self.publish();
     }
 
-    fn on_datagram(self: &Arc<Self>, sock: &UdpSocket, peer: std::net::SocketAddr, d: &[u8]) {
-        let Some(cl) = self.cluster.as_ref() else { return };
-        let accepted = {
-            let mut c = lock(cl);
-            let now = c.now();
-            c.guard.accept(now, d)
-        };
-        let (h, msg): (Header, Message) = match accepted {
+    async fn transition(&mut self, t: Transition) {
+        self.last_transition = Some((t, Instant::now()));
+        self.role_changes += 1;
+        info!(from = %t.from, to = %t.to, why = ?t.why, "cluster: role change");
+        let _ = self.t.events.send(ClusterEvent::Role(t));
+        self.publish();
+        // Answer at once: a decision reaches the peer without waiting a tick.
+        self.send_heartbeat().await;
+    }
+
+    async fn on_datagram(&mut self, d: &[u8]) {
+        let now = self.now();
+        let (h, msg) = match self.guard.accept(now, d) {
             Ok(x) => x,
             Err(r) => {
                 if r.log {
@@ -307,178 +355,156 @@ impl Daemon {
         };
         match msg {
             Message::Heartbeat(hb) => {
-                let t = {
-                    let mut c = lock(cl);
-                    let now = c.now();
-                    c.election.on_heartbeat(now, h.node_id, hb)
-                };
-                if let Some(t) = t {
-                    // Answer at once: a split brain resolves within one heartbeat.
-                    self.on_transition(t);
-                    let hb = lock(cl).election.heartbeat();
-                    let d = lock(cl).sealer.seal(&Message::Heartbeat(hb));
-                    if let Ok(d) = d {
-                        send_all(sock, peer, vec![d]);
-                    }
+                let at = Instant::now();
+                if let Some(prev) = self.last_heard.replace(at) {
+                    self.peer_gap_max_ms = self
+                        .peer_gap_max_ms
+                        .max(at.duration_since(prev).as_millis() as u64);
+                }
+                if let Some(t) = self.election.on_heartbeat(now, h.node_id, hb) {
+                    self.transition(t).await;
                 }
             }
-            Message::ConfigSync(chunk) => {
-                let done = lock(cl).assembler.push(chunk);
-                match done {
-                    Ok(Some((pos, data))) => self.on_peer_config(sock, peer, pos, &data),
-                    Ok(None) => {}
-                    Err(e) => warn!(error = %e, "cluster: config chunk refused"),
-                }
-            }
-            Message::ConfigAck(_) => {}
-            Message::FlowBatch(flows) => {
-                let core = lock(&self.core);
-                let mut c = lock(cl);
-                for f in &flows {
-                    let r = resolve(f, &*core);
-                    c.applied.count(&r);
-                    if let (Ok((key, id)), Some(w)) = (r, c.flow_writer.as_mut())
-                        && let Err(e) = w.insert(key, id)
-                    {
-                        warn!(error = %e, "cluster: writing a synced flow");
+            Message::ConfigSync(chunk) => match self.assembler.push(chunk) {
+                Ok(Some((pos, data))) => match incoming(self.t.pos, pos) {
+                    Incoming::Apply => {
+                        let _ = self.t.events.send(ClusterEvent::PeerConfig(pos, data));
                     }
-                }
-            }
-        }
-    }
-
-    fn on_peer_config(self: &Arc<Self>, sock: &UdpSocket, peer: std::net::SocketAddr, pos: ConfigPos, data: &[u8]) {
-        let Some(cl) = self.cluster.as_ref() else { return };
-        let mut core = lock(&self.core);
-        let decision = incoming(lock(cl).pos, pos);
-        let mut t = None;
-        match decision {
-            Incoming::Apply => {
-                let defs: Vec<ServiceDef> = match serde_json::from_slice(data) {
-                    Ok(d) => d,
-                    Err(e) => {
-                        warn!(error = %e, %pos, "cluster: peer's config unreadable; kept ours");
-                        return;
-                    }
-                };
-                match core.replace_all(defs) {
-                    Ok(changed) => {
-                        info!(%pos, changed = ?changed, "cluster: applied the peer's config");
-                        let mut c = lock(cl);
-                        c.pos = pos;
-                        let now = c.now();
-                        t = c.election.set_local_config(now, pos);
-                    }
-                    Err(e) => {
-                        error!(error = %e, %pos, "cluster: peer's config rejected; kept ours");
-                        return;
-                    }
-                }
-                if let Err(e) = self.persist(&core) {
-                    error!(error = %format!("{e:#}"), "saving state after a peer config");
-                }
-            }
-            Incoming::AlreadyHave => {}
-            Incoming::Older => return,
-        }
-        drop(core);
-        self.sync_health();
-        if let Ok(d) = lock(cl).sealer.seal(&Message::ConfigAck(pos)) {
-            send_all(sock, peer, vec![d]);
-        }
-        if let Some(t) = t {
-            self.on_transition(t);
-        }
-        self.sync_vips();
-    }
-
-    pub(crate) fn on_transition(self: &Arc<Self>, t: Transition) {
-        if let Some(cl) = self.cluster.as_ref() {
-            lock(cl).last_transition = Some((t, Instant::now()));
-        }
-        info!(from = %t.from, to = %t.to, why = ?t.why, "cluster: role change");
-        // The active node reports new flows for the peer; a backup does not.
-        let active = t.to == Role::Active;
-        self.flow_sync_on.store(active, Ordering::Relaxed);
-        {
-            let mut core = lock(&self.core);
-            let s = self.settings_now(&lock(&self.cfg));
-            if let Err(e) = core.set_settings(s) {
-                error!(error = %e, "cluster: switching flow reporting");
-            }
-        }
-        self.sync_vips();
-    }
-
-    /// Holds exactly the services' VIPs when active, none otherwise; announces new ones.
-    pub(crate) fn sync_vips(&self) {
-        let Some(cl) = self.cluster.as_ref() else { return };
-        let iface = self.vip_interface();
-        let active = lock(cl).role() == Role::Active;
-        let want: BTreeSet<IpAddr> = if active { lock(&self.core).services().iter().map(|d| d.vip.addr).collect() } else { BTreeSet::new() };
-        let held = lock(cl).held.clone();
-        for v in want.difference(&held) {
-            match crate::announce::set_vip(&iface, *v, true) {
-                Ok(()) => {
-                    // Twice: one lost gratuitous ARP must not leave clients on the old node.
-                    for _ in 0..2 {
-                        if let Err(e) = crate::announce::announce(&iface, *v) {
-                            warn!(vip = %v, error = %e, "cluster: announcing a VIP");
+                    Incoming::AlreadyHave => {
+                        if let Ok(d) = self.sealer.seal(&Message::ConfigAck(pos)) {
+                            self.send(vec![d]).await;
                         }
                     }
-                    lock(cl).held.insert(*v);
+                    Incoming::Older => {}
+                },
+                Ok(None) => {}
+                Err(e) => warn!(error = %e, "cluster: config chunk refused"),
+            },
+            Message::ConfigAck(_) => {}
+            Message::FlowBatch(flows) => {
+                let n = flows.len() as u64;
+                if self.t.apply.try_send(flows).is_err() {
+                    self.t
+                        .counters
+                        .dropped_apply_queue
+                        .fetch_add(n, Ordering::Relaxed);
                 }
-                Err(e) => error!(vip = %v, error = %e, "cluster: taking a VIP"),
-            }
-        }
-        for v in held.difference(&want) {
-            match crate::announce::set_vip(&iface, *v, false) {
-                Ok(()) => {
-                    lock(cl).held.remove(v);
-                }
-                Err(e) => error!(vip = %v, error = %e, "cluster: releasing a VIP"),
             }
         }
     }
 
-    /// VIPs live on the first configured interface.
-    fn vip_interface(&self) -> String {
-        lock(&self.cfg).interfaces.first().cloned().unwrap_or_default()
+    async fn on_cmd(&mut self, c: ClusterCmd) {
+        match c {
+            ClusterCmd::LocalChange { pos, services } => {
+                self.t.pos = pos;
+                self.t.services = services;
+                self.t.push_config = true;
+                let now = self.now();
+                if let Some(t) = self.election.set_local_config(now, pos) {
+                    self.transition(t).await;
+                }
+            }
+            ClusterCmd::Applied { pos, services } => {
+                self.t.pos = pos;
+                self.t.services = services;
+                let now = self.now();
+                let t = self.election.set_local_config(now, pos);
+                if let Ok(d) = self.sealer.seal(&Message::ConfigAck(pos)) {
+                    self.send(vec![d]).await;
+                }
+                if let Some(t) = t {
+                    self.transition(t).await;
+                }
+            }
+            ClusterCmd::Failover(reply) => {
+                let now = self.now();
+                let _ = reply.send(
+                    self.election
+                        .request_failover(now)
+                        .map_err(|e| e.to_string()),
+                );
+                self.send_heartbeat().await;
+            }
+            ClusterCmd::Status(reply) => {
+                let _ = reply.send(self.view());
+            }
+            ClusterCmd::Stop => {}
+        }
     }
-}
 
-/// Reads FLOW_EVENTS; on the active node, queues each new flow for the peer.
-fn flow_event_loop(d: std::sync::Weak<Daemon>, mut rb: RingBuf<MapData>) {
-    loop {
-        let mut p = libc::pollfd { fd: rb.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: poll on one valid pollfd for at most 200 ms.
-        unsafe { libc::poll(&mut p, 1, 200) };
-        let Some(d) = d.upgrade() else { return };
-        if d.shutdown.load(Ordering::Relaxed) {
-            return;
-        }
-        let mut events = Vec::new();
-        while let Some(item) = rb.next() {
-            if let Some(ev) = parse_event(&item) {
-                events.push(ev);
-            }
-            if events.len() >= FLOW_BUDGET {
-                break;
-            }
-        }
-        if events.is_empty() {
-            continue;
-        }
-        let core = lock(&d.core);
-        let Some(cl) = d.cluster.as_ref() else { return };
-        let mut c = lock(cl);
-        if c.role() != Role::Active {
-            continue;
-        }
-        for ev in &events {
-            if let Some(f) = core.describe_flow(ev) {
-                c.queue.push(f);
-            }
+    fn view(&self) -> ClusterView {
+        let now = self.now();
+        let st = self.election.status(now);
+        let QueueCounters {
+            queued,
+            dropped_full,
+            sent,
+        } = self
+            .t
+            .queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .counters;
+        let mut iv: Vec<f64> = self.intervals.iter().copied().collect();
+        iv.sort_by(f64::total_cmp);
+        let p99 = if iv.is_empty() {
+            0.0
+        } else {
+            iv[((iv.len() - 1) as f64 * 0.99).round() as usize]
+        };
+        let c = &self.t.counters;
+        let lost = self
+            .t
+            .sync_stats
+            .as_ref()
+            .and_then(|m| m.get(&0, 0).ok())
+            .map_or(0, |v| v.iter().sum());
+        ClusterView {
+            node_id: self.t.cfg.node_id,
+            role: st.role.to_string(),
+            priority: self.t.cfg.priority,
+            preempt: self.t.cfg.preempt,
+            synced: st.synced,
+            yielding: st.yielding,
+            config: st.config.to_string(),
+            peer: st.peer.map(|p| PeerStatus {
+                node_id: p.node_id,
+                role: p.heartbeat.role.to_string(),
+                priority: p.heartbeat.priority,
+                config: p.heartbeat.config.to_string(),
+                alive: st.peer_alive,
+                last_heartbeat_ms_ago: st.last_heard_ms_ago.unwrap_or(0),
+            }),
+            vips_held: self.t.held.borrow().clone(),
+            last_change: self.last_transition.map(|(t, at)| {
+                format!(
+                    "{} -> {} ({:?}) {} ms ago",
+                    t.from,
+                    t.to,
+                    t.why,
+                    at.elapsed().as_millis()
+                )
+            }),
+            role_changes: self.role_changes,
+            heartbeat_interval_p99_ms: p99,
+            heartbeat_interval_max_ms: iv.last().copied().unwrap_or(0.0),
+            peer_gap_max_ms: self.peer_gap_max_ms,
+            datagrams_accepted: self.guard.counters().accepted,
+            datagrams_rejected: self
+                .guard
+                .counters()
+                .by_reason()
+                .filter(|(_, n)| *n > 0)
+                .map(|(r, n)| (r.to_string(), n))
+                .collect(),
+            flows_queued: queued,
+            flows_sent: sent,
+            flows_dropped_queue_full: dropped_full,
+            flows_lost_in_datapath: lost,
+            flows_applied: c.applied.load(Ordering::Relaxed),
+            flows_unknown_vip: c.unknown_vip.load(Ordering::Relaxed),
+            flows_unknown_backend: c.unknown_backend.load(Ordering::Relaxed),
+            flows_dropped_apply_queue: c.dropped_apply_queue.load(Ordering::Relaxed),
         }
     }
 }

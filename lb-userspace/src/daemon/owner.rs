@@ -1,0 +1,761 @@
+//! The owner task's state and message handling: the only holder of the `Core` and the
+//! only writer of maps. Every other task sends it a `Msg`; handling one is synchronous
+//! and returns the `Effects` the shell (`daemon::run`) carries out afterwards (health
+//! tasks, next hops to track, VIP addresses, the flow index, the cluster task). The
+//! kernel side is behind `Datapath`, so all of this is unit-tested over `MemMaps`.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use tokio::sync::{oneshot, watch};
+use tracing::{error, info, warn};
+
+use crate::api::{InterfaceView, Request, Response, StatsView, StatusView};
+use crate::cluster::config_sync::{ConfigPos, Incoming, incoming};
+use crate::cluster::node::{ClusterCmd, ClusterEvent, ClusterSnapshot};
+use crate::cluster::wire::Role;
+use crate::config::{Config, XdpModeCfg, content_hash};
+use crate::core::{Change, Core, CounterSource, fill_pps};
+use crate::health::Target;
+use crate::kernel::nexthop::NextHop;
+use crate::maps::MapWriter;
+use crate::model::ServiceDef;
+use crate::persist::{self, State};
+use crate::pins::Attached;
+
+/// A message to the owner task.
+pub enum Msg {
+    /// An lbctl request and where its answer goes.
+    Api(Request, oneshot::Sender<Response>),
+    Health(Target, Result<(), String>),
+    /// Next hops that changed (None: unreachable now).
+    NextHops(Vec<(IpAddr, Option<NextHop>)>),
+    /// A link appeared, changed or went away.
+    Link {
+        index: u32,
+        name: String,
+        present: bool,
+    },
+    Cluster(ClusterEvent),
+    /// Re-read the config file (SIGHUP: no one waits for the answer).
+    Reload(Option<oneshot::Sender<Response>>),
+    /// Take a counter sample (pps).
+    Sample,
+    Stop,
+}
+
+/// What the shell does after a message.
+#[derive(Default)]
+pub struct Effects {
+    /// Health targets may have changed.
+    pub health: bool,
+    /// Backend addresses to track may have changed.
+    pub track: bool,
+    /// The VIPs to hold may have changed.
+    pub vips: bool,
+    /// The VIP interface was recreated or lost: the addresses on it are gone.
+    pub vips_lost: bool,
+    /// Backend ids changed: publish a new flow index.
+    pub index: bool,
+    pub cluster: Vec<ClusterCmd>,
+    /// This node became active (report and sync flows) or stopped being it.
+    pub active: Option<bool>,
+}
+
+impl Effects {
+    fn all(&mut self) {
+        self.health = true;
+        self.track = true;
+        self.vips = true;
+        self.index = true;
+    }
+}
+
+/// The kernel side the owner drives: XDP attachments and counters.
+pub trait Datapath {
+    fn attach(&mut self, interface: &str, mode: XdpModeCfg) -> anyhow::Result<Attached>;
+    fn detach(&mut self, interface: &str) -> anyhow::Result<()>;
+    /// Detaches everything and removes the instance's pins.
+    fn detach_all(&mut self, instance: &str) -> anyhow::Result<Vec<String>>;
+    /// The interface's index, None when it does not exist.
+    fn ifindex(&self, interface: &str) -> Option<u32>;
+    fn counters(&self) -> &dyn CounterSource;
+}
+
+/// One configured interface: what `lbctl status` shows, and the link it is on.
+#[derive(Clone, Debug)]
+pub struct Iface {
+    pub view: InterfaceView,
+    pub index: Option<u32>,
+}
+
+pub const ATTACHED: &str = "attached";
+pub const MISSING: &str = "missing";
+
+/// The cluster facts the owner keeps: our config position and role.
+pub struct OwnerCluster {
+    pub node_id: u32,
+    pub pos: ConfigPos,
+    pub epoch: u64,
+    pub role: Role,
+    pub snapshot: watch::Receiver<ClusterSnapshot>,
+}
+
+pub struct Owner<W: MapWriter, D: Datapath> {
+    pub core: Core<W>,
+    pub dp: D,
+    pub cfg: Config,
+    config_path: PathBuf,
+    config_hash: String,
+    pub interfaces: BTreeMap<String, Iface>,
+    started: Instant,
+    adopted: bool,
+    pin_dir: PathBuf,
+    pub cluster: Option<OwnerCluster>,
+    /// Source address towards each backend (the route's), for health checks.
+    sources: BTreeMap<IpAddr, IpAddr>,
+    samples: VecDeque<(Instant, StatsView)>,
+    flow_sync_on: bool,
+    pub stopping: bool,
+}
+
+impl<W: MapWriter, D: Datapath> Owner<W, D> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        core: Core<W>,
+        dp: D,
+        cfg: Config,
+        config_path: PathBuf,
+        config_hash: String,
+        adopted: bool,
+        pin_dir: PathBuf,
+        cluster: Option<OwnerCluster>,
+    ) -> Self {
+        Self {
+            core,
+            dp,
+            cfg,
+            config_path,
+            config_hash,
+            interfaces: BTreeMap::new(),
+            started: Instant::now(),
+            adopted,
+            pin_dir,
+            cluster,
+            sources: BTreeMap::new(),
+            samples: VecDeque::new(),
+            flow_sync_on: false,
+            stopping: false,
+        }
+    }
+
+    /// Attaches the configured interfaces at start. One that does not exist is
+    /// reported and attached when it appears; any other failure stops the start
+    /// (after undoing what this run attached).
+    pub fn attach_at_start(
+        &mut self,
+        saved_modes: &BTreeMap<String, String>,
+    ) -> anyhow::Result<()> {
+        for i in self.cfg.interfaces.clone() {
+            let Some(index) = self.dp.ifindex(&i) else {
+                warn!(interface = %i, "interface missing: the others work, it is attached when it appears");
+                self.interfaces.insert(
+                    i.clone(),
+                    Iface {
+                        view: iface_view(&i, String::new(), false, MISSING),
+                        index: None,
+                    },
+                );
+                continue;
+            };
+            match self.dp.attach(&i, self.cfg.xdp_mode) {
+                Ok(a) => {
+                    let mode = if a.mode.is_empty() {
+                        saved_modes.get(&i).cloned().unwrap_or_default()
+                    } else {
+                        a.mode
+                    };
+                    info!(interface = %i, mode = %mode, adopted = !a.attached_now, "balancer on interface");
+                    self.interfaces.insert(
+                        i.clone(),
+                        Iface {
+                            view: iface_view(&i, mode, a.attached_now, ATTACHED),
+                            index: Some(index),
+                        },
+                    );
+                }
+                Err(e) => {
+                    for (name, v) in &self.interfaces {
+                        if v.view.attached_now {
+                            let _ = self.dp.detach(name);
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The datapath settings, with flow reporting on while this node is active.
+    fn settings_now(&self, cfg: &Config) -> lb_common::Settings {
+        let mut s = cfg.settings();
+        if self.flow_sync_on {
+            s.flags |= lb_common::SETTINGS_F_FLOW_SYNC;
+        }
+        s
+    }
+
+    pub fn state(&self) -> State {
+        State {
+            format: persist::FORMAT,
+            config_hash: self.config_hash.clone(),
+            version: self.core.version,
+            services: self.core.services(),
+            health: self.core.health_records(),
+            interfaces: self
+                .interfaces
+                .iter()
+                .filter(|(_, v)| !v.view.mode.is_empty())
+                .map(|(k, v)| (k.clone(), v.view.mode.clone()))
+                .collect(),
+            cluster_config: self.cluster.as_ref().map(|c| (c.pos.version, c.pos.origin)),
+            cluster_epoch: self.cluster.as_ref().map(|c| c.epoch),
+        }
+    }
+
+    pub fn persist(&self) -> anyhow::Result<()> {
+        persist::save(&self.cfg.state_file(), &self.state())
+    }
+
+    fn persist_logged(&self, what: &str) {
+        if let Err(e) = self.persist() {
+            error!(error = %format!("{e:#}"), "saving state after {what}");
+        }
+    }
+
+    pub fn services_json(&self) -> Arc<Vec<u8>> {
+        Arc::new(serde_json::to_vec(&self.core.services()).unwrap_or_default())
+    }
+
+    /// A local change of the services: the next position in the pair's order.
+    fn local_change(&mut self, fx: &mut Effects) {
+        let services = self.services_json();
+        if let Some(c) = &mut self.cluster {
+            let peer = c.snapshot.borrow().peer_pos;
+            c.pos = c.pos.next(peer, c.node_id);
+            fx.cluster.push(ClusterCmd::LocalChange {
+                pos: c.pos,
+                services,
+            });
+        }
+    }
+
+    /// The health targets, each with the source address towards its backend.
+    pub fn health_targets(&self) -> Vec<Target> {
+        let mut v = self.core.health_targets();
+        for t in &mut v {
+            t.source = self.sources.get(&t.addr).copied();
+        }
+        v
+    }
+
+    /// Backends whose first check is due at once (waiting for it to enter the table).
+    pub fn first_check_due(&self) -> BTreeSet<(String, IpAddr)> {
+        let mut out = BTreeSet::new();
+        for d in self.core.services() {
+            for b in &d.backends {
+                if self.core.pending(&d, b) == Some("waiting for its first check") {
+                    out.insert((d.name.clone(), b.address));
+                }
+            }
+        }
+        out
+    }
+
+    /// The backend addresses whose next hop comes from the kernel.
+    pub fn tracked(&self) -> BTreeSet<IpAddr> {
+        self.core.addrs_to_resolve().into_iter().collect()
+    }
+
+    /// The VIP addresses this node must hold: every service's when active, else none.
+    pub fn wanted_vips(&self) -> BTreeSet<IpAddr> {
+        match &self.cluster {
+            Some(c) if c.role == Role::Active && !self.stopping => {
+                self.core.services().iter().map(|d| d.vip.addr).collect()
+            }
+            _ => BTreeSet::new(),
+        }
+    }
+
+    /// VIPs live on the first configured interface; its index when it exists.
+    pub fn vip_interface(&self) -> Option<(String, Option<u32>)> {
+        let name = self.cfg.interfaces.first()?;
+        Some((
+            name.clone(),
+            self.interfaces.get(name).and_then(|i| i.index),
+        ))
+    }
+
+    pub fn handle(&mut self, m: Msg) -> Effects {
+        let mut fx = Effects::default();
+        match m {
+            Msg::Api(req, reply) => {
+                let r = self
+                    .api(req, &mut fx)
+                    .unwrap_or_else(|e| Response::err(format!("{e:#}")));
+                let _ = reply.send(r);
+            }
+            Msg::Health(t, r) => self.health_result(&t, r, &mut fx),
+            Msg::NextHops(hops) => self.next_hops(hops, &mut fx),
+            Msg::Link {
+                index,
+                name,
+                present,
+            } => self.link(index, &name, present, &mut fx),
+            Msg::Cluster(ClusterEvent::Role(t)) => self.role(t.to, &mut fx),
+            Msg::Cluster(ClusterEvent::PeerConfig(pos, data)) => {
+                self.peer_config(pos, &data, &mut fx)
+            }
+            Msg::Reload(reply) => {
+                let r = self.reload(&mut fx);
+                match &r {
+                    Ok(m) => info!("reload: {m}"),
+                    Err(e) => error!("reload rejected, nothing changed: {e:#}"),
+                }
+                if let Some(reply) = reply {
+                    let _ = reply.send(match r {
+                        Ok(m) => Response::ok(serde_json::json!({ "result": m })),
+                        Err(e) => Response::err(format!("{e:#}")),
+                    });
+                }
+            }
+            Msg::Sample => self.sample_stats(),
+            Msg::Stop => {
+                self.stopping = true;
+                fx.health = true;
+                fx.vips = true;
+            }
+        }
+        fx
+    }
+
+    fn health_result(&mut self, t: &Target, r: Result<(), String>, fx: &mut Effects) {
+        if self.stopping {
+            return;
+        }
+        match self.core.health_result(t, r) {
+            Ok(Some(ev)) => {
+                if ev.up {
+                    info!(service = %ev.service, backend = %ev.address, detail = %ev.detail, "backend up: in the table");
+                } else {
+                    warn!(service = %ev.service, backend = %ev.address, detail = %ev.detail, "backend down: out of the table");
+                }
+                fx.index = true;
+                self.persist_logged("a health change");
+            }
+            Ok(None) => {}
+            Err(e) => {
+                error!(service = %t.service, backend = %t.addr, error = %e, "applying a health change")
+            }
+        }
+    }
+
+    fn next_hops(&mut self, hops: Vec<(IpAddr, Option<NextHop>)>, fx: &mut Effects) {
+        let mut macs = Vec::with_capacity(hops.len());
+        for (a, nh) in hops {
+            let src = nh.and_then(|n| n.source);
+            let before = match src {
+                Some(s) => self.sources.insert(a, s),
+                None => self.sources.remove(&a),
+            };
+            fx.health |= before != src;
+            macs.push((a, nh.map(|n| n.mac)));
+        }
+        match self.core.set_next_hops(&macs) {
+            Ok(changed) if !changed.is_empty() => {
+                info!(services = ?changed, "next hops changed");
+                fx.index = true;
+                self.persist_logged("a next-hop change");
+            }
+            Ok(_) => {}
+            Err(e) => error!(error = %e, "applying next hops"),
+        }
+    }
+
+    fn link(&mut self, index: u32, name: &str, present: bool, fx: &mut Effects) {
+        let vip_iface = self.cfg.interfaces.first().is_some_and(|v| v == name);
+        let mode = self.cfg.xdp_mode;
+        let Some(i) = self.interfaces.get_mut(name) else {
+            return;
+        };
+        if present {
+            if i.index == Some(index) && i.view.state == ATTACHED {
+                return; // a flag change of a link we are on
+            }
+            match self.dp.attach(name, mode) {
+                Ok(a) => {
+                    info!(interface = %name, mode = %a.mode, "interface present: balancer attached");
+                    if !a.mode.is_empty() {
+                        i.view.mode = a.mode;
+                    }
+                    i.view.attached_now = a.attached_now;
+                    i.view.state = ATTACHED.into();
+                    i.index = Some(index);
+                }
+                Err(e) => {
+                    error!(interface = %name, error = %format!("{e:#}"), "attaching to a returning interface");
+                    i.view.state = format!("error: {e:#}");
+                    i.index = Some(index);
+                }
+            }
+            if vip_iface {
+                fx.vips_lost = true;
+                fx.vips = true;
+            }
+        } else if i.index.is_none_or(|x| x == index) {
+            warn!(interface = %name, "interface gone: balancer detached from it; attached again when it returns");
+            i.view.state = MISSING.into();
+            i.index = None;
+            if vip_iface {
+                fx.vips_lost = true;
+            }
+        }
+    }
+
+    fn role(&mut self, to: Role, fx: &mut Effects) {
+        let Some(c) = &mut self.cluster else { return };
+        c.role = to;
+        // The active node reports new flows for the peer; a backup does not.
+        let active = to == Role::Active;
+        self.flow_sync_on = active;
+        let s = self.settings_now(&self.cfg);
+        if let Err(e) = self.core.set_settings(s) {
+            error!(error = %e, "cluster: switching flow reporting");
+        }
+        fx.active = Some(active);
+        fx.vips = true;
+    }
+
+    fn peer_config(&mut self, pos: ConfigPos, data: &[u8], fx: &mut Effects) {
+        let Some(c) = &self.cluster else { return };
+        match incoming(c.pos, pos) {
+            Incoming::Apply => {}
+            Incoming::AlreadyHave => {
+                fx.cluster.push(ClusterCmd::Applied {
+                    pos: c.pos,
+                    services: self.services_json(),
+                });
+                return;
+            }
+            Incoming::Older => return,
+        }
+        let defs: Vec<ServiceDef> = match serde_json::from_slice(data) {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(error = %e, %pos, "cluster: peer's config unreadable; kept ours");
+                return;
+            }
+        };
+        match self.core.replace_all(defs) {
+            Ok(changed) => {
+                info!(%pos, changed = ?changed, "cluster: applied the peer's config");
+                if let Some(c) = &mut self.cluster {
+                    c.pos = pos;
+                }
+                self.persist_logged("a peer config");
+                fx.all();
+                fx.cluster.push(ClusterCmd::Applied {
+                    pos,
+                    services: self.services_json(),
+                });
+            }
+            Err(e) => error!(error = %e, %pos, "cluster: peer's config rejected; kept ours"),
+        }
+    }
+
+    fn change(&mut self, c: Change, service: &str, fx: &mut Effects) -> anyhow::Result<Response> {
+        self.core.apply(c)?;
+        self.local_change(fx);
+        fx.all();
+        // Applied to the datapath; a failed save is reported, the change stays.
+        self.persist()
+            .context("the change is live but saving the state failed")?;
+        Ok(match self.core.service_view(service).ok() {
+            Some(v) => Response::ok(v),
+            None => Response::ok(serde_json::json!({ "removed": service })),
+        })
+    }
+
+    fn api(&mut self, req: Request, fx: &mut Effects) -> anyhow::Result<Response> {
+        Ok(match req {
+            Request::Status {} => Response::ok(self.status()),
+            Request::ServiceList {} => Response::ok(self.core.service_views()),
+            Request::ServiceShow { name } => Response::ok(self.core.service_view(&name)?),
+            Request::ServiceAdd { service } => {
+                let name = service.name.clone();
+                self.change(Change::AddService(service), &name, fx)?
+            }
+            Request::ServiceRemove { name } => {
+                self.change(Change::RemoveService(name.clone()), &name, fx)?
+            }
+            Request::BackendList { service } => {
+                Response::ok(self.core.backend_views(service.as_deref())?)
+            }
+            Request::BackendAdd {
+                service,
+                address,
+                weight,
+                mac,
+            } => self.change(
+                Change::AddBackend {
+                    service: service.clone(),
+                    address,
+                    weight,
+                    mac,
+                },
+                &service,
+                fx,
+            )?,
+            Request::BackendRemove { service, address } => self.change(
+                Change::RemoveBackend {
+                    service: service.clone(),
+                    address,
+                },
+                &service,
+                fx,
+            )?,
+            Request::BackendSetWeight {
+                service,
+                address,
+                weight,
+            } => self.change(
+                Change::SetWeight {
+                    service: service.clone(),
+                    address,
+                    weight,
+                },
+                &service,
+                fx,
+            )?,
+            Request::BackendDrain { service, address } => self.change(
+                Change::Drain {
+                    service: service.clone(),
+                    address,
+                },
+                &service,
+                fx,
+            )?,
+            Request::BackendEnable { service, address } => self.change(
+                Change::Enable {
+                    service: service.clone(),
+                    address,
+                },
+                &service,
+                fx,
+            )?,
+            Request::Stats {} => Response::ok(self.stats_with_pps()?),
+            Request::Reload {} => Response::ok(serde_json::json!({ "result": self.reload(fx)? })),
+            Request::Detach {} => {
+                let ifaces = self.dp.detach_all(&self.cfg.instance)?;
+                super::remove_lock_file(&self.cfg.instance);
+                self.stopping = true;
+                fx.health = true;
+                fx.vips = true;
+                Response::ok(serde_json::json!({ "detached": ifaces }))
+            }
+            Request::ClusterStatus {} | Request::ClusterFailover {} => {
+                Response::err("this lbd has no [cluster] section: it runs standalone")
+            }
+        })
+    }
+
+    pub fn status(&self) -> StatusView {
+        let (up, down, drained) = self.core.backend_counts();
+        StatusView {
+            instance: self.cfg.instance.clone(),
+            pid: std::process::id(),
+            uptime_s: self.started.elapsed().as_secs(),
+            config: self.config_path.display().to_string(),
+            config_version: self.core.version,
+            adopted: self.adopted,
+            pin_dir: self.pin_dir.display().to_string(),
+            state_file: self.cfg.state_file().display().to_string(),
+            interfaces: self.interfaces.values().map(|i| i.view.clone()).collect(),
+            services: self.core.services().len(),
+            backends: up + down + drained,
+            backends_up: up,
+            backends_down: down,
+            backends_drained: drained,
+            backends_pending: self.core.pending_count(),
+            cluster: self.cluster.as_ref().map(|c| {
+                let s = *c.snapshot.borrow();
+                let peer = match (s.peer_node, s.peer_role) {
+                    (Some(n), Some(r)) => format!(
+                        "peer node {n} {r} ({}), last heartbeat {} ms ago, config {}",
+                        if s.peer_alive { "alive" } else { "dead" },
+                        s.last_heard_ms_ago.unwrap_or(0),
+                        s.peer_pos.map_or(String::new(), |p| p.to_string())
+                    ),
+                    _ => "peer never heard".to_string(),
+                };
+                format!("node {} {}, config {}; {peer}", c.node_id, c.role, c.pos)
+            }),
+        }
+    }
+
+    fn stats_now(&self) -> anyhow::Result<StatsView> {
+        Ok(self.core.stats(self.dp.counters())?)
+    }
+
+    /// Samples the counters (about once a second; pps = difference of two samples).
+    fn sample_stats(&mut self) {
+        if let Ok(s) = self.stats_now() {
+            self.samples.push_back((Instant::now(), s));
+            while self.samples.len() > 3 {
+                self.samples.pop_front();
+            }
+        }
+    }
+
+    fn stats_with_pps(&self) -> anyhow::Result<StatsView> {
+        let mut now = self.stats_now()?;
+        let t = Instant::now();
+        // The newest sample at least half a second old.
+        if let Some((at, before)) = self
+            .samples
+            .iter()
+            .rev()
+            .find(|(at, _)| t.duration_since(*at) >= Duration::from_millis(500))
+        {
+            fill_pps(&mut now, before, t.duration_since(*at).as_secs_f64());
+        }
+        Ok(now)
+    }
+
+    /// Re-reads the config file (SIGHUP, `lbctl reload`). All or nothing.
+    pub fn reload(&mut self, fx: &mut Effects) -> anyhow::Result<String> {
+        let (cfg, src) = Config::load(&self.config_path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", self.config_path.display()))?;
+        let hash = content_hash(&src);
+        if cfg.instance != self.cfg.instance
+            || cfg.socket != self.cfg.socket
+            || cfg.state_dir != self.cfg.state_dir
+        {
+            bail!("instance, socket and state_dir cannot change on reload: restart lbd");
+        }
+        if self.config_hash == hash {
+            return Ok("config file unchanged".into());
+        }
+        // New interfaces first (harmless: same maps); undone if anything below fails.
+        let mut added = Vec::new();
+        let mut failed = None;
+        for i in &cfg.interfaces {
+            if self.interfaces.contains_key(i) {
+                continue;
+            }
+            let Some(index) = self.dp.ifindex(i) else {
+                warn!(interface = %i, "interface missing: attached when it appears");
+                self.interfaces.insert(
+                    i.clone(),
+                    Iface {
+                        view: iface_view(i, String::new(), false, MISSING),
+                        index: None,
+                    },
+                );
+                added.push(i.clone());
+                continue;
+            };
+            match self.dp.attach(i, cfg.xdp_mode) {
+                Ok(a) => {
+                    self.interfaces.insert(
+                        i.clone(),
+                        Iface {
+                            view: iface_view(i, a.mode, a.attached_now, ATTACHED),
+                            index: Some(index),
+                        },
+                    );
+                    added.push(i.clone());
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        let undo = |me: &mut Self, added: &[String]| {
+            for i in added {
+                if me
+                    .interfaces
+                    .remove(i)
+                    .is_some_and(|v| v.view.state == ATTACHED)
+                {
+                    let _ = me.dp.detach(i);
+                }
+            }
+        };
+        if let Some(e) = failed {
+            undo(self, &added);
+            return Err(e);
+        }
+        let before_settings = *self.core.control().settings();
+        let settings = self.settings_now(&cfg);
+        let changed = match self
+            .core
+            .set_settings(settings)
+            .and_then(|()| self.core.replace_all(cfg.services.clone()))
+        {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = self.core.set_settings(before_settings);
+                undo(self, &added);
+                return Err(e.into());
+            }
+        };
+        let gone: Vec<String> = self
+            .interfaces
+            .keys()
+            .filter(|i| !cfg.interfaces.contains(i))
+            .cloned()
+            .collect();
+        for i in gone {
+            let attached = self
+                .interfaces
+                .get(&i)
+                .is_some_and(|v| v.view.state == ATTACHED);
+            match if attached { self.dp.detach(&i) } else { Ok(()) } {
+                Ok(()) => {
+                    self.interfaces.remove(&i);
+                }
+                Err(e) => {
+                    warn!(interface = %i, error = %format!("{e:#}"), "detaching an interface dropped from the config")
+                }
+            }
+        }
+        self.config_hash = hash;
+        self.cfg = cfg;
+        if !changed.is_empty() {
+            self.local_change(fx);
+        }
+        fx.all();
+        self.persist().context("saving state")?;
+        Ok(if changed.is_empty() {
+            "reloaded; no service changed".into()
+        } else {
+            format!("reloaded; changed: {}", changed.join(", "))
+        })
+    }
+}
+
+fn iface_view(name: &str, mode: String, attached_now: bool, state: &str) -> InterfaceView {
+    InterfaceView {
+        name: name.to_string(),
+        mode,
+        attached_now,
+        state: state.to_string(),
+    }
+}
