@@ -73,9 +73,7 @@ pub fn unsolicited_na_frame(mac: [u8; 6], vip: Ipv6Addr) -> Vec<u8> {
 /// run in a namespace whose /sys shows another one's interfaces).
 pub fn interface_mac(interface: &str) -> std::io::Result<[u8; 6]> {
     if interface.len() >= libc::IFNAMSIZ {
-        return Err(std::io::Error::other(format!(
-            "interface name {interface:?} too long"
-        )));
+        return Err(std::io::Error::other(format!("interface name {interface:?} too long")));
     }
     // SAFETY: a datagram socket only used for the ioctl below; owned right away.
     let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
@@ -113,8 +111,7 @@ pub fn announce(interface: &str, vip: std::net::IpAddr) -> std::io::Result<()> {
 
 /// Sends `frame` as is on `interface` (in the caller's network namespace).
 pub fn send_frame(interface: &str, frame: &[u8]) -> std::io::Result<()> {
-    let name = std::ffi::CString::new(interface)
-        .map_err(|_| std::io::Error::other("interface name with NUL"))?;
+    let name = std::ffi::CString::new(interface).map_err(|_| std::io::Error::other("interface name with NUL"))?;
     // SAFETY: if_nametoindex on a NUL-terminated string.
     let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
     if ifindex == 0 {
@@ -143,11 +140,7 @@ pub fn send_frame(interface: &str, frame: &[u8]) -> std::io::Result<()> {
             std::mem::size_of::<libc::sockaddr_ll>() as u32,
         )
     };
-    if n < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    if n < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
 }
 
 #[cfg(test)]
@@ -180,23 +173,12 @@ mod tests {
         let vip: Ipv6Addr = "2001:db8::100".parse().unwrap();
         let f = unsolicited_na_frame(MAC, vip);
         let p = etherparse::SlicedPacket::from_ethernet(&f).unwrap();
-        let Some(etherparse::NetSlice::Ipv6(ip)) = p.net else {
-            panic!("not IPv6")
-        };
+        let Some(etherparse::NetSlice::Ipv6(ip)) = p.net else { panic!("not IPv6") };
         assert_eq!(ip.header().hop_limit(), 255);
         assert_eq!(ip.header().source_addr(), vip);
-        let Some(etherparse::TransportSlice::Icmpv6(icmp)) = p.transport else {
-            panic!("not ICMPv6")
-        };
+        let Some(etherparse::TransportSlice::Icmpv6(icmp)) = p.transport else { panic!("not ICMPv6") };
         assert_eq!(icmp.type_u8(), 136);
-        let want = icmp
-            .icmp_type()
-            .calc_checksum(
-                ip.header().source(),
-                ip.header().destination(),
-                icmp.payload(),
-            )
-            .unwrap();
+        let want = icmp.icmp_type().calc_checksum(ip.header().source(), ip.header().destination(), icmp.payload()).unwrap();
         assert_eq!(icmp.checksum(), want, "checksum");
         let body = icmp.payload();
         assert_eq!(&body[0..16], &vip.octets(), "target = VIP");

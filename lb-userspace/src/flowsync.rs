@@ -18,10 +18,7 @@ pub fn parse_event(bytes: &[u8]) -> Option<FlowEvent> {
 
 /// CLOCK_MONOTONIC in ns, the clock of bpf_ktime_get_ns.
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime into a timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -39,15 +36,8 @@ impl FlowWriter {
 
     /// The one place a synced flow enters this node's flow table.
     pub fn insert(&mut self, key: FlowKey, backend_id: u32) -> Result<(), MapWriteError> {
-        let v = FlowValue {
-            backend_id,
-            _pad: 0,
-            created_ns: monotonic_ns(),
-        };
-        self.flows.insert(key, v, 0).map_err(|e| MapWriteError {
-            map: lb_common::map_names::FLOWS,
-            detail: e.to_string(),
-        })
+        let v = FlowValue { backend_id, _pad: 0, created_ns: monotonic_ns() };
+        self.flows.insert(key, v, 0).map_err(|e| MapWriteError { map: lb_common::map_names::FLOWS, detail: e.to_string() })
     }
 }
 

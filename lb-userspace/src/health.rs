@@ -71,16 +71,10 @@ impl HealthSpec {
     /// Checks the values; `vip_port` is the service's port (0 = all ports).
     pub fn validate(&self, vip_port: u16) -> Result<(), String> {
         if !(100..=3_600_000).contains(&self.interval_ms) {
-            return Err(format!(
-                "health.interval_ms {} out of range 100..=3600000",
-                self.interval_ms
-            ));
+            return Err(format!("health.interval_ms {} out of range 100..=3600000", self.interval_ms));
         }
         if self.timeout_ms == 0 || self.timeout_ms > self.interval_ms {
-            return Err(format!(
-                "health.timeout_ms {} must be between 1 and interval_ms ({})",
-                self.timeout_ms, self.interval_ms
-            ));
+            return Err(format!("health.timeout_ms {} must be between 1 and interval_ms ({})", self.timeout_ms, self.interval_ms));
         }
         if !(1..=100).contains(&self.rise) {
             return Err(format!("health.rise {} out of range 1..=100", self.rise));
@@ -92,14 +86,8 @@ impl HealthSpec {
             (HealthKind::Tcp, Some(_)) => {
                 return Err("health.path is only for kind = \"http\"".into());
             }
-            (HealthKind::Http, Some(p))
-                if !p.starts_with('/')
-                    || p.len() > 1024
-                    || p.bytes().any(|c| c <= b' ' || c == 0x7f) =>
-            {
-                return Err(format!(
-                    "health.path {p:?} must start with '/' and hold no spaces or control characters"
-                ));
+            (HealthKind::Http, Some(p)) if !p.starts_with('/') || p.len() > 1024 || p.bytes().any(|c| c <= b' ' || c == 0x7f) => {
+                return Err(format!("health.path {p:?} must start with '/' and hold no spaces or control characters"));
             }
             _ => {}
         }
@@ -109,16 +97,12 @@ impl HealthSpec {
         if let Some(h) = &self.host
             && (h.is_empty() || h.len() > 255 || h.bytes().any(|c| c <= b' ' || c == 0x7f))
         {
-            return Err(format!(
-                "health.host {h:?} must be 1..=255 characters without spaces or control characters"
-            ));
+            return Err(format!("health.host {h:?} must be 1..=255 characters without spaces or control characters"));
         }
         if let Some(e) = &self.expect
             && (e.is_empty() || e.len() > 16 || e.iter().any(|c| !(100..=599).contains(c)))
         {
-            return Err(format!(
-                "health.expect {e:?}: 1 to 16 status codes, each 100..=599"
-            ));
+            return Err(format!("health.expect {e:?}: 1 to 16 status codes, each 100..=599"));
         }
         if self.port == Some(0) {
             return Err("health.port must not be 0".into());
@@ -145,47 +129,21 @@ impl HealthSpec {
 /// One check against `addr:port` from `source` (the kernel's source address towards
 /// the backend; None: the kernel picks), bounded by `spec.timeout_ms` in total:
 /// connect, and for `http` the request and the status line.
-pub async fn probe(
-    spec: &HealthSpec,
-    addr: IpAddr,
-    port: u16,
-    source: Option<IpAddr>,
-) -> Result<(), String> {
+pub async fn probe(spec: &HealthSpec, addr: IpAddr, port: u16, source: Option<IpAddr>) -> Result<(), String> {
     let timeout = Duration::from_millis(spec.timeout_ms as u64);
     let sa = SocketAddr::new(addr, port);
     match tokio::time::timeout(timeout, probe_inner(spec, sa, source)).await {
         Ok(r) => r,
-        Err(_) => Err(format!(
-            "{} {sa}: timed out after {} ms",
-            if spec.kind == HealthKind::Tcp {
-                "connect"
-            } else {
-                "check"
-            },
-            spec.timeout_ms
-        )),
+        Err(_) => Err(format!("{} {sa}: timed out after {} ms", if spec.kind == HealthKind::Tcp { "connect" } else { "check" }, spec.timeout_ms)),
     }
 }
 
-async fn probe_inner(
-    spec: &HealthSpec,
-    sa: SocketAddr,
-    source: Option<IpAddr>,
-) -> Result<(), String> {
-    let sock = if sa.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
-    }
-    .map_err(|e| format!("socket: {e}"))?;
+async fn probe_inner(spec: &HealthSpec, sa: SocketAddr, source: Option<IpAddr>) -> Result<(), String> {
+    let sock = if sa.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(|e| format!("socket: {e}"))?;
     if let Some(src) = source.filter(|s| s.is_ipv4() == sa.is_ipv4()) {
-        sock.bind(SocketAddr::new(src, 0))
-            .map_err(|e| format!("bind {src}: {e}"))?;
+        sock.bind(SocketAddr::new(src, 0)).map_err(|e| format!("bind {src}: {e}"))?;
     }
-    let mut s = sock
-        .connect(sa)
-        .await
-        .map_err(|e| format!("connect {sa}: {e}"))?;
+    let mut s = sock.connect(sa).await.map_err(|e| format!("connect {sa}: {e}"))?;
     if spec.kind == HealthKind::Tcp {
         return Ok(());
     }
@@ -195,12 +153,8 @@ async fn probe_inner(
         (None, IpAddr::V4(a)) => a.to_string(),
         (None, IpAddr::V6(a)) => format!("[{a}]"),
     };
-    let req = format!(
-        "GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: lbd-health-check\r\nConnection: close\r\n\r\n"
-    );
-    s.write_all(req.as_bytes())
-        .await
-        .map_err(|e| format!("write {sa}: {e}"))?;
+    let req = format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: lbd-health-check\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.map_err(|e| format!("write {sa}: {e}"))?;
     // The status line is all we need; read until its end or 512 bytes.
     let mut buf = [0u8; 512];
     let mut n = 0;
@@ -216,9 +170,7 @@ async fn probe_inner(
     let mut parts = line.split_whitespace();
     let (proto, code) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     if !proto.starts_with("HTTP/") {
-        return Err(format!(
-            "GET {path} on {sa}: not an HTTP response ({line:?})"
-        ));
+        return Err(format!("GET {path} on {sa}: not an HTTP response ({line:?})"));
     }
     match code.parse::<u16>() {
         Ok(c) if spec.status_ok(c) => Ok(()),
@@ -294,11 +246,7 @@ impl Runner {
             if self.running.contains_key(t) {
                 continue;
             }
-            let first = if now(t) {
-                Duration::ZERO
-            } else {
-                Duration::from_millis(spread(t) % t.spec.interval_ms.max(1) as u64)
-            };
+            let first = if now(t) { Duration::ZERO } else { Duration::from_millis(spread(t) % t.spec.interval_ms.max(1) as u64) };
             let h = tokio::spawn(check_loop(t.clone(), first, report.clone()));
             self.running.insert(t.clone(), h.abort_handle());
         }
@@ -361,24 +309,11 @@ mod tests {
     use std::time::Instant;
 
     fn spec(kind: HealthKind) -> HealthSpec {
-        HealthSpec {
-            kind,
-            interval_ms: 1000,
-            timeout_ms: 500,
-            rise: 2,
-            fall: 3,
-            path: None,
-            port: None,
-            host: None,
-            expect: None,
-        }
+        HealthSpec { kind, interval_ms: 1000, timeout_ms: 500, rise: 2, fall: 3, path: None, port: None, host: None, expect: None }
     }
 
     fn rt() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
     }
 
     #[test]
@@ -386,11 +321,7 @@ mod tests {
         let mut t = Tracker::new(true);
         assert_eq!(t.record(false, 2, 3), None);
         assert_eq!(t.record(false, 2, 3), None);
-        assert_eq!(
-            t.record(true, 2, 3),
-            None,
-            "a success resets the failure streak"
-        );
+        assert_eq!(t.record(true, 2, 3), None, "a success resets the failure streak");
         assert_eq!(t.record(false, 2, 3), None);
         assert_eq!(t.record(false, 2, 3), None);
         assert_eq!(t.record(false, 2, 3), Some(false));
@@ -406,104 +337,25 @@ mod tests {
         ok.validate(80).unwrap();
         let http = spec(HealthKind::Http);
         let cases = [
-            (
-                HealthSpec {
-                    interval_ms: 10,
-                    ..ok.clone()
-                },
-                "interval_ms",
-            ),
-            (
-                HealthSpec {
-                    timeout_ms: 2000,
-                    ..ok.clone()
-                },
-                "timeout_ms",
-            ),
-            (
-                HealthSpec {
-                    rise: 0,
-                    ..ok.clone()
-                },
-                "rise",
-            ),
-            (
-                HealthSpec {
-                    fall: 1000,
-                    ..ok.clone()
-                },
-                "fall",
-            ),
-            (
-                HealthSpec {
-                    path: Some("/x".into()),
-                    ..ok.clone()
-                },
-                "only for kind",
-            ),
-            (
-                HealthSpec {
-                    kind: HealthKind::Http,
-                    path: Some("no slash".into()),
-                    ..ok.clone()
-                },
-                "path",
-            ),
-            (
-                HealthSpec {
-                    kind: HealthKind::Http,
-                    path: Some("/a b".into()),
-                    ..ok.clone()
-                },
-                "path",
-            ),
-            (
-                HealthSpec {
-                    host: Some("a".into()),
-                    ..ok.clone()
-                },
-                "only for kind",
-            ),
-            (
-                HealthSpec {
-                    host: Some("a b".into()),
-                    ..http.clone()
-                },
-                "health.host",
-            ),
-            (
-                HealthSpec {
-                    expect: Some(vec![]),
-                    ..http.clone()
-                },
-                "health.expect",
-            ),
-            (
-                HealthSpec {
-                    expect: Some(vec![200, 99]),
-                    ..http.clone()
-                },
-                "health.expect",
-            ),
+            (HealthSpec { interval_ms: 10, ..ok.clone() }, "interval_ms"),
+            (HealthSpec { timeout_ms: 2000, ..ok.clone() }, "timeout_ms"),
+            (HealthSpec { rise: 0, ..ok.clone() }, "rise"),
+            (HealthSpec { fall: 1000, ..ok.clone() }, "fall"),
+            (HealthSpec { path: Some("/x".into()), ..ok.clone() }, "only for kind"),
+            (HealthSpec { kind: HealthKind::Http, path: Some("no slash".into()), ..ok.clone() }, "path"),
+            (HealthSpec { kind: HealthKind::Http, path: Some("/a b".into()), ..ok.clone() }, "path"),
+            (HealthSpec { host: Some("a".into()), ..ok.clone() }, "only for kind"),
+            (HealthSpec { host: Some("a b".into()), ..http.clone() }, "health.host"),
+            (HealthSpec { expect: Some(vec![]), ..http.clone() }, "health.expect"),
+            (HealthSpec { expect: Some(vec![200, 99]), ..http.clone() }, "health.expect"),
         ];
         for (s, want) in cases {
             let e = s.validate(80).unwrap_err();
             assert!(e.contains(want), "{e:?} should mention {want:?}");
         }
         assert!(ok.validate(0).unwrap_err().contains("port is required"));
-        HealthSpec {
-            port: Some(8080),
-            ..ok
-        }
-        .validate(0)
-        .unwrap();
-        HealthSpec {
-            host: Some("app.example".into()),
-            expect: Some(vec![200, 204]),
-            ..http
-        }
-        .validate(80)
-        .unwrap();
+        HealthSpec { port: Some(8080), ..ok }.validate(0).unwrap();
+        HealthSpec { host: Some("app.example".into()), expect: Some(vec![200, 204]), ..http }.validate(80).unwrap();
     }
 
     #[test]
@@ -512,23 +364,11 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
         let lo: IpAddr = "127.0.0.1".parse().unwrap();
-        rt.block_on(probe(
-            &spec(HealthKind::Tcp),
-            lo,
-            port,
-            Some("127.0.0.2".parse().unwrap()),
-        ))
-        .unwrap();
+        rt.block_on(probe(&spec(HealthKind::Tcp), lo, port, Some("127.0.0.2".parse().unwrap()))).unwrap();
         let (_, from) = l.accept().unwrap();
-        assert_eq!(
-            from.ip(),
-            "127.0.0.2".parse::<IpAddr>().unwrap(),
-            "the check leaves from the source given"
-        );
+        assert_eq!(from.ip(), "127.0.0.2".parse::<IpAddr>().unwrap(), "the check leaves from the source given");
         drop(l);
-        let e = rt
-            .block_on(probe(&spec(HealthKind::Tcp), lo, port, None))
-            .unwrap_err();
+        let e = rt.block_on(probe(&spec(HealthKind::Tcp), lo, port, None)).unwrap_err();
         assert!(e.contains("connect"), "{e}");
     }
 
@@ -555,56 +395,19 @@ mod tests {
     fn http_probe_checks_status_host_and_timeout() {
         let rt = rt();
         let lo: IpAddr = "127.0.0.1".parse().unwrap();
-        let http = HealthSpec {
-            path: Some("/healthz".into()),
-            ..spec(HealthKind::Http)
-        };
+        let http = HealthSpec { path: Some("/healthz".into()), ..spec(HealthKind::Http) };
         let (p, rx) = http_server("HTTP/1.1 200 OK\r\n\r\n", 1);
         rt.block_on(probe(&http, lo, p, None)).unwrap();
         let req = rx.recv().unwrap();
-        assert!(
-            req.starts_with("GET /healthz HTTP/1.0\r\n") && req.contains("Host: 127.0.0.1\r\n"),
-            "{req}"
-        );
-        rt.block_on(probe(
-            &http,
-            lo,
-            http_server("HTTP/1.0 302 Found\r\n\r\n", 1).0,
-            None,
-        ))
-        .unwrap();
-        let e = rt
-            .block_on(probe(
-                &http,
-                lo,
-                http_server("HTTP/1.1 503 Service Unavailable\r\n\r\n", 1).0,
-                None,
-            ))
-            .unwrap_err();
+        assert!(req.starts_with("GET /healthz HTTP/1.0\r\n") && req.contains("Host: 127.0.0.1\r\n"), "{req}");
+        rt.block_on(probe(&http, lo, http_server("HTTP/1.0 302 Found\r\n\r\n", 1).0, None)).unwrap();
+        let e = rt.block_on(probe(&http, lo, http_server("HTTP/1.1 503 Service Unavailable\r\n\r\n", 1).0, None)).unwrap_err();
         assert!(e.contains("status 503"), "{e}");
-        let e = rt
-            .block_on(probe(
-                &http,
-                lo,
-                http_server("SSH-2.0-OpenSSH\r\n", 1).0,
-                None,
-            ))
-            .unwrap_err();
+        let e = rt.block_on(probe(&http, lo, http_server("SSH-2.0-OpenSSH\r\n", 1).0, None)).unwrap_err();
         assert!(e.contains("not an HTTP response"), "{e}");
         // Expected codes and a Host header of our choice.
-        let strict = HealthSpec {
-            host: Some("app.example".into()),
-            expect: Some(vec![204]),
-            ..http.clone()
-        };
-        let e = rt
-            .block_on(probe(
-                &strict,
-                lo,
-                http_server("HTTP/1.1 200 OK\r\n\r\n", 1).0,
-                None,
-            ))
-            .unwrap_err();
+        let strict = HealthSpec { host: Some("app.example".into()), expect: Some(vec![204]), ..http.clone() };
+        let e = rt.block_on(probe(&strict, lo, http_server("HTTP/1.1 200 OK\r\n\r\n", 1).0, None)).unwrap_err();
         assert!(e.contains("status 200"), "200 is not in expect: {e}");
         let (p, rx) = http_server("HTTP/1.1 204 No Content\r\n\r\n", 1);
         rt.block_on(probe(&strict, lo, p, None)).unwrap();
@@ -612,13 +415,8 @@ mod tests {
         // A server that accepts and never answers: bounded by the timeout.
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let t0 = Instant::now();
-        let e = rt
-            .block_on(probe(&http, lo, l.local_addr().unwrap().port(), None))
-            .unwrap_err();
-        assert!(
-            t0.elapsed() < Duration::from_secs(2),
-            "probe is bounded by timeout_ms"
-        );
+        let e = rt.block_on(probe(&http, lo, l.local_addr().unwrap().port(), None)).unwrap_err();
+        assert!(t0.elapsed() < Duration::from_secs(2), "probe is bounded by timeout_ms");
         assert!(e.contains("timed out"), "{e}");
     }
 
@@ -631,11 +429,7 @@ mod tests {
                 service: "web".into(),
                 addr: "127.0.0.1".parse().unwrap(),
                 port: l.local_addr().unwrap().port(),
-                spec: HealthSpec {
-                    interval_ms: 100,
-                    timeout_ms: 100,
-                    ..spec(HealthKind::Tcp)
-                },
+                spec: HealthSpec { interval_ms: 100, timeout_ms: 100, ..spec(HealthKind::Tcp) },
                 source: None,
             };
             let (tx, mut rx) = mpsc::channel(16);
@@ -643,10 +437,7 @@ mod tests {
             runner.sync(std::slice::from_ref(&t), &|_| true, &tx);
             assert_eq!(runner.len(), 1);
             for _ in 0..2 {
-                let (got, r) = tokio::time::timeout(Duration::from_secs(2), rx.recv())
-                    .await
-                    .expect("a report within 2 s")
-                    .unwrap();
+                let (got, r) = tokio::time::timeout(Duration::from_secs(2), rx.recv()).await.expect("a report within 2 s").unwrap();
                 assert_eq!(got, t);
                 assert!(r.is_ok());
             }
@@ -654,12 +445,7 @@ mod tests {
             assert!(runner.is_empty());
             tokio::time::sleep(Duration::from_millis(150)).await;
             while rx.try_recv().is_ok() {}
-            assert!(
-                tokio::time::timeout(Duration::from_millis(400), rx.recv())
-                    .await
-                    .is_err(),
-                "stopped checks report nothing"
-            );
+            assert!(tokio::time::timeout(Duration::from_millis(400), rx.recv()).await.is_err(), "stopped checks report nothing");
         });
     }
 }

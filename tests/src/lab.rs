@@ -705,7 +705,10 @@ impl Lab {
             let h = s.spawn(|| self.visits(120, Duration::from_millis(25), Duration::from_secs(6)));
             std::thread::sleep(Duration::from_millis(500));
             let stop_at = Instant::now();
-            self.stop("web1-nginx", libc::SIGTERM);
+            // Graceful (SIGQUIT): requests in flight finish, new connections are
+            // refused. SIGTERM cut a request that started before the stop, which then
+            // counted as a failure before it.
+            self.stop("web1-nginx", libc::SIGQUIT);
             let removed = wait_for(Duration::from_secs(5), || {
                 self.nodes[active].health("web", web1).is_some_and(|(h, in_table)| h == "down" && !in_table)
             });

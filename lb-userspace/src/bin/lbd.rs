@@ -15,12 +15,7 @@ use lb_userspace::config::Config;
 use lb_userspace::daemon;
 
 #[derive(Parser)]
-#[command(
-    name = "lbd",
-    version,
-    about = "XDP L4 load balancer daemon",
-    args_conflicts_with_subcommands = true
-)]
+#[command(name = "lbd", version, about = "XDP L4 load balancer daemon", args_conflicts_with_subcommands = true)]
 struct Cli {
     /// The config file (TOML); see README "Configuration".
     #[arg(long, short)]
@@ -77,9 +72,7 @@ enum Mode {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -87,9 +80,7 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Some(cmd) => decap_cmd(cmd),
         None => match cli.config {
-            None => Err(anyhow::anyhow!(
-                "--config FILE is required (or a subcommand; see --help)"
-            )),
+            None => Err(anyhow::anyhow!("--config FILE is required (or a subcommand; see --help)")),
             Some(path) if cli.check => return check(&path),
             Some(path) if cli.detach => detach(&path),
             Some(path) => run(&path),
@@ -115,11 +106,7 @@ fn check(path: &std::path::Path) -> ExitCode {
             for e in &errs.0 {
                 eprintln!("{}: {e}", path.display());
             }
-            eprintln!(
-                "{}: {} error(s); nothing was changed",
-                path.display(),
-                errs.0.len()
-            );
+            eprintln!("{}: {} error(s); nothing was changed", path.display(), errs.0.len());
             ExitCode::from(2)
         }
     }
@@ -128,15 +115,7 @@ fn check(path: &std::path::Path) -> ExitCode {
 fn detach(path: &std::path::Path) -> anyhow::Result<()> {
     let (cfg, _) = Config::load(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let ifaces = daemon::detach_offline(&cfg.instance)?;
-    println!(
-        "instance {} detached from {}; pins removed",
-        cfg.instance,
-        if ifaces.is_empty() {
-            "no interface".into()
-        } else {
-            ifaces.join(", ")
-        }
-    );
+    println!("instance {} detached from {}; pins removed", cfg.instance, if ifaces.is_empty() { "no interface".into() } else { ifaces.join(", ") });
     Ok(())
 }
 
@@ -146,14 +125,7 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
 
 fn decap_cmd(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
-        Cmd::Decap {
-            cmd:
-                DecapCmd::Attach {
-                    interface,
-                    xdp_mode,
-                    pass,
-                },
-        } => {
+        Cmd::Decap { cmd: DecapCmd::Attach { interface, xdp_mode, pass } } => {
             let mode = match xdp_mode {
                 Mode::Native => XdpMode::Driver,
                 Mode::Generic => XdpMode::Skb,
@@ -163,20 +135,13 @@ fn decap_cmd(cmd: Cmd) -> anyhow::Result<()> {
             } else {
                 lb_userspace::decap::attach(&interface, mode).context("decap attach")?;
             }
-            println!(
-                "decap attached to {interface}, pinned at {}",
-                lb_userspace::decap::pin_dir(&interface).display()
-            );
+            println!("decap attached to {interface}, pinned at {}", lb_userspace::decap::pin_dir(&interface).display());
         }
-        Cmd::Decap {
-            cmd: DecapCmd::Detach { interface },
-        } => {
+        Cmd::Decap { cmd: DecapCmd::Detach { interface } } => {
             lb_userspace::decap::detach(&interface).context("decap detach")?;
             println!("decap detached from {interface}");
         }
-        Cmd::Decap {
-            cmd: DecapCmd::Stats { interface },
-        } => {
+        Cmd::Decap { cmd: DecapCmd::Stats { interface } } => {
             for (name, c) in lb_userspace::decap::stats(&interface).context("decap stats")? {
                 println!("{name:<16} packets={} bytes={}", c.packets, c.bytes);
             }

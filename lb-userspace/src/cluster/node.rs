@@ -69,14 +69,7 @@ pub struct ClusterSnapshot {
 
 impl Default for ClusterSnapshot {
     fn default() -> Self {
-        Self {
-            role: Role::Init,
-            peer_pos: None,
-            peer_alive: false,
-            peer_node: None,
-            peer_role: None,
-            last_heard_ms_ago: None,
-        }
+        Self { role: Role::Init, peer_pos: None, peer_alive: false, peer_node: None, peer_role: None, last_heard_ms_ago: None }
     }
 }
 
@@ -168,38 +161,28 @@ struct Run {
 
 impl ClusterTask {
     /// Runs on a thread of its own until `Stop` or the owner goes away.
-    pub fn spawn(
-        self,
-        cmds: mpsc::UnboundedReceiver<ClusterCmd>,
-    ) -> std::io::Result<std::thread::JoinHandle<()>> {
-        std::thread::Builder::new()
-            .name("lbd-cluster".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        error!(error = %e, "cluster: no runtime");
-                        return;
-                    }
-                };
-                rt.block_on(self.run(cmds));
-            })
+    pub fn spawn(self, cmds: mpsc::UnboundedReceiver<ClusterCmd>) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new().name("lbd-cluster".into()).spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    error!(error = %e, "cluster: no runtime");
+                    return;
+                }
+            };
+            rt.block_on(self.run(cmds));
+        })
     }
 
     async fn run(self, mut cmds: mpsc::UnboundedReceiver<ClusterCmd>) {
         let _ = self.socket.set_nonblocking(true);
-        let sock =
-            match UdpSocket::from_std(self.socket.try_clone().expect("cloning the cluster socket"))
-            {
-                Ok(s) => s,
-                Err(e) => {
-                    error!(error = %e, "cluster: socket");
-                    return;
-                }
-            };
+        let sock = match UdpSocket::from_std(self.socket.try_clone().expect("cloning the cluster socket")) {
+            Ok(s) => s,
+            Err(e) => {
+                error!(error = %e, "cluster: socket");
+                return;
+            }
+        };
         let peer = self.cfg.peer;
         let mut r = Run {
             election: Election::new(self.cfg.params(), self.pos, 0),
@@ -288,8 +271,7 @@ impl Run {
                 if self.intervals.len() == INTERVALS_KEPT {
                     self.intervals.pop_front();
                 }
-                self.intervals
-                    .push_back(now.duration_since(prev).as_secs_f64() * 1000.0);
+                self.intervals.push_back(now.duration_since(prev).as_secs_f64() * 1000.0);
             }
             self.send(vec![d]).await;
         }
@@ -299,31 +281,19 @@ impl Run {
         self.send_heartbeat().await;
         let mut out = Vec::new();
         if self.election.role() == Role::Active {
-            let flows = self
-                .t
-                .queue
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take(FLOW_BUDGET);
+            let flows = self.t.queue.lock().unwrap_or_else(|e| e.into_inner()).take(FLOW_BUDGET);
             if !flows.is_empty() {
                 out.extend(self.sealer.seal_flows(&flows, ETHERNET_DATAGRAM).0);
             }
         } else {
-            self.t
-                .queue
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clear();
+            self.t.queue.lock().unwrap_or_else(|e| e.into_inner()).clear();
         }
         // Full config: after a local change, or when the peer is behind (paced).
         let now = self.now();
         let peer_pos = self.election.status(now).peer.map(|p| p.heartbeat.config);
         let behind = peer_pos.is_some_and(|p| self.replicator.on_peer(now, self.t.pos, p));
         if std::mem::take(&mut self.t.push_config) || behind {
-            match self
-                .sealer
-                .seal_config(self.t.pos, &self.t.services, ETHERNET_DATAGRAM)
-            {
+            match self.sealer.seal_config(self.t.pos, &self.t.services, ETHERNET_DATAGRAM) {
                 Ok(ds) => out.extend(ds),
                 Err(e) => error!(error = %e, "cluster: encoding the config"),
             }
@@ -357,9 +327,7 @@ impl Run {
             Message::Heartbeat(hb) => {
                 let at = Instant::now();
                 if let Some(prev) = self.last_heard.replace(at) {
-                    self.peer_gap_max_ms = self
-                        .peer_gap_max_ms
-                        .max(at.duration_since(prev).as_millis() as u64);
+                    self.peer_gap_max_ms = self.peer_gap_max_ms.max(at.duration_since(prev).as_millis() as u64);
                 }
                 if let Some(t) = self.election.on_heartbeat(now, h.node_id, hb) {
                     self.transition(t).await;
@@ -384,10 +352,7 @@ impl Run {
             Message::FlowBatch(flows) => {
                 let n = flows.len() as u64;
                 if self.t.apply.try_send(flows).is_err() {
-                    self.t
-                        .counters
-                        .dropped_apply_queue
-                        .fetch_add(n, Ordering::Relaxed);
+                    self.t.counters.dropped_apply_queue.fetch_add(n, Ordering::Relaxed);
                 }
             }
         }
@@ -418,11 +383,7 @@ impl Run {
             }
             ClusterCmd::Failover(reply) => {
                 let now = self.now();
-                let _ = reply.send(
-                    self.election
-                        .request_failover(now)
-                        .map_err(|e| e.to_string()),
-                );
+                let _ = reply.send(self.election.request_failover(now).map_err(|e| e.to_string()));
                 self.send_heartbeat().await;
             }
             ClusterCmd::Status(reply) => {
@@ -435,30 +396,12 @@ impl Run {
     fn view(&self) -> ClusterView {
         let now = self.now();
         let st = self.election.status(now);
-        let QueueCounters {
-            queued,
-            dropped_full,
-            sent,
-        } = self
-            .t
-            .queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .counters;
+        let QueueCounters { queued, dropped_full, sent } = self.t.queue.lock().unwrap_or_else(|e| e.into_inner()).counters;
         let mut iv: Vec<f64> = self.intervals.iter().copied().collect();
         iv.sort_by(f64::total_cmp);
-        let p99 = if iv.is_empty() {
-            0.0
-        } else {
-            iv[((iv.len() - 1) as f64 * 0.99).round() as usize]
-        };
+        let p99 = if iv.is_empty() { 0.0 } else { iv[((iv.len() - 1) as f64 * 0.99).round() as usize] };
         let c = &self.t.counters;
-        let lost = self
-            .t
-            .sync_stats
-            .as_ref()
-            .and_then(|m| m.get(&0, 0).ok())
-            .map_or(0, |v| v.iter().sum());
+        let lost = self.t.sync_stats.as_ref().and_then(|m| m.get(&0, 0).ok()).map_or(0, |v| v.iter().sum());
         ClusterView {
             node_id: self.t.cfg.node_id,
             role: st.role.to_string(),
@@ -476,27 +419,13 @@ impl Run {
                 last_heartbeat_ms_ago: st.last_heard_ms_ago.unwrap_or(0),
             }),
             vips_held: self.t.held.borrow().clone(),
-            last_change: self.last_transition.map(|(t, at)| {
-                format!(
-                    "{} -> {} ({:?}) {} ms ago",
-                    t.from,
-                    t.to,
-                    t.why,
-                    at.elapsed().as_millis()
-                )
-            }),
+            last_change: self.last_transition.map(|(t, at)| format!("{} -> {} ({:?}) {} ms ago", t.from, t.to, t.why, at.elapsed().as_millis())),
             role_changes: self.role_changes,
             heartbeat_interval_p99_ms: p99,
             heartbeat_interval_max_ms: iv.last().copied().unwrap_or(0.0),
             peer_gap_max_ms: self.peer_gap_max_ms,
             datagrams_accepted: self.guard.counters().accepted,
-            datagrams_rejected: self
-                .guard
-                .counters()
-                .by_reason()
-                .filter(|(_, n)| *n > 0)
-                .map(|(r, n)| (r.to_string(), n))
-                .collect(),
+            datagrams_rejected: self.guard.counters().by_reason().filter(|(_, n)| *n > 0).map(|(r, n)| (r.to_string(), n)).collect(),
             flows_queued: queued,
             flows_sent: sent,
             flows_dropped_queue_full: dropped_full,

@@ -95,8 +95,7 @@ pub async fn read_events(
 ) {
     // SAFETY: the ring buffer owns its fd, which stays open and the same as long as
     // the AsyncFd (its owner) lives.
-    let mut fd = match unsafe { AsyncFd::register_with_interest(rb, tokio::io::Interest::READABLE) }
-    {
+    let mut fd = match unsafe { AsyncFd::register_with_interest(rb, tokio::io::Interest::READABLE) } {
         Ok(fd) => fd,
         Err(e) => {
             warn!(error = %e, "flow events: cannot poll the ring buffer; flow sync off");
@@ -159,31 +158,16 @@ fn drain(
 }
 
 /// The backup: writes each synced flow batch into FLOWS under this node's ids.
-pub async fn apply_flows(
-    mut rx: mpsc::Receiver<Vec<SyncedFlow>>,
-    index: watch::Receiver<Arc<FlowIndex>>,
-    mut writer: FlowWriter,
-    counters: Arc<FlowCounters>,
-) {
+pub async fn apply_flows(mut rx: mpsc::Receiver<Vec<SyncedFlow>>, index: watch::Receiver<Arc<FlowIndex>>, mut writer: FlowWriter, counters: Arc<FlowCounters>) {
     while let Some(flows) = rx.recv().await {
         let ix = index.borrow().clone();
-        apply_batch(
-            &flows,
-            &*ix,
-            |k, id| writer.insert(k, id).is_ok(),
-            &counters,
-        );
+        apply_batch(&flows, &*ix, |k, id| writer.insert(k, id).is_ok(), &counters);
     }
 }
 
 /// Resolves and writes one batch; `write` is the FLOWS write (one place to change
 /// when the flow tables change shape).
-pub fn apply_batch(
-    flows: &[SyncedFlow],
-    ix: &impl LocalIds,
-    mut write: impl FnMut(lb_common::FlowKey, u32) -> bool,
-    counters: &FlowCounters,
-) {
+pub fn apply_batch(flows: &[SyncedFlow], ix: &impl LocalIds, mut write: impl FnMut(lb_common::FlowKey, u32) -> bool, counters: &FlowCounters) {
     for f in flows {
         match resolve(f, ix) {
             Ok((key, id)) => {
@@ -213,46 +197,23 @@ mod tests {
     /// Two nodes whose backend ids differ: the index carries a flow across by address.
     #[test]
     fn the_index_describes_and_resolves_by_address() {
-        let spec = ServiceSpec {
-            name: "web".into(),
-            vip: "10.0.0.100:80/tcp".parse().unwrap(),
-            mode: Mode::Ipip,
-            table_size: 251,
-        };
-        let be = |a: &str| BackendSpec {
-            addr: ip(a),
-            weight: 1,
-            mac: None,
-        };
+        let spec = ServiceSpec { name: "web".into(), vip: "10.0.0.100:80/tcp".parse().unwrap(), mode: Mode::Ipip, table_size: 251 };
+        let be = |a: &str| BackendSpec { addr: ip(a), weight: 1, mac: None };
         let mut a = ControlPlane::new(MemMaps::default());
-        a.add_service(spec.clone(), vec![be("10.1.0.1"), be("10.1.0.2")])
-            .unwrap();
+        a.add_service(spec.clone(), vec![be("10.1.0.1"), be("10.1.0.2")]).unwrap();
         let mut b = ControlPlane::new(MemMaps::default());
-        b.add_service(spec, vec![be("10.1.0.8"), be("10.1.0.9")])
-            .unwrap();
+        b.add_service(spec, vec![be("10.1.0.8"), be("10.1.0.9")]).unwrap();
         b.add_backend("web", be("10.1.0.2")).unwrap();
         let (ia, ib) = (FlowIndex::build(&a), FlowIndex::build(&b));
-        let (id_a, id_b) = (
-            a.backend_id("web", ip("10.1.0.2")).unwrap(),
-            b.backend_id("web", ip("10.1.0.2")).unwrap(),
-        );
+        let (id_a, id_b) = (a.backend_id("web", ip("10.1.0.2")).unwrap(), b.backend_id("web", ip("10.1.0.2")).unwrap());
         assert_ne!(id_a, id_b);
         let key = FlowKey::new(ip("192.0.2.1"), 40000, ip("10.0.0.100"), 80, PROTO_TCP);
-        let ev = FlowEvent {
-            key,
-            backend_id: id_a,
-            service_id: a.service("web").unwrap().id,
-        };
+        let ev = FlowEvent { key, backend_id: id_a, service_id: a.service("web").unwrap().id };
         let f = ia.describe(&ev).unwrap();
         assert_eq!(f.backend, ip("10.1.0.2"));
         let c = FlowCounters::default();
         let mut written = Vec::new();
-        let other = ia
-            .describe(&FlowEvent {
-                backend_id: a.backend_id("web", ip("10.1.0.1")).unwrap(),
-                ..ev
-            })
-            .unwrap();
+        let other = ia.describe(&FlowEvent { backend_id: a.backend_id("web", ip("10.1.0.1")).unwrap(), ..ev }).unwrap();
         let mut unknown_vip = f;
         unknown_vip.vip = ip("10.0.0.200");
         apply_batch(
@@ -265,21 +226,7 @@ mod tests {
             &c,
         );
         assert_eq!(written, vec![(key, id_b)]);
-        assert_eq!(
-            (
-                c.applied.load(Ordering::Relaxed),
-                c.unknown_backend.load(Ordering::Relaxed),
-                c.unknown_vip.load(Ordering::Relaxed)
-            ),
-            (1, 1, 1)
-        );
-        assert!(
-            ia.describe(&FlowEvent {
-                backend_id: 999,
-                ..ev
-            })
-            .is_none(),
-            "a gone backend is not synced"
-        );
+        assert_eq!((c.applied.load(Ordering::Relaxed), c.unknown_backend.load(Ordering::Relaxed), c.unknown_vip.load(Ordering::Relaxed)), (1, 1, 1));
+        assert!(ia.describe(&FlowEvent { backend_id: 999, ..ev }).is_none(), "a gone backend is not synced");
     }
 }

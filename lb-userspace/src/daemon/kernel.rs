@@ -66,19 +66,12 @@ pub async fn initial(nl: &Netlink, addrs: &BTreeSet<IpAddr>) -> NextHops {
     hops
 }
 
-async fn resolve_missing(
-    nl: &Netlink,
-    hops: &NextHops,
-    asked: &mut HashMap<(u32, IpAddr), Instant>,
-) {
+async fn resolve_missing(nl: &Netlink, hops: &NextHops, asked: &mut HashMap<(u32, IpAddr), Instant>) {
     let now = Instant::now();
     let missing = hops.missing();
     asked.retain(|k, _| missing.contains(k));
     for k in missing {
-        if asked
-            .get(&k)
-            .is_some_and(|t| now.duration_since(*t) < RESOLVE_AGAIN)
-        {
+        if asked.get(&k).is_some_and(|t| now.duration_since(*t) < RESOLVE_AGAIN) {
             continue;
         }
         asked.insert(k, now);

@@ -49,18 +49,10 @@ fn take_lock(instance: &str) -> anyhow::Result<std::fs::File> {
     let dir = Path::new("/run/lb");
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join(format!("{instance}.lock"));
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
+    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
     // SAFETY: flock on an fd we own.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        bail!(
-            "another lbd is running for instance {instance:?} (lock {} is held)",
-            path.display()
-        );
+        bail!("another lbd is running for instance {instance:?} (lock {} is held)", path.display());
     }
     Ok(f)
 }
@@ -80,17 +72,14 @@ pub(crate) fn remove_lock_file(instance: &str) {
 
 /// Client side: one request, one response (lbctl, tests).
 pub fn call(socket: &Path, req: &Request) -> anyhow::Result<Response> {
-    let mut c = UnixStream::connect(socket)
-        .with_context(|| format!("connecting to {} (is lbd running?)", socket.display()))?;
+    let mut c = UnixStream::connect(socket).with_context(|| format!("connecting to {} (is lbd running?)", socket.display()))?;
     c.set_read_timeout(Some(Duration::from_secs(30)))?;
     c.set_write_timeout(Some(CLIENT_TIMEOUT))?;
     let mut s = serde_json::to_vec(req)?;
     s.push(b'\n');
     c.write_all(&s).context("sending the request")?;
     let mut line = Vec::new();
-    BufReader::new(c.take(64 << 20))
-        .read_until(b'\n', &mut line)
-        .context("reading the response")?;
+    BufReader::new(c.take(64 << 20)).read_until(b'\n', &mut line).context("reading the response")?;
     serde_json::from_slice(&line).context("decoding the response")
 }
 
@@ -124,54 +113,32 @@ impl Datapath for Kernel {
 
 /// Runs lbd until SIGTERM/SIGINT or `lbctl detach`.
 pub fn run(config_path: &Path) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(WORKERS)
-        .thread_name("lbd-worker")
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(WORKERS).thread_name("lbd-worker").enable_all().build().context("starting the runtime")?;
     rt.block_on(run_async(config_path))
 }
 
 async fn run_async(config_path: &Path) -> anyhow::Result<()> {
     // Absolute, so reloads find the file whatever the working directory.
-    let config_path = &std::fs::canonicalize(config_path)
-        .with_context(|| format!("opening {}", config_path.display()))?;
-    let (cfg, src) =
-        Config::load(config_path).map_err(|e| anyhow::anyhow!("{}: {e}", config_path.display()))?;
+    let config_path = &std::fs::canonicalize(config_path).with_context(|| format!("opening {}", config_path.display()))?;
+    let (cfg, src) = Config::load(config_path).map_err(|e| anyhow::anyhow!("{}: {e}", config_path.display()))?;
     let lock_file = take_lock(&cfg.instance)?;
     let hash = content_hash(&src);
 
     // What to run: the saved state if it came from this very file, else the file.
     let mut from_file = true;
     let mut saved_epoch = None;
-    let (services, health_records, mut version, saved_ifaces, cluster_pos) = match persist::load(
-        &cfg.state_file(),
-    ) {
+    let (services, health_records, mut version, saved_ifaces, cluster_pos) = match persist::load(&cfg.state_file()) {
         persist::Loaded::Found(st) if st.config_hash == hash => {
             from_file = false;
             saved_epoch = st.cluster_epoch;
             info!(state = %cfg.state_file().display(), version = st.version, "restoring runtime state (config file unchanged)");
-            (
-                st.services,
-                st.health,
-                st.version,
-                st.interfaces,
-                st.cluster_config,
-            )
+            (st.services, st.health, st.version, st.interfaces, st.cluster_config)
         }
         persist::Loaded::Found(st) => {
             saved_epoch = st.cluster_epoch;
-            warn!(
-                "config file changed since the state was saved: the file's services replace runtime changes"
-            );
-            (
-                cfg.services.clone(),
-                st.health,
-                st.version + 1,
-                st.interfaces,
-                st.cluster_config,
-            )
+            warn!("config file changed since the state was saved: the file's services replace runtime changes");
+            (cfg.services.clone(), st.health, st.version + 1, st.interfaces, st.cluster_config)
         }
         persist::Loaded::Corrupt(aside, why) => {
             error!(moved_to = %aside.display(), %why, "state file unreadable; starting from the config file");
@@ -180,11 +147,7 @@ async fn run_async(config_path: &Path) -> anyhow::Result<()> {
         persist::Loaded::Missing => (cfg.services.clone(), Vec::new(), 0, BTreeMap::new(), None),
     };
 
-    let pins::Loaded {
-        mut ebpf,
-        adopted,
-        dir,
-    } = pins::load(&cfg.instance)?;
+    let pins::Loaded { mut ebpf, adopted, dir } = pins::load(&cfg.instance)?;
     forward_datapath_log(&mut ebpf);
     let maps = AyaMaps::from_ebpf(&mut ebpf)?;
     let stats = Stats::from_ebpf(&mut ebpf)?;
@@ -202,31 +165,14 @@ async fn run_async(config_path: &Path) -> anyhow::Result<()> {
 
     let mut core = Core::new(cp);
     core.seed_resolved_from_datapath();
-    let to_track: BTreeSet<IpAddr> = services
-        .iter()
-        .flat_map(|d| {
-            d.backends
-                .iter()
-                .filter(|b| b.mac.is_none())
-                .map(|b| b.address)
-        })
-        .collect();
+    let to_track: BTreeSet<IpAddr> = services.iter().flat_map(|d| d.backends.iter().filter(|b| b.mac.is_none()).map(|b| b.address)).collect();
     let mut hops = kernel::initial(&nl, &to_track).await;
     let first = hops.changes();
     // Only what was found: an adopted MAC stays until the kernel says otherwise.
-    core.set_next_hops(
-        &first
-            .iter()
-            .filter_map(|(a, n)| Some((*a, Some(n.as_ref()?.mac))))
-            .collect::<Vec<_>>(),
-    )?;
+    core.set_next_hops(&first.iter().filter_map(|(a, n)| Some((*a, Some(n.as_ref()?.mac)))).collect::<Vec<_>>())?;
     core.restore_health(&health_records);
     core.set_settings(cfg.settings())?;
-    let changed = if adopted {
-        core.replace_all_forced(services.clone())
-    } else {
-        core.replace_all(services.clone())
-    };
+    let changed = if adopted { core.replace_all_forced(services.clone()) } else { core.replace_all(services.clone()) };
     if let Err(e) = changed {
         // Saved state no longer valid for this build: the file is the authority.
         if services != cfg.services {
@@ -246,16 +192,11 @@ async fn run_async(config_path: &Path) -> anyhow::Result<()> {
         None => None,
         Some(cc) => {
             let key = crate::cluster::load_secret(&cc.secret_file)?;
-            let wall_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
+            let wall_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
             let epoch = crate::cluster::wire::next_epoch(wall_ms, saved_epoch);
-            let sock = std::net::UdpSocket::bind(cc.listen)
-                .with_context(|| format!("cluster.listen {}", cc.listen))?;
+            let sock = std::net::UdpSocket::bind(cc.listen).with_context(|| format!("cluster.listen {}", cc.listen))?;
             let flows = match ebpf.take_map(lb_common::map_names::FLOWS) {
-                Some(m @ aya::maps::Map::LruHashMap(_)) => Some(crate::flowsync::FlowWriter::new(
-                    aya::maps::HashMap::try_from(m)?,
-                )),
+                Some(m @ aya::maps::Map::LruHashMap(_)) => Some(crate::flowsync::FlowWriter::new(aya::maps::HashMap::try_from(m)?)),
                 _ => None,
             };
             let events = match ebpf.take_map(lb_common::map_names::FLOW_EVENTS) {
@@ -263,56 +204,22 @@ async fn run_async(config_path: &Path) -> anyhow::Result<()> {
                 _ => None,
             };
             let sync_stats = match ebpf.take_map(lb_common::map_names::SYNC_STATS) {
-                Some(m @ aya::maps::Map::PerCpuArray(_)) => {
-                    aya::maps::PerCpuArray::try_from(m).ok()
-                }
+                Some(m @ aya::maps::Map::PerCpuArray(_)) => aya::maps::PerCpuArray::try_from(m).ok(),
                 _ => None,
             };
-            let mut pos = cluster_pos.map_or(ConfigPos::default(), |(version, origin)| ConfigPos {
-                version,
-                origin,
-            });
+            let mut pos = cluster_pos.map_or(ConfigPos::default(), |(version, origin)| ConfigPos { version, origin });
             if from_file {
                 // The file's services are this node's change: numbered after what it
                 // knew, so the pair converges on the newer of the two.
                 pos = pos.next(None, cc.node_id);
             }
-            cluster_parts = Some((
-                cc.clone(),
-                key,
-                epoch,
-                sock,
-                flows,
-                events,
-                sync_stats,
-                pos,
-                from_file,
-            ));
-            Some(OwnerCluster {
-                node_id: cc.node_id,
-                pos,
-                epoch,
-                role: crate::cluster::wire::Role::Init,
-                snapshot: snap_rx,
-            })
+            cluster_parts = Some((cc.clone(), key, epoch, sock, flows, events, sync_stats, pos, from_file));
+            Some(OwnerCluster { node_id: cc.node_id, pos, epoch, role: crate::cluster::wire::Role::Init, snapshot: snap_rx })
         }
     };
 
-    let dp = Kernel {
-        ebpf,
-        dir: dir.clone(),
-        stats,
-    };
-    let mut owner = Owner::new(
-        core,
-        dp,
-        cfg,
-        config_path.to_path_buf(),
-        hash,
-        adopted,
-        dir.clone(),
-        owner_cluster,
-    );
+    let dp = Kernel { ebpf, dir: dir.clone(), stats };
+    let mut owner = Owner::new(core, dp, cfg, config_path.to_path_buf(), hash, adopted, dir.clone(), owner_cluster);
     // Attach after the maps hold the services: the first packet finds them.
     owner.attach_at_start(&saved_ifaces)?;
     // Interfaces dropped from the config since the last run.
@@ -350,21 +257,10 @@ async fn run_async(config_path: &Path) -> anyhow::Result<()> {
         let counters = Arc::new(FlowCounters::default());
         let (apply_tx, apply_rx) = mpsc::channel(flows::APPLY_QUEUE);
         if let Some(w) = flows {
-            tokio::spawn(flows::apply_flows(
-                apply_rx,
-                index_rx.clone(),
-                w,
-                counters.clone(),
-            ));
+            tokio::spawn(flows::apply_flows(apply_rx, index_rx.clone(), w, counters.clone()));
         }
         if let Some(rb) = events {
-            tokio::spawn(flows::read_events(
-                rb,
-                index_rx.clone(),
-                active.clone(),
-                queue.clone(),
-                counters.clone(),
-            ));
+            tokio::spawn(flows::read_events(rb, index_rx.clone(), active.clone(), queue.clone(), counters.clone()));
         }
         let (ctx, crx) = mpsc::unbounded_channel();
         let task = ClusterTask {
@@ -385,16 +281,12 @@ async fn run_async(config_path: &Path) -> anyhow::Result<()> {
         };
         // A restarted node may still hold VIPs from a previous life: it holds none
         // until the election says so.
-        release_vips(
-            &nl,
-            &owner,
-            &owner.core.services().iter().map(|d| d.vip.addr).collect(),
-        )
-        .await;
+        release_vips(&nl, &owner, &owner.core.services().iter().map(|d| d.vip.addr).collect()).await;
         cluster_thread = Some(task.spawn(crx).context("starting the cluster thread")?);
         cluster_tx = Some(ctx);
     }
-    tokio::spawn(server::serve(listener, tx.clone(), cluster_tx.clone()));
+    let slots = Arc::new(tokio::sync::Semaphore::new(server::MAX_CLIENTS));
+    tokio::spawn(server::serve(listener, tx.clone(), cluster_tx.clone(), slots.clone()));
     tokio::spawn(signals(tx.clone()));
 
     let mut runner = health::Runner::default();
@@ -438,6 +330,8 @@ async fn run_async(config_path: &Path) -> anyhow::Result<()> {
         }
     }
     runner.stop_all();
+    // Answers in flight (a detach, a stop's last status) are written before we exit.
+    let _ = tokio::time::timeout(CLIENT_TIMEOUT, slots.acquire_many(server::MAX_CLIENTS as u32)).await;
     // Stopping on purpose: the VIPs go now, so the peer's takeover is clean.
     release_vips(&nl, &owner, &held).await;
     if let Some(c) = &cluster_tx {
@@ -452,29 +346,17 @@ async fn run_async(config_path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn sync_health<W: crate::maps::MapWriter, D: Datapath>(
-    owner: &Owner<W, D>,
-    runner: &mut health::Runner,
-    tx: &health::Report,
-) {
+fn sync_health<W: crate::maps::MapWriter, D: Datapath>(owner: &Owner<W, D>, runner: &mut health::Runner, tx: &health::Report) {
     if owner.stopping {
         runner.stop_all();
         return;
     }
     let due = owner.first_check_due();
-    runner.sync(
-        &owner.health_targets(),
-        &|t| due.contains(&(t.service.clone(), t.addr)),
-        tx,
-    );
+    runner.sync(&owner.health_targets(), &|t| due.contains(&(t.service.clone(), t.addr)), tx);
 }
 
 /// Holds exactly the wanted VIPs on the VIP interface; announces the new ones.
-async fn sync_vips<W: crate::maps::MapWriter, D: Datapath>(
-    nl: &Netlink,
-    owner: &Owner<W, D>,
-    held: &mut BTreeSet<IpAddr>,
-) {
+async fn sync_vips<W: crate::maps::MapWriter, D: Datapath>(nl: &Netlink, owner: &Owner<W, D>, held: &mut BTreeSet<IpAddr>) {
     let Some((iface, Some(index))) = owner.vip_interface() else {
         held.clear();
         return;
@@ -504,11 +386,7 @@ async fn sync_vips<W: crate::maps::MapWriter, D: Datapath>(
     }
 }
 
-async fn release_vips<W: crate::maps::MapWriter, D: Datapath>(
-    nl: &Netlink,
-    owner: &Owner<W, D>,
-    vips: &BTreeSet<IpAddr>,
-) {
+async fn release_vips<W: crate::maps::MapWriter, D: Datapath>(nl: &Netlink, owner: &Owner<W, D>, vips: &BTreeSet<IpAddr>) {
     let Some((_, Some(index))) = owner.vip_interface() else {
         return;
     };
@@ -522,11 +400,7 @@ async fn release_vips<W: crate::maps::MapWriter, D: Datapath>(
 /// HUP reloads; TERM/INT stop lbd (the pinned datapath keeps running).
 async fn signals(tx: mpsc::Sender<Msg>) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::hangup()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (signal(SignalKind::hangup()), signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         error!("cannot install signal handlers");
         return;
     };
@@ -558,9 +432,7 @@ fn forward_datapath_log(ebpf: &mut aya::Ebpf) {
     };
     tokio::spawn(async move {
         // SAFETY: the logger owns its fd, open and unchanged while the AsyncFd lives.
-        let Ok(mut fd) = (unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
-        }) else {
+        let Ok(mut fd) = (unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }) else {
             return;
         };
         loop {

@@ -156,37 +156,18 @@ impl<W: MapWriter, D: Datapath> Owner<W, D> {
     /// Attaches the configured interfaces at start. One that does not exist is
     /// reported and attached when it appears; any other failure stops the start
     /// (after undoing what this run attached).
-    pub fn attach_at_start(
-        &mut self,
-        saved_modes: &BTreeMap<String, String>,
-    ) -> anyhow::Result<()> {
+    pub fn attach_at_start(&mut self, saved_modes: &BTreeMap<String, String>) -> anyhow::Result<()> {
         for i in self.cfg.interfaces.clone() {
             let Some(index) = self.dp.ifindex(&i) else {
                 warn!(interface = %i, "interface missing: the others work, it is attached when it appears");
-                self.interfaces.insert(
-                    i.clone(),
-                    Iface {
-                        view: iface_view(&i, String::new(), false, MISSING),
-                        index: None,
-                    },
-                );
+                self.interfaces.insert(i.clone(), Iface { view: iface_view(&i, String::new(), false, MISSING), index: None });
                 continue;
             };
             match self.dp.attach(&i, self.cfg.xdp_mode) {
                 Ok(a) => {
-                    let mode = if a.mode.is_empty() {
-                        saved_modes.get(&i).cloned().unwrap_or_default()
-                    } else {
-                        a.mode
-                    };
+                    let mode = if a.mode.is_empty() { saved_modes.get(&i).cloned().unwrap_or_default() } else { a.mode };
                     info!(interface = %i, mode = %mode, adopted = !a.attached_now, "balancer on interface");
-                    self.interfaces.insert(
-                        i.clone(),
-                        Iface {
-                            view: iface_view(&i, mode, a.attached_now, ATTACHED),
-                            index: Some(index),
-                        },
-                    );
+                    self.interfaces.insert(i.clone(), Iface { view: iface_view(&i, mode, a.attached_now, ATTACHED), index: Some(index) });
                 }
                 Err(e) => {
                     for (name, v) in &self.interfaces {
@@ -217,12 +198,7 @@ impl<W: MapWriter, D: Datapath> Owner<W, D> {
             version: self.core.version,
             services: self.core.services(),
             health: self.core.health_records(),
-            interfaces: self
-                .interfaces
-                .iter()
-                .filter(|(_, v)| !v.view.mode.is_empty())
-                .map(|(k, v)| (k.clone(), v.view.mode.clone()))
-                .collect(),
+            interfaces: self.interfaces.iter().filter(|(_, v)| !v.view.mode.is_empty()).map(|(k, v)| (k.clone(), v.view.mode.clone())).collect(),
             cluster_config: self.cluster.as_ref().map(|c| (c.pos.version, c.pos.origin)),
             cluster_epoch: self.cluster.as_ref().map(|c| c.epoch),
         }
@@ -248,10 +224,7 @@ impl<W: MapWriter, D: Datapath> Owner<W, D> {
         if let Some(c) = &mut self.cluster {
             let peer = c.snapshot.borrow().peer_pos;
             c.pos = c.pos.next(peer, c.node_id);
-            fx.cluster.push(ClusterCmd::LocalChange {
-                pos: c.pos,
-                services,
-            });
+            fx.cluster.push(ClusterCmd::LocalChange { pos: c.pos, services });
         }
     }
 
@@ -285,9 +258,7 @@ impl<W: MapWriter, D: Datapath> Owner<W, D> {
     /// The VIP addresses this node must hold: every service's when active, else none.
     pub fn wanted_vips(&self) -> BTreeSet<IpAddr> {
         match &self.cluster {
-            Some(c) if c.role == Role::Active && !self.stopping => {
-                self.core.services().iter().map(|d| d.vip.addr).collect()
-            }
+            Some(c) if c.role == Role::Active && !self.stopping => self.core.services().iter().map(|d| d.vip.addr).collect(),
             _ => BTreeSet::new(),
         }
     }
@@ -295,32 +266,21 @@ impl<W: MapWriter, D: Datapath> Owner<W, D> {
     /// VIPs live on the first configured interface; its index when it exists.
     pub fn vip_interface(&self) -> Option<(String, Option<u32>)> {
         let name = self.cfg.interfaces.first()?;
-        Some((
-            name.clone(),
-            self.interfaces.get(name).and_then(|i| i.index),
-        ))
+        Some((name.clone(), self.interfaces.get(name).and_then(|i| i.index)))
     }
 
     pub fn handle(&mut self, m: Msg) -> Effects {
         let mut fx = Effects::default();
         match m {
             Msg::Api(req, reply) => {
-                let r = self
-                    .api(req, &mut fx)
-                    .unwrap_or_else(|e| Response::err(format!("{e:#}")));
+                let r = self.api(req, &mut fx).unwrap_or_else(|e| Response::err(format!("{e:#}")));
                 let _ = reply.send(r);
             }
             Msg::Health(t, r) => self.health_result(&t, r, &mut fx),
             Msg::NextHops(hops) => self.next_hops(hops, &mut fx),
-            Msg::Link {
-                index,
-                name,
-                present,
-            } => self.link(index, &name, present, &mut fx),
+            Msg::Link { index, name, present } => self.link(index, &name, present, &mut fx),
             Msg::Cluster(ClusterEvent::Role(t)) => self.role(t.to, &mut fx),
-            Msg::Cluster(ClusterEvent::PeerConfig(pos, data)) => {
-                self.peer_config(pos, &data, &mut fx)
-            }
+            Msg::Cluster(ClusterEvent::PeerConfig(pos, data)) => self.peer_config(pos, &data, &mut fx),
             Msg::Reload(reply) => {
                 let r = self.reload(&mut fx);
                 match &r {
@@ -446,10 +406,7 @@ impl<W: MapWriter, D: Datapath> Owner<W, D> {
         match incoming(c.pos, pos) {
             Incoming::Apply => {}
             Incoming::AlreadyHave => {
-                fx.cluster.push(ClusterCmd::Applied {
-                    pos: c.pos,
-                    services: self.services_json(),
-                });
+                fx.cluster.push(ClusterCmd::Applied { pos: c.pos, services: self.services_json() });
                 return;
             }
             Incoming::Older => return,
@@ -469,10 +426,7 @@ impl<W: MapWriter, D: Datapath> Owner<W, D> {
                 }
                 self.persist_logged("a peer config");
                 fx.all();
-                fx.cluster.push(ClusterCmd::Applied {
-                    pos,
-                    services: self.services_json(),
-                });
+                fx.cluster.push(ClusterCmd::Applied { pos, services: self.services_json() });
             }
             Err(e) => error!(error = %e, %pos, "cluster: peer's config rejected; kept ours"),
         }
@@ -483,8 +437,7 @@ impl<W: MapWriter, D: Datapath> Owner<W, D> {
         self.local_change(fx);
         fx.all();
         // Applied to the datapath; a failed save is reported, the change stays.
-        self.persist()
-            .context("the change is live but saving the state failed")?;
+        self.persist().context("the change is live but saving the state failed")?;
         Ok(match self.core.service_view(service).ok() {
             Some(v) => Response::ok(v),
             None => Response::ok(serde_json::json!({ "removed": service })),
@@ -500,64 +453,17 @@ impl<W: MapWriter, D: Datapath> Owner<W, D> {
                 let name = service.name.clone();
                 self.change(Change::AddService(service), &name, fx)?
             }
-            Request::ServiceRemove { name } => {
-                self.change(Change::RemoveService(name.clone()), &name, fx)?
+            Request::ServiceRemove { name } => self.change(Change::RemoveService(name.clone()), &name, fx)?,
+            Request::BackendList { service } => Response::ok(self.core.backend_views(service.as_deref())?),
+            Request::BackendAdd { service, address, weight, mac } => {
+                self.change(Change::AddBackend { service: service.clone(), address, weight, mac }, &service, fx)?
             }
-            Request::BackendList { service } => {
-                Response::ok(self.core.backend_views(service.as_deref())?)
+            Request::BackendRemove { service, address } => self.change(Change::RemoveBackend { service: service.clone(), address }, &service, fx)?,
+            Request::BackendSetWeight { service, address, weight } => {
+                self.change(Change::SetWeight { service: service.clone(), address, weight }, &service, fx)?
             }
-            Request::BackendAdd {
-                service,
-                address,
-                weight,
-                mac,
-            } => self.change(
-                Change::AddBackend {
-                    service: service.clone(),
-                    address,
-                    weight,
-                    mac,
-                },
-                &service,
-                fx,
-            )?,
-            Request::BackendRemove { service, address } => self.change(
-                Change::RemoveBackend {
-                    service: service.clone(),
-                    address,
-                },
-                &service,
-                fx,
-            )?,
-            Request::BackendSetWeight {
-                service,
-                address,
-                weight,
-            } => self.change(
-                Change::SetWeight {
-                    service: service.clone(),
-                    address,
-                    weight,
-                },
-                &service,
-                fx,
-            )?,
-            Request::BackendDrain { service, address } => self.change(
-                Change::Drain {
-                    service: service.clone(),
-                    address,
-                },
-                &service,
-                fx,
-            )?,
-            Request::BackendEnable { service, address } => self.change(
-                Change::Enable {
-                    service: service.clone(),
-                    address,
-                },
-                &service,
-                fx,
-            )?,
+            Request::BackendDrain { service, address } => self.change(Change::Drain { service: service.clone(), address }, &service, fx)?,
+            Request::BackendEnable { service, address } => self.change(Change::Enable { service: service.clone(), address }, &service, fx)?,
             Request::Stats {} => Response::ok(self.stats_with_pps()?),
             Request::Reload {} => Response::ok(serde_json::json!({ "result": self.reload(fx)? })),
             Request::Detach {} => {
@@ -568,9 +474,7 @@ impl<W: MapWriter, D: Datapath> Owner<W, D> {
                 fx.vips = true;
                 Response::ok(serde_json::json!({ "detached": ifaces }))
             }
-            Request::ClusterStatus {} | Request::ClusterFailover {} => {
-                Response::err("this lbd has no [cluster] section: it runs standalone")
-            }
+            Request::ClusterStatus {} | Request::ClusterFailover {} => Response::err("this lbd has no [cluster] section: it runs standalone"),
         })
     }
 
@@ -626,12 +530,7 @@ impl<W: MapWriter, D: Datapath> Owner<W, D> {
         let mut now = self.stats_now()?;
         let t = Instant::now();
         // The newest sample at least half a second old.
-        if let Some((at, before)) = self
-            .samples
-            .iter()
-            .rev()
-            .find(|(at, _)| t.duration_since(*at) >= Duration::from_millis(500))
-        {
+        if let Some((at, before)) = self.samples.iter().rev().find(|(at, _)| t.duration_since(*at) >= Duration::from_millis(500)) {
             fill_pps(&mut now, before, t.duration_since(*at).as_secs_f64());
         }
         Ok(now)
@@ -639,13 +538,9 @@ impl<W: MapWriter, D: Datapath> Owner<W, D> {
 
     /// Re-reads the config file (SIGHUP, `lbctl reload`). All or nothing.
     pub fn reload(&mut self, fx: &mut Effects) -> anyhow::Result<String> {
-        let (cfg, src) = Config::load(&self.config_path)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", self.config_path.display()))?;
+        let (cfg, src) = Config::load(&self.config_path).map_err(|e| anyhow::anyhow!("{}: {e}", self.config_path.display()))?;
         let hash = content_hash(&src);
-        if cfg.instance != self.cfg.instance
-            || cfg.socket != self.cfg.socket
-            || cfg.state_dir != self.cfg.state_dir
-        {
+        if cfg.instance != self.cfg.instance || cfg.socket != self.cfg.socket || cfg.state_dir != self.cfg.state_dir {
             bail!("instance, socket and state_dir cannot change on reload: restart lbd");
         }
         if self.config_hash == hash {
@@ -660,25 +555,13 @@ impl<W: MapWriter, D: Datapath> Owner<W, D> {
             }
             let Some(index) = self.dp.ifindex(i) else {
                 warn!(interface = %i, "interface missing: attached when it appears");
-                self.interfaces.insert(
-                    i.clone(),
-                    Iface {
-                        view: iface_view(i, String::new(), false, MISSING),
-                        index: None,
-                    },
-                );
+                self.interfaces.insert(i.clone(), Iface { view: iface_view(i, String::new(), false, MISSING), index: None });
                 added.push(i.clone());
                 continue;
             };
             match self.dp.attach(i, cfg.xdp_mode) {
                 Ok(a) => {
-                    self.interfaces.insert(
-                        i.clone(),
-                        Iface {
-                            view: iface_view(i, a.mode, a.attached_now, ATTACHED),
-                            index: Some(index),
-                        },
-                    );
+                    self.interfaces.insert(i.clone(), Iface { view: iface_view(i, a.mode, a.attached_now, ATTACHED), index: Some(index) });
                     added.push(i.clone());
                 }
                 Err(e) => {
@@ -689,11 +572,7 @@ impl<W: MapWriter, D: Datapath> Owner<W, D> {
         }
         let undo = |me: &mut Self, added: &[String]| {
             for i in added {
-                if me
-                    .interfaces
-                    .remove(i)
-                    .is_some_and(|v| v.view.state == ATTACHED)
-                {
+                if me.interfaces.remove(i).is_some_and(|v| v.view.state == ATTACHED) {
                     let _ = me.dp.detach(i);
                 }
             }
@@ -704,11 +583,7 @@ impl<W: MapWriter, D: Datapath> Owner<W, D> {
         }
         let before_settings = *self.core.control().settings();
         let settings = self.settings_now(&cfg);
-        let changed = match self
-            .core
-            .set_settings(settings)
-            .and_then(|()| self.core.replace_all(cfg.services.clone()))
-        {
+        let changed = match self.core.set_settings(settings).and_then(|()| self.core.replace_all(cfg.services.clone())) {
             Ok(c) => c,
             Err(e) => {
                 let _ = self.core.set_settings(before_settings);
@@ -716,17 +591,9 @@ impl<W: MapWriter, D: Datapath> Owner<W, D> {
                 return Err(e.into());
             }
         };
-        let gone: Vec<String> = self
-            .interfaces
-            .keys()
-            .filter(|i| !cfg.interfaces.contains(i))
-            .cloned()
-            .collect();
+        let gone: Vec<String> = self.interfaces.keys().filter(|i| !cfg.interfaces.contains(i)).cloned().collect();
         for i in gone {
-            let attached = self
-                .interfaces
-                .get(&i)
-                .is_some_and(|v| v.view.state == ATTACHED);
+            let attached = self.interfaces.get(&i).is_some_and(|v| v.view.state == ATTACHED);
             match if attached { self.dp.detach(&i) } else { Ok(()) } {
                 Ok(()) => {
                     self.interfaces.remove(&i);
@@ -743,19 +610,227 @@ impl<W: MapWriter, D: Datapath> Owner<W, D> {
         }
         fx.all();
         self.persist().context("saving state")?;
-        Ok(if changed.is_empty() {
-            "reloaded; no service changed".into()
-        } else {
-            format!("reloaded; changed: {}", changed.join(", "))
-        })
+        Ok(if changed.is_empty() { "reloaded; no service changed".into() } else { format!("reloaded; changed: {}", changed.join(", ")) })
     }
 }
 
 fn iface_view(name: &str, mode: String, attached_now: bool, state: &str) -> InterfaceView {
-    InterfaceView {
-        name: name.to_string(),
-        mode,
-        attached_now,
-        state: state.to_string(),
+    InterfaceView { name: name.to_string(), mode, attached_now, state: state.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::election::{Transition, Why};
+    use crate::control::ControlPlane;
+    use crate::maps::MemMaps;
+    use crate::model::Mac;
+    use lb_common::{Counter, TrafficCounter};
+
+    /// Interfaces that exist (name -> index) and what was attached.
+    #[derive(Default)]
+    struct FakeDp {
+        links: BTreeMap<String, u32>,
+        attaches: Vec<String>,
+        zeros: Zeros,
+    }
+
+    #[derive(Default)]
+    struct Zeros;
+
+    impl CounterSource for Zeros {
+        fn service(&self, _: u32) -> Result<TrafficCounter, crate::maps::MapWriteError> {
+            Ok(TrafficCounter::default())
+        }
+        fn backend(&self, _: u32) -> Result<TrafficCounter, crate::maps::MapWriteError> {
+            Ok(TrafficCounter::default())
+        }
+        fn reasons(&self) -> Result<Vec<Counter>, crate::maps::MapWriteError> {
+            Ok(Vec::new())
+        }
+    }
+
+    impl Datapath for FakeDp {
+        fn attach(&mut self, interface: &str, _: XdpModeCfg) -> anyhow::Result<Attached> {
+            if !self.links.contains_key(interface) {
+                bail!("no such interface {interface}");
+            }
+            self.attaches.push(interface.to_string());
+            Ok(Attached { mode: "native".into(), attached_now: true })
+        }
+        fn detach(&mut self, _: &str) -> anyhow::Result<()> {
+            Ok(())
+        }
+        fn detach_all(&mut self, _: &str) -> anyhow::Result<Vec<String>> {
+            Ok(Vec::new())
+        }
+        fn ifindex(&self, interface: &str) -> Option<u32> {
+            self.links.get(interface).copied()
+        }
+        fn counters(&self) -> &dyn CounterSource {
+            &self.zeros
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// An owner over MemMaps with eth0 present and eth1 missing, and a state dir.
+    fn owner(cluster: bool) -> (Owner<MemMaps, FakeDp>, tempdir::Dir, Option<watch::Sender<ClusterSnapshot>>) {
+        let dir = tempdir::Dir::new();
+        let src = format!(
+            "instance = \"t\"\ninterfaces = [\"eth0\", \"eth1\"]\nencap_source_v4 = \"10.0.0.5\"\nstate_dir = \"{}\"\nsocket = \"{}/s\"\n\
+             [[service]]\nname = \"web\"\nvip = \"10.0.0.100:80/tcp\"\ntable_size = 251\n\
+             health = {{ kind = \"tcp\", interval_ms = 1000, timeout_ms = 500, rise = 2, fall = 2 }}\n",
+            dir.0.display(),
+            dir.0.display()
+        );
+        let cfg = Config::parse(&src).unwrap();
+        let mut core = Core::new(ControlPlane::new(MemMaps::default()));
+        core.set_settings(cfg.settings()).unwrap();
+        core.replace_all(cfg.services.clone()).unwrap();
+        let dp = FakeDp { links: BTreeMap::from([("eth0".to_string(), 2)]), ..FakeDp::default() };
+        let (snap_tx, snap_rx) = watch::channel(ClusterSnapshot::default());
+        let oc = cluster.then(|| OwnerCluster { node_id: 1, pos: ConfigPos { version: 1, origin: 1 }, epoch: 7, role: Role::Init, snapshot: snap_rx });
+        let mut o = Owner::new(core, dp, cfg, dir.0.join("lb.toml"), "hash".into(), false, dir.0.join("pins"), oc);
+        o.attach_at_start(&BTreeMap::new()).unwrap();
+        (o, dir, cluster.then_some(snap_tx))
+    }
+
+    mod tempdir {
+        pub struct Dir(pub std::path::PathBuf);
+        impl Dir {
+            pub fn new() -> Self {
+                static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let p = std::env::temp_dir().join(format!("lb-owner-test-{}-{n}", std::process::id()));
+                std::fs::create_dir_all(&p).unwrap();
+                Dir(p)
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    fn api(o: &mut Owner<MemMaps, FakeDp>, req: Request) -> (Response, Effects) {
+        let (tx, mut rx) = oneshot::channel();
+        let fx = o.handle(Msg::Api(req, tx));
+        (rx.try_recv().expect("answered at once"), fx)
+    }
+
+    fn backend(o: &Owner<MemMaps, FakeDp>, a: IpAddr) -> crate::api::BackendView {
+        o.core.backend_views(Some("web")).unwrap().into_iter().find(|b| b.address == a).unwrap()
+    }
+
+    #[test]
+    fn a_backend_added_by_lbctl_waits_for_its_next_hop_and_first_check() {
+        let (mut o, _d, _) = owner(false);
+        let a = ip("10.0.1.3");
+        let (r, fx) = api(&mut o, Request::BackendAdd { service: "web".into(), address: a, weight: 1, mac: None });
+        assert!(r.ok, "{:?}", r.error);
+        assert!(fx.track && fx.health && fx.index, "the shell tracks its next hop and starts its check");
+        assert!(o.tracked().contains(&a));
+        assert_eq!(backend(&o, a).pending.as_deref(), Some("next hop unresolved"));
+        assert_eq!(o.status().backends_pending, 1);
+        // The kernel task finds its next hop: the source address goes to its check.
+        let hop = NextHop { mac: "02:00:00:00:01:03".parse::<Mac>().unwrap(), source: Some(ip("10.0.0.5")) };
+        let fx = o.handle(Msg::NextHops(vec![(a, Some(hop))]));
+        assert!(fx.health, "the check restarts from the new source");
+        let t = o.health_targets().into_iter().find(|t| t.addr == a).unwrap();
+        assert_eq!(t.source, Some(ip("10.0.0.5")));
+        assert!(o.first_check_due().contains(&("web".to_string(), a)), "its first check is due at once");
+        assert_eq!(backend(&o, a).pending.as_deref(), Some("waiting for its first check"));
+        let fx = o.handle(Msg::Health(t.clone(), Ok(())));
+        assert!(fx.index, "a new backend id: the flow index is republished");
+        let b = backend(&o, a);
+        assert!(b.in_table && b.pending.is_none(), "{b:?}");
+        // Its next hop fails: out of the table, pending again.
+        o.handle(Msg::NextHops(vec![(a, None)]));
+        let b = backend(&o, a);
+        assert!(!b.in_table && b.pending.as_deref() == Some("next hop unresolved"), "{b:?}");
+        // Saved: a restart restores the health record (no pending again).
+        let st: persist::State = serde_json::from_slice(&std::fs::read(o.cfg.state_file()).unwrap()).unwrap();
+        assert!(st.health.iter().any(|h| h.address == a && h.up));
+    }
+
+    #[test]
+    fn interfaces_missing_gone_and_back() {
+        let (mut o, _d, _) = owner(false);
+        let st = |o: &Owner<MemMaps, FakeDp>, n: &str| o.status().interfaces.into_iter().find(|i| i.name == n).unwrap().state;
+        assert_eq!((st(&o, "eth0").as_str(), st(&o, "eth1").as_str()), (ATTACHED, MISSING), "one missing interface does not stop the start");
+        assert_eq!(o.dp.attaches, vec!["eth0"]);
+        // eth1 appears.
+        o.dp.links.insert("eth1".into(), 5);
+        o.handle(Msg::Link { index: 5, name: "eth1".into(), present: true });
+        assert_eq!(st(&o, "eth1"), ATTACHED);
+        // A flag change of the same link (attaching XDP makes one) attaches nothing.
+        o.handle(Msg::Link { index: 5, name: "eth1".into(), present: true });
+        assert_eq!(o.dp.attaches, vec!["eth0", "eth1"]);
+        // eth0 deleted and recreated (a new index): detached, then attached again.
+        o.dp.links.remove("eth0");
+        let fx = o.handle(Msg::Link { index: 2, name: "eth0".into(), present: false });
+        assert!(fx.vips_lost, "VIPs on the VIP interface went with it");
+        assert_eq!(st(&o, "eth0"), MISSING);
+        o.dp.links.insert("eth0".into(), 9);
+        o.handle(Msg::Link { index: 9, name: "eth0".into(), present: true });
+        assert_eq!(st(&o, "eth0"), ATTACHED);
+        assert_eq!(o.dp.attaches, vec!["eth0", "eth1", "eth0"]);
+        assert_eq!(o.vip_interface(), Some(("eth0".into(), Some(9))));
+        // Other links are none of our business.
+        o.handle(Msg::Link { index: 3, name: "lo".into(), present: true });
+        assert_eq!(o.dp.attaches.len(), 3);
+    }
+
+    #[test]
+    fn roles_switch_flow_reporting_and_vips_and_peer_configs_apply() {
+        let (mut o, _d, snap) = owner(true);
+        assert!(o.wanted_vips().is_empty(), "not active: no VIP");
+        let fx = o.handle(Msg::Cluster(ClusterEvent::Role(Transition { from: Role::Init, to: Role::Active, why: Why::AloneAtStartup })));
+        assert_eq!(fx.active, Some(true));
+        assert!(fx.vips);
+        assert_ne!(o.core.control().settings().flags & lb_common::SETTINGS_F_FLOW_SYNC, 0, "active: the datapath reports new flows");
+        assert_eq!(o.wanted_vips(), BTreeSet::from([ip("10.0.0.100")]));
+        // A local change takes the next position after the peer's.
+        snap.unwrap().send_replace(ClusterSnapshot { peer_pos: Some(ConfigPos { version: 5, origin: 2 }), ..ClusterSnapshot::default() });
+        let (r, fx) = api(&mut o, Request::BackendAdd { service: "web".into(), address: ip("10.0.1.9"), weight: 1, mac: None });
+        assert!(r.ok);
+        assert!(matches!(fx.cluster.as_slice(), [ClusterCmd::LocalChange { pos: ConfigPos { version: 6, origin: 1 }, .. }]));
+        // A newer config from the peer replaces ours whole and is acked.
+        let mut defs = o.core.services();
+        defs[0].backends.clear();
+        let pos = ConfigPos { version: 9, origin: 2 };
+        let fx = o.handle(Msg::Cluster(ClusterEvent::PeerConfig(pos, serde_json::to_vec(&defs).unwrap())));
+        assert!(matches!(fx.cluster.as_slice(), [ClusterCmd::Applied { pos: p, .. }] if *p == pos));
+        assert!(o.core.service("web").unwrap().backends.is_empty());
+        assert_eq!(o.cluster.as_ref().unwrap().pos, pos);
+        // An older one changes nothing; garbage is refused.
+        let fx = o.handle(Msg::Cluster(ClusterEvent::PeerConfig(ConfigPos { version: 2, origin: 2 }, b"[]".to_vec())));
+        assert!(fx.cluster.is_empty());
+        o.handle(Msg::Cluster(ClusterEvent::PeerConfig(ConfigPos { version: 10, origin: 2 }, b"{not json".to_vec())));
+        assert_eq!(o.cluster.as_ref().unwrap().pos, pos);
+        // Backup again: reporting off, VIPs released.
+        let fx = o.handle(Msg::Cluster(ClusterEvent::Role(Transition { from: Role::Active, to: Role::Backup, why: Why::PeerPreferred })));
+        assert_eq!(fx.active, Some(false));
+        assert!(o.wanted_vips().is_empty());
+        assert_eq!(o.core.control().settings().flags & lb_common::SETTINGS_F_FLOW_SYNC, 0);
+        // Stop: no VIP, no health target.
+        o.handle(Msg::Stop);
+        assert!(o.stopping);
+    }
+
+    #[test]
+    fn a_rejected_request_changes_nothing_and_says_why() {
+        let (mut o, _d, _) = owner(false);
+        let before = o.core.control().writer().writes;
+        let (r, fx) = api(&mut o, Request::BackendAdd { service: "nope".into(), address: ip("10.0.1.3"), weight: 1, mac: None });
+        assert!(!r.ok && r.error.unwrap().contains("unknown service"));
+        assert!(!fx.track && !fx.index && fx.cluster.is_empty());
+        assert_eq!(o.core.control().writer().writes, before);
+        let (r, _) = api(&mut o, Request::ClusterStatus {});
+        assert!(r.error.unwrap().contains("standalone"));
     }
 }

@@ -19,7 +19,7 @@ use crate::api::{MAX_REQUEST, Request, Response};
 use crate::cluster::node::ClusterCmd;
 
 /// At most this many lbctl connections are served at once.
-const MAX_CLIENTS: usize = 16;
+pub const MAX_CLIENTS: usize = 16;
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
@@ -33,17 +33,14 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
         Err(e) => return Err(e).with_context(|| format!("removing stale {}", path.display())),
     }
     let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("chmod 0600 {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).with_context(|| format!("chmod 0600 {}", path.display()))?;
     Ok(l)
 }
 
-pub async fn serve(
-    listener: UnixListener,
-    owner: mpsc::Sender<Msg>,
-    cluster: Option<mpsc::UnboundedSender<ClusterCmd>>,
-) {
-    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+/// Serves until the runtime stops. `slots` (MAX_CLIENTS permits) is held by each
+/// connection until its answer is written: taking all of them at shutdown waits for
+/// the answers in flight (`lbctl detach` gets its answer before lbd exits).
+pub async fn serve(listener: UnixListener, owner: mpsc::Sender<Msg>, cluster: Option<mpsc::UnboundedSender<ClusterCmd>>, slots: Arc<Semaphore>) {
     loop {
         let conn = match listener.accept().await {
             Ok((c, _)) => c,
@@ -56,11 +53,7 @@ pub async fn serve(
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             tokio::spawn(async move {
                 let mut conn = conn;
-                let _ = respond(
-                    &mut conn,
-                    &Response::err("lbd is busy: too many lbctl connections"),
-                )
-                .await;
+                let _ = respond(&mut conn, &Response::err("lbd is busy: too many lbctl connections")).await;
             });
             continue;
         };
@@ -72,11 +65,7 @@ pub async fn serve(
     }
 }
 
-async fn serve_one(
-    mut conn: UnixStream,
-    owner: mpsc::Sender<Msg>,
-    cluster: Option<mpsc::UnboundedSender<ClusterCmd>>,
-) {
+async fn serve_one(mut conn: UnixStream, owner: mpsc::Sender<Msg>, cluster: Option<mpsc::UnboundedSender<ClusterCmd>>) {
     let resp = match conn.peer_cred().map(|c| c.uid()) {
         Ok(0) => match read_request(&mut conn).await {
             Ok(req) => dispatch(req, &owner, cluster.as_ref()).await,
@@ -88,11 +77,7 @@ async fn serve_one(
     let _ = respond(&mut conn, &resp).await;
 }
 
-async fn dispatch(
-    req: Request,
-    owner: &mpsc::Sender<Msg>,
-    cluster: Option<&mpsc::UnboundedSender<ClusterCmd>>,
-) -> Response {
+async fn dispatch(req: Request, owner: &mpsc::Sender<Msg>, cluster: Option<&mpsc::UnboundedSender<ClusterCmd>>) -> Response {
     let gone = || Response::err("lbd is stopping");
     match (req, cluster) {
         (Request::ClusterStatus {}, Some(c)) => {
@@ -108,9 +93,7 @@ async fn dispatch(
                 return gone();
             }
             match rx.await {
-                Ok(Ok(())) => Response::ok(
-                    serde_json::json!({ "result": "handing the active role to the peer" }),
-                ),
+                Ok(Ok(())) => Response::ok(serde_json::json!({ "result": "handing the active role to the peer" })),
                 Ok(Err(e)) => Response::err(e),
                 Err(_) => gone(),
             }
@@ -133,9 +116,7 @@ async fn dispatch(
 async fn read_request(conn: &mut UnixStream) -> Result<Request, String> {
     let mut line = Vec::new();
     let mut r = BufReader::new(conn.take(MAX_REQUEST as u64 + 1));
-    r.read_until(b'\n', &mut line)
-        .await
-        .map_err(|e| format!("reading the request: {e}"))?;
+    r.read_until(b'\n', &mut line).await.map_err(|e| format!("reading the request: {e}"))?;
     if line.len() > MAX_REQUEST {
         return Err(format!("request larger than {MAX_REQUEST} bytes"));
     }
@@ -143,8 +124,7 @@ async fn read_request(conn: &mut UnixStream) -> Result<Request, String> {
 }
 
 async fn respond(conn: &mut UnixStream, r: &Response) -> std::io::Result<()> {
-    let mut s = serde_json::to_vec(r)
-        .unwrap_or_else(|_| br#"{"ok":false,"error":"encoding failed"}"#.to_vec());
+    let mut s = serde_json::to_vec(r).unwrap_or_else(|_| br#"{"ok":false,"error":"encoding failed"}"#.to_vec());
     s.push(b'\n');
     conn.write_all(&s).await
 }

@@ -5,19 +5,11 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage,
-    NetlinkPayload,
-};
+use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage, CacheInfo};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
-use netlink_packet_route::neighbour::{
-    NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourFlags, NeighbourMessage,
-    NeighbourState,
-};
-use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteMessage, RouteType, RouteVia,
-};
+use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourFlags, NeighbourMessage, NeighbourState};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteType, RouteVia};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::AsyncSocket as _;
 use rtnetlink::MulticastGroup;
@@ -59,20 +51,11 @@ impl Route {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KernelEvent {
     /// A neighbour entry: its MAC when usable, None when gone, failed or incomplete.
-    Neigh {
-        ifindex: u32,
-        addr: IpAddr,
-        mac: Option<Mac>,
-    },
+    Neigh { ifindex: u32, addr: IpAddr, mac: Option<Mac> },
     /// Some route changed: routes must be asked again.
     RouteChanged,
     /// A link appeared or changed (`up`: administratively up), or went away.
-    Link {
-        index: u32,
-        name: String,
-        present: bool,
-        up: bool,
-    },
+    Link { index: u32, name: String, present: bool, up: bool },
     /// The event socket overflowed (ENOBUFS): state must be read again.
     Resync,
 }
@@ -84,11 +67,7 @@ pub struct Netlink {
 }
 
 fn family(a: IpAddr) -> AddressFamily {
-    if a.is_ipv4() {
-        AddressFamily::Inet
-    } else {
-        AddressFamily::Inet6
-    }
+    if a.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 }
 }
 
 fn ip_of_route_addr(a: &RouteAddress) -> Option<IpAddr> {
@@ -133,12 +112,8 @@ pub fn parse_route(m: &RouteMessage) -> Option<Route> {
                     for ha in &h.attributes {
                         match ha {
                             RouteAttribute::Gateway(g) => gateway = ip_of_route_addr(g),
-                            RouteAttribute::Via(RouteVia::Inet(v)) => {
-                                gateway = Some(IpAddr::V4(*v))
-                            }
-                            RouteAttribute::Via(RouteVia::Inet6(v)) => {
-                                gateway = Some(IpAddr::V6(*v))
-                            }
+                            RouteAttribute::Via(RouteVia::Inet(v)) => gateway = Some(IpAddr::V4(*v)),
+                            RouteAttribute::Via(RouteVia::Inet6(v)) => gateway = Some(IpAddr::V6(*v)),
                             _ => {}
                         }
                     }
@@ -147,11 +122,7 @@ pub fn parse_route(m: &RouteMessage) -> Option<Route> {
             _ => {}
         }
     }
-    Some(Route {
-        oif: oif?,
-        gateway,
-        prefsrc,
-    })
+    Some(Route { oif: oif?, gateway, prefsrc })
 }
 
 /// A neighbour message as (ifindex, address, usable MAC).
@@ -160,12 +131,8 @@ pub fn parse_neigh(m: &NeighbourMessage) -> Option<(u32, IpAddr, Option<Mac>)> {
     let mut mac = None;
     for a in &m.attributes {
         match a {
-            NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => {
-                addr = Some(IpAddr::V4(*v))
-            }
-            NeighbourAttribute::Destination(NeighbourAddress::Inet6(v)) => {
-                addr = Some(IpAddr::V6(*v))
-            }
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => addr = Some(IpAddr::V4(*v)),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(v)) => addr = Some(IpAddr::V6(*v)),
             NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => {
                 let mut m = [0u8; 6];
                 m.copy_from_slice(l);
@@ -176,12 +143,7 @@ pub fn parse_neigh(m: &NeighbourMessage) -> Option<(u32, IpAddr, Option<Mac>)> {
     }
     let usable = matches!(
         m.header.state,
-        NeighbourState::Reachable
-            | NeighbourState::Stale
-            | NeighbourState::Delay
-            | NeighbourState::Probe
-            | NeighbourState::Permanent
-            | NeighbourState::Noarp
+        NeighbourState::Reachable | NeighbourState::Stale | NeighbourState::Delay | NeighbourState::Probe | NeighbourState::Permanent | NeighbourState::Noarp
     );
     Some((m.header.ifindex, addr?, if usable { mac } else { None }))
 }
@@ -196,10 +158,7 @@ fn parse_link(m: &LinkMessage) -> Option<(u32, String, bool)> {
 
 fn kernel_error(e: rtnetlink::Error, what: &str) -> NetlinkError {
     match e {
-        rtnetlink::Error::NetlinkError(m) => NetlinkError::Kernel {
-            code: -m.raw_code(),
-            what: what.to_string(),
-        },
+        rtnetlink::Error::NetlinkError(m) => NetlinkError::Kernel { code: -m.raw_code(), what: what.to_string() },
         other => NetlinkError::Request(format!("{what}: {other}")),
     }
 }
@@ -207,25 +166,17 @@ fn kernel_error(e: rtnetlink::Error, what: &str) -> NetlinkError {
 impl Netlink {
     /// A request connection, driven by a task on the current runtime.
     pub fn connect() -> Result<Netlink, NetlinkError> {
-        let (conn, handle, _) = rtnetlink::new_connection()
-            .map_err(|e| NetlinkError::Request(format!("opening a netlink socket: {e}")))?;
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| NetlinkError::Request(format!("opening a netlink socket: {e}")))?;
         tokio::spawn(conn);
         Ok(Netlink { handle })
     }
 
     /// Sends one request and collects the answers (or the error). Bounded in time.
-    async fn request(
-        &self,
-        msg: RouteNetlinkMessage,
-        flags: u16,
-        what: &str,
-    ) -> Result<Vec<RouteNetlinkMessage>, NetlinkError> {
+    async fn request(&self, msg: RouteNetlinkMessage, flags: u16, what: &str) -> Result<Vec<RouteNetlinkMessage>, NetlinkError> {
         let mut req = NetlinkMessage::from(msg);
         req.header.flags = NLM_F_REQUEST | flags;
         let mut h = self.handle.clone();
-        let mut stream = h
-            .request(req)
-            .map_err(|e| NetlinkError::Request(format!("{what}: {e}")))?;
+        let mut stream = h.request(req).map_err(|e| NetlinkError::Request(format!("{what}: {e}")))?;
         let collect = async {
             let mut out = Vec::new();
             while let Some(m) = stream.next().await {
@@ -239,9 +190,7 @@ impl Netlink {
             }
             Ok(out)
         };
-        tokio::time::timeout(REQUEST_TIMEOUT, collect)
-            .await
-            .map_err(|_| NetlinkError::Timeout(REQUEST_TIMEOUT))?
+        tokio::time::timeout(REQUEST_TIMEOUT, collect).await.map_err(|_| NetlinkError::Timeout(REQUEST_TIMEOUT))?
     }
 
     /// The kernel's own route decision for `dst` (`ip route get`). None: unreachable.
@@ -249,27 +198,14 @@ impl Netlink {
         let mut m = RouteMessage::default();
         m.header.address_family = family(dst);
         m.header.destination_prefix_length = if dst.is_ipv4() { 32 } else { 128 };
-        m.attributes
-            .push(RouteAttribute::Destination(route_addr(dst)));
-        match self
-            .request(RouteNetlinkMessage::GetRoute(m), 0, "route get")
-            .await
-        {
+        m.attributes.push(RouteAttribute::Destination(route_addr(dst)));
+        match self.request(RouteNetlinkMessage::GetRoute(m), 0, "route get").await {
             Ok(v) => Ok(v.iter().find_map(|r| match r {
                 RouteNetlinkMessage::NewRoute(r) => parse_route(r),
                 _ => None,
             })),
             // No route, or an unreachable/prohibit route: no next hop.
-            Err(NetlinkError::Kernel { code, .. })
-                if [
-                    libc::ENETUNREACH,
-                    libc::EHOSTUNREACH,
-                    libc::EACCES,
-                    libc::EINVAL,
-                    libc::ESRCH,
-                ]
-                .contains(&code) =>
-            {
+            Err(NetlinkError::Kernel { code, .. }) if [libc::ENETUNREACH, libc::EHOSTUNREACH, libc::EACCES, libc::EINVAL, libc::ESRCH].contains(&code) => {
                 Ok(None)
             }
             Err(e) => Err(e),
@@ -278,13 +214,7 @@ impl Netlink {
 
     /// Every neighbour entry with a usable MAC, by (ifindex, address).
     pub async fn neighbours(&self) -> Result<Vec<(u32, IpAddr, Option<Mac>)>, NetlinkError> {
-        let v = self
-            .request(
-                RouteNetlinkMessage::GetNeighbour(NeighbourMessage::default()),
-                NLM_F_DUMP,
-                "neighbour dump",
-            )
-            .await?;
+        let v = self.request(RouteNetlinkMessage::GetNeighbour(NeighbourMessage::default()), NLM_F_DUMP, "neighbour dump").await?;
         Ok(v.iter()
             .filter_map(|m| match m {
                 RouteNetlinkMessage::NewNeighbour(n) => parse_neigh(n),
@@ -304,33 +234,16 @@ impl Netlink {
             m.header.ifindex = ifindex;
             m.header.state = NeighbourState::None;
             m.header.flags = NeighbourFlags::Use;
-            m.attributes
-                .push(NeighbourAttribute::Destination(neigh_addr(addr)));
+            m.attributes.push(NeighbourAttribute::Destination(neigh_addr(addr)));
             if managed {
-                m.attributes
-                    .push(NeighbourAttribute::ExtFlags(NeighbourExtFlags::Managed));
+                m.attributes.push(NeighbourAttribute::ExtFlags(NeighbourExtFlags::Managed));
             }
             RouteNetlinkMessage::NewNeighbour(m)
         };
-        match self
-            .request(
-                build(true),
-                NLM_F_CREATE | NLM_F_REPLACE | NLM_F_ACK,
-                "neighbour resolve",
-            )
-            .await
-        {
+        match self.request(build(true), NLM_F_CREATE | NLM_F_REPLACE | NLM_F_ACK, "neighbour resolve").await {
             Ok(_) => Ok(()),
-            Err(NetlinkError::Kernel { code, .. })
-                if code == libc::EINVAL || code == libc::EOPNOTSUPP =>
-            {
-                self.request(
-                    build(false),
-                    NLM_F_CREATE | NLM_F_REPLACE | NLM_F_ACK,
-                    "neighbour resolve",
-                )
-                .await
-                .map(|_| ())
+            Err(NetlinkError::Kernel { code, .. }) if code == libc::EINVAL || code == libc::EOPNOTSUPP => {
+                self.request(build(false), NLM_F_CREATE | NLM_F_REPLACE | NLM_F_ACK, "neighbour resolve").await.map(|_| ())
             }
             Err(e) => Err(e),
         }
@@ -338,13 +251,7 @@ impl Netlink {
 
     /// Every link: (index, name, up).
     pub async fn links(&self) -> Result<Vec<(u32, String, bool)>, NetlinkError> {
-        let v = self
-            .request(
-                RouteNetlinkMessage::GetLink(LinkMessage::default()),
-                NLM_F_DUMP,
-                "link dump",
-            )
-            .await?;
+        let v = self.request(RouteNetlinkMessage::GetLink(LinkMessage::default()), NLM_F_DUMP, "link dump").await?;
         Ok(v.iter()
             .filter_map(|m| match m {
                 RouteNetlinkMessage::NewLink(l) => parse_link(l),
@@ -355,12 +262,7 @@ impl Netlink {
 
     /// The index of the link called `name`, if it exists.
     pub async fn link_index(&self, name: &str) -> Result<Option<u32>, NetlinkError> {
-        Ok(self
-            .links()
-            .await?
-            .into_iter()
-            .find(|(_, n, _)| n == name)
-            .map(|(i, _, _)| i))
+        Ok(self.links().await?.into_iter().find(|(_, n, _)| n == name).map(|(i, _, _)| i))
     }
 
     /// Puts `vip` on link `ifindex` as a /32 or /128, deprecated (preferred_lft 0) so
@@ -379,29 +281,13 @@ impl Netlink {
             ci.ifa_valid = u32::MAX; // forever
             m.attributes.push(AddressAttribute::CacheInfo(ci));
             if vip.is_ipv6() {
-                m.attributes
-                    .push(AddressAttribute::Flags(AddressFlags::Nodad));
+                m.attributes.push(AddressAttribute::Flags(AddressFlags::Nodad));
             }
-            self.request(
-                RouteNetlinkMessage::NewAddress(m),
-                NLM_F_CREATE | NLM_F_REPLACE | NLM_F_ACK,
-                "address add",
-            )
-            .await
-            .map(|_| ())
+            self.request(RouteNetlinkMessage::NewAddress(m), NLM_F_CREATE | NLM_F_REPLACE | NLM_F_ACK, "address add").await.map(|_| ())
         } else {
-            match self
-                .request(RouteNetlinkMessage::DelAddress(m), NLM_F_ACK, "address del")
-                .await
-            {
+            match self.request(RouteNetlinkMessage::DelAddress(m), NLM_F_ACK, "address del").await {
                 Ok(_) => Ok(()),
-                Err(NetlinkError::Kernel { code, .. })
-                    if code == libc::EADDRNOTAVAIL
-                        || code == libc::ENOENT
-                        || code == libc::ENODEV =>
-                {
-                    Ok(())
-                }
+                Err(NetlinkError::Kernel { code, .. }) if code == libc::EADDRNOTAVAIL || code == libc::ENOENT || code == libc::ENODEV => Ok(()),
                 Err(e) => Err(e),
             }
         }
@@ -412,14 +298,9 @@ impl Netlink {
 /// reads to `tx` until `tx` closes. The socket is opened before this returns, so no
 /// event after the caller's initial reads is missed.
 pub fn events(tx: mpsc::Sender<KernelEvent>) -> Result<(), NetlinkError> {
-    let groups = [
-        MulticastGroup::Link,
-        MulticastGroup::Neigh,
-        MulticastGroup::Ipv4Route,
-        MulticastGroup::Ipv6Route,
-    ];
-    let (mut conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&groups)
-        .map_err(|e| NetlinkError::Request(format!("subscribing to netlink events: {e}")))?;
+    let groups = [MulticastGroup::Link, MulticastGroup::Neigh, MulticastGroup::Ipv4Route, MulticastGroup::Ipv6Route];
+    let (mut conn, _handle, mut messages) =
+        rtnetlink::new_multicast_connection(&groups).map_err(|e| NetlinkError::Request(format!("subscribing to netlink events: {e}")))?;
     // A large buffer: a flood of neighbour events must not overflow it (ENOBUFS would
     // still be survived with a resync).
     let _ = conn.socket_mut().socket_mut().set_rx_buf_sz(4 << 20);
@@ -428,36 +309,18 @@ pub fn events(tx: mpsc::Sender<KernelEvent>) -> Result<(), NetlinkError> {
         while let Some((m, _)) = messages.next().await {
             let ev = match m.payload {
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(n)) => {
-                    parse_neigh(&n).map(|(ifindex, addr, mac)| KernelEvent::Neigh {
-                        ifindex,
-                        addr,
-                        mac,
-                    })
+                    parse_neigh(&n).map(|(ifindex, addr, mac)| KernelEvent::Neigh { ifindex, addr, mac })
                 }
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelNeighbour(n)) => {
-                    parse_neigh(&n).map(|(ifindex, addr, _)| KernelEvent::Neigh {
-                        ifindex,
-                        addr,
-                        mac: None,
-                    })
+                    parse_neigh(&n).map(|(ifindex, addr, _)| KernelEvent::Neigh { ifindex, addr, mac: None })
                 }
-                NetlinkPayload::InnerMessage(
-                    RouteNetlinkMessage::NewRoute(_) | RouteNetlinkMessage::DelRoute(_),
-                ) => Some(KernelEvent::RouteChanged),
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => parse_link(&l)
-                    .map(|(index, name, up)| KernelEvent::Link {
-                        index,
-                        name,
-                        present: true,
-                        up,
-                    }),
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(l)) => parse_link(&l)
-                    .map(|(index, name, _)| KernelEvent::Link {
-                        index,
-                        name,
-                        present: false,
-                        up: false,
-                    }),
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(_) | RouteNetlinkMessage::DelRoute(_)) => Some(KernelEvent::RouteChanged),
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => {
+                    parse_link(&l).map(|(index, name, up)| KernelEvent::Link { index, name, present: true, up })
+                }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(l)) => {
+                    parse_link(&l).map(|(index, name, _)| KernelEvent::Link { index, name, present: false, up: false })
+                }
                 NetlinkPayload::Overrun(_) => Some(KernelEvent::Resync),
                 _ => None,
             };

@@ -32,11 +32,7 @@ impl NextHops {
     pub fn track(&mut self, addrs: &BTreeSet<IpAddr>) -> Vec<IpAddr> {
         self.routes.retain(|a, _| addrs.contains(a));
         self.reported.retain(|a, _| addrs.contains(a));
-        addrs
-            .iter()
-            .filter(|a| !self.routes.contains_key(a))
-            .copied()
-            .collect()
+        addrs.iter().filter(|a| !self.routes.contains_key(a)).copied().collect()
     }
 
     pub fn tracked(&self) -> Vec<IpAddr> {
@@ -70,12 +66,8 @@ impl NextHops {
 
     /// Next hops with a route but no usable neighbour entry: to ask the kernel about.
     pub fn missing(&self) -> Vec<(u32, IpAddr)> {
-        let mut v: Vec<(u32, IpAddr)> = self
-            .routes
-            .iter()
-            .filter_map(|(a, r)| r.map(|r| (r.oif, r.next_hop(*a))))
-            .filter(|k| !self.neigh.contains_key(k))
-            .collect();
+        let mut v: Vec<(u32, IpAddr)> =
+            self.routes.iter().filter_map(|(a, r)| r.map(|r| (r.oif, r.next_hop(*a)))).filter(|k| !self.neigh.contains_key(k)).collect();
         v.sort();
         v.dedup();
         v
@@ -84,10 +76,7 @@ impl NextHops {
     fn current(&self, addr: IpAddr) -> Option<NextHop> {
         let r = (*self.routes.get(&addr)?)?;
         let mac = *self.neigh.get(&(r.oif, r.next_hop(addr)))?;
-        Some(NextHop {
-            mac,
-            source: r.prefsrc,
-        })
+        Some(NextHop { mac, source: r.prefsrc })
     }
 
     /// What changed since the last call: (backend, next hop or None = unreachable).
@@ -128,53 +117,17 @@ mod tests {
         let src = Some(ip("10.0.1.5"));
         let need = h.track(&BTreeSet::from([b1, b2]));
         assert_eq!(need, vec![b1, b2]);
-        h.set_route(
-            b1,
-            Some(Route {
-                oif: 2,
-                gateway: None,
-                prefsrc: src,
-            }),
-        );
-        h.set_route(
-            b2,
-            Some(Route {
-                oif: 2,
-                gateway: Some(gw),
-                prefsrc: src,
-            }),
-        );
-        assert_eq!(
-            h.missing(),
-            vec![(2, b1), (2, gw)],
-            "both next hops to resolve"
-        );
+        h.set_route(b1, Some(Route { oif: 2, gateway: None, prefsrc: src }));
+        h.set_route(b2, Some(Route { oif: 2, gateway: Some(gw), prefsrc: src }));
+        assert_eq!(h.missing(), vec![(2, b1), (2, gw)], "both next hops to resolve");
         assert!(h.changes().is_empty(), "nothing reachable yet");
         let m1: Mac = "02:00:00:00:01:11".parse().unwrap();
         let mg: Mac = "02:00:00:00:01:fe".parse().unwrap();
         h.set_neigh(2, b1, Some(m1));
         h.set_neigh(3, gw, Some(mg)); // other interface: not the route's
-        assert_eq!(
-            h.changes(),
-            vec![(
-                b1,
-                Some(NextHop {
-                    mac: m1,
-                    source: src
-                })
-            )]
-        );
+        assert_eq!(h.changes(), vec![(b1, Some(NextHop { mac: m1, source: src }))]);
         h.set_neigh(2, gw, Some(mg));
-        assert_eq!(
-            h.changes(),
-            vec![(
-                b2,
-                Some(NextHop {
-                    mac: mg,
-                    source: src
-                })
-            )]
-        );
+        assert_eq!(h.changes(), vec![(b2, Some(NextHop { mac: mg, source: src }))]);
         assert!(h.changes().is_empty(), "reported once");
         // The gateway fails: the routed backend becomes unreachable, the other stays.
         h.set_neigh(2, gw, None);
