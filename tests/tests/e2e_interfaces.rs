@@ -38,7 +38,7 @@ fn served(t: &Topology, l: &Lbd, n: usize) {
 
 #[test]
 fn missing_at_start_then_deleted_and_recreated() {
-    let t = Topology::new(PREFIX, TopoSpec { lbs: 1, backends: 2 });
+    let t = Topology::new(PREFIX, TopoSpec { lbs: 1, backends: 3 });
     t.add_vip_to_backends(vip_v4(1));
     t.start_servers(80, ServerMode::Echo);
     let mut l = Lbd::new(&t, 0, INSTANCE);
