@@ -123,6 +123,8 @@ pub struct Counts {
     pub visits: Option<(u64, u64)>,
     /// (time since the run started, ok) of every request, in order.
     pub samples: Vec<(Duration, bool)>,
+    /// When each request of `samples` ended.
+    pub ends: Vec<Duration>,
     pub first_error: Option<String>,
     pub started: Option<Instant>,
 }
@@ -547,7 +549,9 @@ impl Lab {
                 break;
             }
             let at = t0.elapsed();
-            c.record(at, self.visit());
+            let r = self.visit();
+            c.ends.push(t0.elapsed());
+            c.record(at, r);
         }
         c
     }
@@ -705,10 +709,7 @@ impl Lab {
             let h = s.spawn(|| self.visits(120, Duration::from_millis(25), Duration::from_secs(6)));
             std::thread::sleep(Duration::from_millis(500));
             let stop_at = Instant::now();
-            // Graceful (SIGQUIT): requests in flight finish, new connections are
-            // refused. SIGTERM cut a request that started before the stop, which then
-            // counted as a failure before it.
-            self.stop("web1-nginx", libc::SIGQUIT);
+            self.stop("web1-nginx", libc::SIGTERM);
             let removed = wait_for(Duration::from_secs(5), || {
                 self.nodes[active].health("web", web1).is_some_and(|(h, in_table)| h == "down" && !in_table)
             });
@@ -717,7 +718,8 @@ impl Lab {
         let t0 = counts.started.unwrap();
         let since_stop = |at: Duration| (t0 + at).checked_duration_since(stop_at);
         let last_failure_after_stop = counts.samples.iter().filter(|(_, ok)| !ok).filter_map(|(at, _)| since_stop(*at)).max();
-        let failed_before_stop = counts.samples.iter().filter(|(at, ok)| !ok && since_stop(*at).is_none()).count();
+        // By when it ended: a request in flight when the server stopped is cut by the stop.
+        let failed_before_stop = counts.samples.iter().zip(&counts.ends).filter(|((_, ok), end)| !ok && since_stop(**end).is_none()).count();
         // Which web server answered after the removal: from a second pass, so the
         // per-request names need not be kept.
         let after = self.visits(20, Duration::ZERO, Duration::from_secs(10));

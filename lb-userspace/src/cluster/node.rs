@@ -176,6 +176,18 @@ impl ClusterTask {
 
     async fn run(self, mut cmds: mpsc::UnboundedReceiver<ClusterCmd>) {
         let _ = self.socket.set_nonblocking(true);
+        // Room for a burst of flow batches while this thread sends a heartbeat.
+        let size: libc::c_int = 4 << 20;
+        // SAFETY: setsockopt on our socket with an int option value.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&self.socket),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&size as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
         let sock = match UdpSocket::from_std(self.socket.try_clone().expect("cloning the cluster socket")) {
             Ok(s) => s,
             Err(e) => {
