@@ -450,48 +450,86 @@ impl<W: MapWriter> Core<W> {
     /// One check result. Returns the transition (and has rebuilt the service's
     /// table) when the backend changes state.
     pub fn health_result(&mut self, t: &Target, r: Result<(), String>) -> Result<Option<HealthEvent>, ControlError> {
-        let Some(def) = self.services.get(&t.service) else { return Ok(None) };
+        let (mut events, mut errors) = self.health_results(vec![(t.clone(), r)]);
+        match errors.pop() {
+            Some(e) => Err(e),
+            None => Ok(events.pop()),
+        }
+    }
+
+    /// Many check results at once: the bookkeeping of each, then one table rebuild
+    /// per service whose backends changed state (thousands of first checks passing
+    /// after a reload cost one rebuild, not one each). A service whose rebuild fails
+    /// keeps its old states, so its next results try again.
+    pub fn health_results(&mut self, results: Vec<(Target, Result<(), String>)>) -> (Vec<HealthEvent>, Vec<ControlError>) {
+        let mut changed: BTreeMap<String, Vec<(HealthEvent, Option<Tracker>)>> = BTreeMap::new();
+        for (t, r) in results {
+            if let Some(x) = self.record_health(&t, r) {
+                changed.entry(t.service.clone()).or_default().push(x);
+            }
+        }
+        let (mut events, mut errors) = (Vec::new(), Vec::new());
+        for (name, evs) in changed {
+            let Some(eff) = self.services.get(&name).map(|d| self.effective(d)) else { continue };
+            match self.cp.set_backends(&name, eff) {
+                Ok(()) => {
+                    self.version += 1;
+                    events.extend(evs.into_iter().map(|(e, _)| e));
+                }
+                Err(e) => {
+                    // Not applied: forget the transitions so the next results try again.
+                    for (ev, before) in evs {
+                        let key = (name.clone(), ev.address);
+                        match before {
+                            Some(tr) => {
+                                if let Some(h) = self.health.get_mut(&key) {
+                                    h.tracker = tr;
+                                }
+                            }
+                            None => {
+                                self.health.remove(&key);
+                            }
+                        }
+                    }
+                    errors.push(e);
+                }
+            }
+        }
+        (events, errors)
+    }
+
+    /// The bookkeeping of one result: the transition it makes, if any, with the
+    /// tracker before it (None: the backend was pending).
+    fn record_health(&mut self, t: &Target, r: Result<(), String>) -> Option<(HealthEvent, Option<Tracker>)> {
+        let def = self.services.get(&t.service)?;
         // A result for a target that no longer exists (changed spec, removed backend).
         if def.health.as_ref() != Some(&t.spec) || def.backend(t.addr).is_none() || t.port != t.spec.port(def.vip.port) {
-            return Ok(None);
+            return None;
         }
-        let def = def.clone();
         let key = (t.service.clone(), t.addr);
-        if !self.health.contains_key(&key) {
+        let Some(entry) = self.health.get_mut(&key) else {
             // Pending: a failure keeps it pending (the error is shown); the first pass
             // puts it in the table.
-            let Err(e) = r else {
-                let before = self.health.clone();
-                self.health.insert(key.clone(), HealthState { tracker: Tracker::new(true), last_error: None, checks: 1 });
-                let eff = self.effective(&def);
-                if let Err(e) = self.cp.set_backends(&def.name, eff) {
-                    self.health = before;
-                    return Err(e);
+            match r {
+                Ok(()) => {
+                    self.pending_errors.remove(&key);
+                    self.health.insert(key, HealthState { tracker: Tracker::new(true), last_error: None, checks: 1 });
+                    let ev = HealthEvent { service: t.service.clone(), address: t.addr, up: true, detail: "first check passed".into() };
+                    return Some((ev, None));
                 }
-                self.version += 1;
-                return Ok(Some(HealthEvent { service: def.name, address: t.addr, up: true, detail: "first check passed".into() }));
-            };
-            self.pending_errors.insert(key, e);
-            return Ok(None);
-        }
-        self.pending_errors.remove(&key);
-        let entry = self.health.entry(key.clone()).or_insert(HealthState { tracker: Tracker::new(true), last_error: None, checks: 0 });
+                Err(e) => {
+                    self.pending_errors.insert(key, e);
+                    return None;
+                }
+            }
+        };
         entry.checks += 1;
         let before = entry.tracker;
         let ok = r.is_ok();
         entry.last_error = r.err();
-        let Some(up) = entry.tracker.record(ok, t.spec.rise, t.spec.fall) else { return Ok(None) };
+        let up = entry.tracker.record(ok, t.spec.rise, t.spec.fall)?;
         let detail = entry.last_error.clone().unwrap_or_else(|| format!("{} consecutive checks passed", t.spec.rise));
-        let eff = self.effective(&def);
-        if let Err(e) = self.cp.set_backends(&def.name, eff) {
-            // Not applied: forget the transition so the next result tries again.
-            if let Some(h) = self.health.get_mut(&key) {
-                h.tracker = before;
-            }
-            return Err(e);
-        }
-        self.version += 1;
-        Ok(Some(HealthEvent { service: def.name, address: t.addr, up, detail }))
+        Some((HealthEvent { service: t.service.clone(), address: t.addr, up, detail }, Some(before)))
     }
 
     pub fn health_records(&self) -> Vec<HealthRecord> {

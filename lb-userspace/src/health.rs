@@ -242,11 +242,15 @@ impl Runner {
             }
             keep
         });
+        // Checks due at once are spread at 4 per ms (a reload or start with thousands of
+        // new backends must not fire them together); one new backend is checked at once.
+        let due = targets.iter().filter(|t| !self.running.contains_key(*t) && now(t)).count() as u64;
         for t in targets {
             if self.running.contains_key(t) {
                 continue;
             }
-            let first = if now(t) { Duration::ZERO } else { Duration::from_millis(spread(t) % t.spec.interval_ms.max(1) as u64) };
+            let interval = t.spec.interval_ms.max(1) as u64;
+            let first = if now(t) { Duration::from_millis(spread(t) % (due / 4).clamp(1, interval)) } else { Duration::from_millis(spread(t) % interval) };
             let h = tokio::spawn(check_loop(t.clone(), first, report.clone()));
             self.running.insert(t.clone(), h.abort_handle());
         }

@@ -300,7 +300,18 @@ async fn run_async(config_path: &Path) -> anyhow::Result<()> {
             biased;
             Some(ev) = cev_rx.recv() => Msg::Cluster(ev),
             Some(m) = rx.recv() => m,
-            Some((t, r)) = health_rx.recv() => Msg::Health(t, r),
+            Some(first) = health_rx.recv() => {
+                // Whatever else is waiting goes in the same batch: one table rebuild
+                // and one save per service, however many checks passed together.
+                let mut batch = vec![first];
+                while batch.len() < 8192 {
+                    match health_rx.try_recv() {
+                        Ok(x) => batch.push(x),
+                        Err(_) => break,
+                    }
+                }
+                Msg::Health(batch)
+            }
             _ = sample.tick() => Msg::Sample,
         };
         let fx = owner.handle(msg);

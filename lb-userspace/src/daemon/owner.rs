@@ -31,7 +31,8 @@ use crate::pins::Attached;
 pub enum Msg {
     /// An lbctl request and where its answer goes.
     Api(Request, oneshot::Sender<Response>),
-    Health(Target, Result<(), String>),
+    /// Check results, as many as were waiting (applied as one batch).
+    Health(Vec<(Target, Result<(), String>)>),
     /// Next hops that changed (None: unreachable now).
     NextHops(Vec<(IpAddr, Option<NextHop>)>),
     /// A link appeared, changed or went away.
@@ -276,7 +277,7 @@ impl<W: MapWriter, D: Datapath> Owner<W, D> {
                 let r = self.api(req, &mut fx).unwrap_or_else(|e| Response::err(format!("{e:#}")));
                 let _ = reply.send(r);
             }
-            Msg::Health(t, r) => self.health_result(&t, r, &mut fx),
+            Msg::Health(results) => self.health_results(results, &mut fx),
             Msg::NextHops(hops) => self.next_hops(hops, &mut fx),
             Msg::Link { index, name, present } => self.link(index, &name, present, &mut fx),
             Msg::Cluster(ClusterEvent::Role(t)) => self.role(t.to, &mut fx),
@@ -304,24 +305,24 @@ impl<W: MapWriter, D: Datapath> Owner<W, D> {
         fx
     }
 
-    fn health_result(&mut self, t: &Target, r: Result<(), String>, fx: &mut Effects) {
+    fn health_results(&mut self, results: Vec<(Target, Result<(), String>)>, fx: &mut Effects) {
         if self.stopping {
             return;
         }
-        match self.core.health_result(t, r) {
-            Ok(Some(ev)) => {
-                if ev.up {
-                    info!(service = %ev.service, backend = %ev.address, detail = %ev.detail, "backend up: in the table");
-                } else {
-                    warn!(service = %ev.service, backend = %ev.address, detail = %ev.detail, "backend down: out of the table");
-                }
-                fx.index = true;
-                self.persist_logged("a health change");
+        let (events, errors) = self.core.health_results(results);
+        for e in &errors {
+            error!(error = %e, "applying a health change");
+        }
+        for ev in &events {
+            if ev.up {
+                info!(service = %ev.service, backend = %ev.address, detail = %ev.detail, "backend up: in the table");
+            } else {
+                warn!(service = %ev.service, backend = %ev.address, detail = %ev.detail, "backend down: out of the table");
             }
-            Ok(None) => {}
-            Err(e) => {
-                error!(service = %t.service, backend = %t.addr, error = %e, "applying a health change")
-            }
+        }
+        if !events.is_empty() {
+            fx.index = true;
+            self.persist_logged("a health change");
         }
     }
 
@@ -744,7 +745,7 @@ mod tests {
         assert_eq!(t.source, Some(ip("10.0.0.5")));
         assert!(o.first_check_due().contains(&("web".to_string(), a)), "its first check is due at once");
         assert_eq!(backend(&o, a).pending.as_deref(), Some("waiting for its first check"));
-        let fx = o.handle(Msg::Health(t.clone(), Ok(())));
+        let fx = o.handle(Msg::Health(vec![(t.clone(), Ok(()))]));
         assert!(fx.index, "a new backend id: the flow index is republished");
         let b = backend(&o, a);
         assert!(b.in_table && b.pending.is_none(), "{b:?}");

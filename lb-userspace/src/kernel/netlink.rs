@@ -95,7 +95,9 @@ fn neigh_addr(a: IpAddr) -> NeighbourAddress {
 /// Parses a route message into (oif, gateway, prefsrc). Multipath: the first hop
 /// (a RTM_GETROUTE answer names the hop the kernel picked for this destination).
 pub fn parse_route(m: &RouteMessage) -> Option<Route> {
-    if m.header.kind != RouteType::Unicast && m.header.kind != RouteType::Local {
+    // Only a unicast route leads somewhere XDP can send to (a local address, a
+    // blackhole or an unreachable route has no next hop).
+    if m.header.kind != RouteType::Unicast {
         return None;
     }
     let (mut oif, mut gateway, mut prefsrc) = (None, None, None);
