@@ -362,12 +362,7 @@ impl Daemon {
     pub fn reload(self: &Arc<Self>) -> anyhow::Result<String> {
         let (cfg, src) = Config::load(&self.config_path).map_err(|e| anyhow::anyhow!("{}: {e}", self.config_path.display()))?;
         let hash = content_hash(&src);
-        {
-            let old = lock(&self.cfg);
-            if cfg.instance != old.instance || cfg.socket != old.socket || cfg.state_dir != old.state_dir {
-                bail!("instance, socket and state_dir cannot change on reload: restart lbd");
-            }
-        }
+        lock(&self.cfg).check_reload(&cfg).map_err(anyhow::Error::msg)?;
         if *lock(&self.config_hash) == hash {
             return Ok("config file unchanged".into());
         }

@@ -55,10 +55,11 @@ pub struct ClusterState {
 impl ClusterState {
     pub fn new(cfg: ClusterConfig, key: super::wire::Key, pos: ConfigPos, epoch: u64, flow_writer: Option<FlowWriter>) -> Self {
         let started = Instant::now();
+        let (sealer, guard) = super::wire::endpoint(key, cfg.node_id, cfg.peer_id, epoch);
         Self {
             election: Election::new(cfg.params(), pos, 0),
-            sealer: Sealer::new(key.clone(), cfg.node_id, epoch),
-            guard: PeerGuard::new(key, cfg.node_id, cfg.peer_id),
+            sealer,
+            guard,
             queue: FlowQueue::new(FLOW_QUEUE),
             applied: ApplyCounters::default(),
             replicator: Replicator::new(cfg.heartbeat_ms as u64 * 10),
@@ -301,6 +302,17 @@ impl Daemon {
             Err(r) => {
                 if r.log {
                     warn!(error = %r.error, suppressed = r.suppressed, "cluster: datagram refused");
+                }
+                if r.hello {
+                    // Session handshake: answer now, not at the next heartbeat.
+                    let d = {
+                        let mut c = lock(cl);
+                        let hb = c.election.heartbeat();
+                        c.sealer.seal(&Message::Heartbeat(hb))
+                    };
+                    if let Ok(d) = d {
+                        send_all(sock, peer, vec![d]);
+                    }
                 }
                 return;
             }
