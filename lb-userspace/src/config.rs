@@ -157,6 +157,62 @@ impl<'a> Spans<'a> {
     }
 }
 
+/// Required keys and a value of their type, to look past a type error in one.
+const REQUIRED: [(&str, &str); 9] = [
+    ("instance", "\"x\""),
+    ("interfaces", "[\"x\"]"),
+    ("name", "\"x\""),
+    ("vip", "\"192.0.2.1:1/tcp\""),
+    ("address", "\"192.0.2.1\""),
+    ("node_id", "1"),
+    ("peer", "\"192.0.2.1:1\""),
+    ("listen", "\"192.0.2.1:1\""),
+    ("secret_file", "\"/x\""),
+];
+
+/// Every type error, not only the first serde stops at: the offending `key = value`
+/// line is commented out (a required key: given a value of its type) and the file
+/// parsed again (line numbers stay), until it parses or the next error is not about a
+/// single key line (a table header, a value spanning lines).
+fn type_errors(src: &str, first_msg: String, first: toml::de::Error) -> Vec<String> {
+    let mut out = vec![first_msg];
+    let mut text = src.to_string();
+    let mut removed: Vec<String> = Vec::new();
+    let mut e = first;
+    for _ in 0..64 {
+        let Some(span) = e.span() else { break };
+        let start = text[..span.start.min(text.len())].rfind('\n').map_or(0, |i| i + 1);
+        let line = text[start..].lines().next().unwrap_or("");
+        let Some((key, _)) = line.split_once('=') else { break };
+        let key = key.trim().trim_matches('"').to_string();
+        if key.is_empty() || key.starts_with('[') || key.starts_with('#') {
+            break;
+        }
+        // A required key gets a value of the right type (only types are checked
+        // here); any other is commented out, so its default applies.
+        let end = start + line.len();
+        match REQUIRED.iter().find(|(k, _)| *k == key) {
+            Some((_, v)) => text.replace_range(start..end, &format!("{key} = {v}")),
+            None => text.insert(start, '#'),
+        }
+        removed.push(key);
+        let Ok(doc) = toml::de::DeTable::parse(&text) else { break };
+        match toml::from_str::<Raw>(&text) {
+            Ok(_) => break,
+            Err(next) => {
+                if removed.iter().any(|k| next.message().starts_with(&format!("missing field `{k}`"))) {
+                    break;
+                }
+                out.push(Spans { src: &text, doc: doc.get_ref() }.type_error(&next));
+                e = next;
+            }
+        }
+    }
+    // In file order (serde visits keys in its own order).
+    out.sort_by_key(|l| l.strip_prefix("line ").and_then(|r| r.split(':').next()).and_then(|n| n.parse::<usize>().ok()).unwrap_or(usize::MAX));
+    out
+}
+
 /// The dotted name of the deepest key whose key or value contains `at`.
 fn walk<'a>(t: &'a toml::de::DeTable<'a>, at: usize, path: &mut Vec<String>, best: &mut String) {
     for (k, v) in t.iter() {
@@ -202,16 +258,16 @@ pub fn check_interface_name(s: &str) -> Result<(), String> {
 }
 
 impl Config {
-    /// Parses and checks `src` (the file's text). Every syntax error, or the first
-    /// type error (serde stops there) naming its key, or every semantic problem, each
-    /// at the line of the key it is about.
+    /// Parses and checks `src` (the file's text). Every syntax error, or every type
+    /// error naming its key, or every semantic problem, each at the line of the key it
+    /// is about.
     pub fn parse(src: &str) -> Result<Config, ConfigErrors> {
         let (doc, syntax) = toml::de::DeTable::parse_recoverable(src);
         if !syntax.is_empty() {
             return Err(ConfigErrors(syntax.iter().map(|e| with_line(src, e.span(), e.message())).collect()));
         }
         let spans = Spans { src, doc: doc.get_ref() };
-        let raw: Raw = toml::from_str(src).map_err(|e| ConfigErrors(vec![spans.type_error(&e)]))?;
+        let raw: Raw = toml::from_str(src).map_err(|e| ConfigErrors(type_errors(src, spans.type_error(&e), e)))?;
         let mut errs = Vec::new();
         if let Err(e) = check_instance_name(&raw.instance) {
             errs.push(spans.at(&[K("instance")], e));
@@ -677,6 +733,12 @@ address = \"2001:db8::11\"
         assert!(e.starts_with("line 11: service.backend.weight: ") && e.contains("invalid type"), "{e}");
         let e = Config::parse(&format!("{HEAD}mtu = \"big\"\n")).unwrap_err().to_string();
         assert!(e.starts_with("line 4: mtu: "), "{e}");
+        // Every type error, not only the first.
+        let src = format!("{HEAD}mtu = \"big\"\nreply_rate = -1\n\n[[service]]\nname = \"web\"\nvip = \"10.0.0.100:80/tcp\"\ntable_size = \"x\"\n\n[[service.backend]]\naddress = \"10.0.1.300\"\nweight = 2\n");
+        let e = Config::parse(&src).unwrap_err();
+        let lines: Vec<&str> = e.0.iter().map(|l| l.split(':').next().unwrap()).collect();
+        assert_eq!(lines, ["line 4", "line 5", "line 10", "line 13"], "{e}");
+        assert!(e.0[2].contains("table_size") && e.0[3].contains("address") && e.0[3].contains("invalid IP address"), "{e}");
         // Syntax errors: every one, each at its line.
         let e = Config::parse("instance = \"lb0\"\ninterfaces = [\"eth0\"\nmtu = = 3\n").unwrap_err();
         assert!(!e.0.is_empty() && e.0.iter().all(|l| l.starts_with("line ")), "{e}");

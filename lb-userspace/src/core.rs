@@ -217,8 +217,9 @@ impl<W: MapWriter> Core<W> {
     pub fn set_resolved(&mut self, found: BTreeMap<IpAddr, Mac>) -> Result<Vec<String>, ControlError> {
         let mut changed_addrs = Vec::new();
         for (a, m) in found {
-            if self.resolved.insert(a, m) != Some(m) {
-                changed_addrs.push(a);
+            let prev = self.resolved.insert(a, m);
+            if prev != Some(m) {
+                changed_addrs.push((a, prev));
             }
         }
         let mut changed = Vec::new();
@@ -226,12 +227,27 @@ impl<W: MapWriter> Core<W> {
             return Ok(changed);
         }
         for d in self.services.values().cloned().collect::<Vec<_>>() {
-            if !d.backends.iter().any(|b| b.mac.is_none() && changed_addrs.contains(&b.address)) {
+            if !d.backends.iter().any(|b| b.mac.is_none() && changed_addrs.iter().any(|(a, _)| *a == b.address)) {
                 continue;
             }
             let eff = self.effective(&d);
             if self.current(&d.name) != Some(sorted(eff.clone())) {
-                self.cp.set_backends(&d.name, eff)?;
+                if let Err(e) = self.cp.set_backends(&d.name, eff) {
+                    // Not applied: forget these results, so the next round finds them
+                    // new and tries again, and put back the services already rewritten.
+                    for (a, prev) in changed_addrs {
+                        match prev {
+                            Some(m) => self.resolved.insert(a, m),
+                            None => self.resolved.remove(&a),
+                        };
+                    }
+                    for name in changed {
+                        if let Some(d) = self.services.get(&name).cloned() {
+                            let _ = self.cp.set_backends(&name, self.effective(&d));
+                        }
+                    }
+                    return Err(e);
+                }
                 changed.push(d.name.clone());
             }
         }
@@ -989,6 +1005,13 @@ mod fault_tests {
                     web.backends.push(BackendDef { address: ip("10.0.1.8"), weight: 3, mac: Some("02:00:00:00:01:08".parse().unwrap()), drained: false });
                     let moved = def("db2", "10.0.0.102:3306/tcp", &["10.0.3.2", "10.0.3.7"]);
                     c.replace_all(vec![web, moved, def("app", "10.0.0.101:8080/tcp", &["10.0.2.1"])]).map(|_| ())
+                }),
+            ),
+            (
+                "neighbour resolution",
+                Box::new(|c: &mut Core<FailOnce>| {
+                    let m: Mac = "02:00:00:00:01:02".parse().unwrap();
+                    c.set_resolved(BTreeMap::from([(ip("10.0.1.2"), m), (ip("10.0.3.2"), m)])).map(|_| ())
                 }),
             ),
             (

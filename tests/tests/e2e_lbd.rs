@@ -374,7 +374,8 @@ fn check_validates_without_touching_the_system() {
     let out = std::process::Command::new(bin("lbd")).args(["--check", "--config"]).arg(&bad).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    for want in ["interfaces", "mtu", "line 4", "prime", "3 error(s)"] {
+    // Each at its own key's line (table_size, not the [[service]] line).
+    for want in ["line 2: interfaces", "line 3: mtu", "line 7: service \"web\": table size 4 must be a prime", "3 error(s)"] {
         assert!(err.contains(want), "{want:?} in {err}");
     }
     assert!(!std::path::Path::new("/sys/fs/bpf/chk").exists() && !std::path::Path::new("/run/lb/chk.sock").exists(), "no side effects");

@@ -333,6 +333,10 @@ impl Daemon {
                         send_all(sock, peer, vec![d]);
                     }
                 }
+                // A new session: the peer may have missed the config; send now.
+                if lock(cl).guard.take_session_started() {
+                    self.on_tick(sock, peer);
+                }
             }
             Message::ConfigSync(chunk) => {
                 let done = lock(cl).assembler.push(chunk);

@@ -81,6 +81,8 @@ pub struct Session {
     last_fresh_ms: Option<u64>,
     /// Times our nonce was redrawn because the peer appeared in a new session.
     pub rotations: u64,
+    /// A session was bound since `take_started` last looked.
+    started: bool,
 }
 
 impl Default for Session {
@@ -91,7 +93,7 @@ impl Default for Session {
 
 impl Session {
     pub fn with_nonce(local: Nonce) -> Self {
-        Self { local, bound: None, echo: [0; NONCE_LEN], last_fresh_ms: None, rotations: 0 }
+        Self { local, bound: None, echo: [0; NONCE_LEN], last_fresh_ms: None, rotations: 0, started: false }
     }
 
     pub fn local(&self) -> Nonce {
@@ -104,6 +106,12 @@ impl Session {
 
     pub fn is_bound(&self) -> bool {
         self.bound.is_some()
+    }
+
+    /// True once after a session was bound: the peer is newly reachable, so what it
+    /// missed (the config) is worth sending now rather than at the next tick.
+    pub fn take_started(&mut self) -> bool {
+        std::mem::take(&mut self.started)
     }
 
     /// Decides about an authentic datagram carrying the peer's nonce `sender`, our
@@ -124,6 +132,7 @@ impl Session {
                     return Verdict::Stale { hello: true };
                 }
             }
+            self.started |= self.bound.is_none();
             self.bound = Some((sender, seq));
             self.echo = sender;
             self.last_fresh_ms = Some(now_ms);
@@ -182,7 +191,9 @@ mod tests {
         assert_eq!(s.check(0, B, [0; NONCE_LEN], 1), Verdict::Stale { hello: true });
         assert_eq!(s.echo(), B);
         assert_eq!(s.check(1, B, [0; NONCE_LEN], 2), Verdict::Stale { hello: false }, "nothing new to say");
+        assert!(!s.take_started());
         assert_eq!(s.check(2, B, A, 3), Verdict::Accept);
+        assert!(s.take_started() && !s.take_started(), "reported once");
         assert_eq!(s.check(3, B, A, 3), Verdict::Replay);
         assert_eq!(s.check(3, B, A, 2), Verdict::Replay);
         assert_eq!(s.check(4, B, A, 9), Verdict::Accept);

@@ -764,6 +764,12 @@ impl PeerGuard {
         self.session.lock().is_bound()
     }
 
+    /// True once after a session with the peer was established: the node should send
+    /// at once what the peer may have missed (its heartbeat, the config if behind).
+    pub fn take_session_started(&mut self) -> bool {
+        self.session.lock().take_started()
+    }
+
     /// Accepts a datagram from the peer or says why not. `now_ms` only paces logging.
     pub fn accept(&mut self, now_ms: u64, d: &[u8]) -> Result<(Header, Message), Rejected> {
         self.hello = false;
