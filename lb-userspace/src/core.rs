@@ -215,6 +215,9 @@ impl<W: MapWriter> Core<W> {
     /// (idle neighbour entries expire while XDP traffic flows past the kernel).
     /// Rewrites the services whose backends changed; returns their names.
     pub fn set_resolved(&mut self, found: BTreeMap<IpAddr, Mac>) -> Result<Vec<String>, ControlError> {
+        // Runs every second: the map writes an earlier failure still owes are retried
+        // here too, not only before the next change.
+        self.cp.settle();
         let mut changed_addrs = Vec::new();
         for (a, m) in found {
             let prev = self.resolved.insert(a, m);
@@ -1022,6 +1025,21 @@ mod fault_tests {
                 }),
             ),
         ]
+    }
+
+    #[test]
+    fn a_write_owed_after_a_removal_is_paid_within_a_resolution_round() {
+        let mut c = base();
+        let db_ids: Vec<u32> = c.control().service("db").unwrap().backends.iter().map(|(_, id)| *id).collect();
+        // Writes of a removal: bloom, addresses, the VIP delete, then one per backend.
+        c.control_mut().writer_mut().countdown = Some(3);
+        c.apply(Change::RemoveService("db".into())).unwrap();
+        assert!(c.control().writer().fired);
+        assert_eq!(c.control().owed(), (1, false), "one invalidation owed");
+        assert!(c.service("db").is_none() && c.control().writer().m.vips.len() == 1, "the removal itself is done");
+        c.set_resolved(BTreeMap::new()).unwrap();
+        assert_eq!(c.control().owed(), (0, false));
+        assert!(db_ids.iter().all(|id| c.control().writer().m.backends[id].flags & BACKEND_F_VALID == 0));
     }
 
     #[test]
