@@ -14,26 +14,28 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_MMAPABLE,
+        BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
         xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     },
-    helpers::{bpf_ktime_get_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     macros::{map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::XdpContext,
 };
 use lb_common::{
     BACKEND_F_HAS_MAC, BACKEND_F_V6, BACKEND_F_VALID, BackendValue, Counter, DEFAULT_REPLY_RATE, FLOW_EVENTS_BYTES,
-    FlowEvent, FlowKey, FlowValue, FragKey, FragValue, MAX_BACKENDS, MAX_FLOWS, MAX_FRAGS, MAX_SERVICES, MAX_TABLE_SIZE,
+    FLOW_EVENTS_WAKEUP_BYTES, FRAG_F_PASS, FloodMeter, FlowEvent, FlowKey, FlowValue, FragKey, FragValue, MAX_BACKENDS, MAX_FLOWS, MAX_FRAGS, MAX_SERVICES, MAX_TABLE_SIZE,
     MAX_VIPS, MODE_DSR_L2, NO_BACKEND, ReplyBucket, SETTINGS_F_FLOW_SYNC, SETTINGS_F_HAS_GATEWAY, Settings,
     TABLES_ENTRIES, TrafficCounter, VipBloom, VipKey, VipValue, flow_hash, reason, table_index, v4_mapped_words,
     vip_addr_bit,
+    contract::{FLOWS_FLAGS, TABLES_FLAGS},
 };
 use aya_log_ebpf::{error, warn};
 use lb_ebpf::*;
 
 // ---------------------------------------------------------------------------------
-// Maps: the contract with userspace (types and sizes in lb-common). Pinned by lbd
+// Maps: the contract with userspace (lb_common::contract declares every one: type,
+// sizes, max_entries, flags; a test checks this object against it). Pinned by lbd
 // under /sys/fs/bpf/<instance>/ with these names.
 // ---------------------------------------------------------------------------------
 
@@ -55,17 +57,20 @@ static VIP_BLOOM: Array<VipBloom> = Array::with_max_entries(1, 0);
 /// Two slots per service: userspace fills the idle one, then flips VipValue::active_slot.
 /// Mmapable, so userspace writes a whole table with one memcpy.
 #[map]
-static TABLES: Array<u32> = Array::with_max_entries(TABLES_ENTRIES, BPF_F_MMAPABLE);
+static TABLES: Array<u32> = Array::with_max_entries(TABLES_ENTRIES, TABLES_FLAGS);
 
 /// Backend id -> address, next-hop MAC, flags, owning service.
 #[map]
 static BACKENDS: Array<BackendValue> = Array::with_max_entries(MAX_BACKENDS, 0);
 
 /// Client 5-tuple -> backend id: keeps established flows on their backend when the
-/// backend set changes. Shared (not per-CPU) so a flow that lands on another CPU, or is
-/// synced from the peer, is still found.
+/// backend set changes. One hash table shared by every CPU (a flow that lands on another
+/// CPU, or is synced from the peer, is found wherever its packets arrive), with per-CPU
+/// LRU lists (BPF_F_NO_COMMON_LRU): an insert takes and evicts entries of its own CPU's
+/// list under that CPU's lock, so CPUs inserting at once do not contend on one global
+/// LRU lock. Each CPU's list holds max_entries / possible CPUs entries.
 #[map]
-static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(MAX_FLOWS, FLOWS_FLAGS);
 
 /// New flows for the peer balancer (`SETTINGS_F_FLOW_SYNC`), read by lbd.
 #[map]
@@ -78,6 +83,11 @@ static SYNC_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// Entry 0: encap sources, gateway MAC, MTU, reply rate.
 #[map]
 static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+/// Entry 0: lb_common::contract::MAP_LAYOUT_VERSION of the pinned maps, written by lbd
+/// and checked when it adopts them. The program never reads it.
+#[map]
+static LAYOUT: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Per reason (lb_common::reason) packets/bytes, per CPU.
 #[map]
@@ -102,6 +112,10 @@ static FRAGS: LruHashMap<FragKey, FragValue> = LruHashMap::with_max_entries(MAX_
 #[map]
 static REPLY_BUCKET: PerCpuArray<ReplyBucket> = PerCpuArray::with_max_entries(1, 0);
 
+/// New flows recorded by this CPU in the current second (flood mode).
+#[map]
+static FLOOD_METER: PerCpuArray<FloodMeter> = PerCpuArray::with_max_entries(1, 0);
+
 // ---------------------------------------------------------------------------------
 
 /// Why we did not forward: (XDP action, reason). XDP_TX here is a reply we generated.
@@ -113,7 +127,7 @@ fn pass(r: u32) -> Verdict {
 }
 
 #[inline(always)]
-fn drop(r: u32) -> Verdict {
+fn drop_with(r: u32) -> Verdict {
     (XDP_DROP, r)
 }
 
@@ -238,8 +252,6 @@ struct Ip {
     ip_len: u32,
     /// Traffic class / TOS byte of the packet, copied to the outer header.
     tos: u8,
-    /// IPv4 DF set (IPv6: always, routers never fragment).
-    df: bool,
     /// Upper-layer protocol (after IPv6 extension headers).
     proto: u8,
     /// Offset of the upper-layer header in the frame, and bytes from it to the end of
@@ -264,13 +276,13 @@ impl Ip {
 
 #[inline(always)]
 fn balance(ctx: &XdpContext, len: u64) -> Result<(), Verdict> {
-    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(drop(reason::DROP_MALFORMED))?;
+    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(drop_with(reason::DROP_MALFORMED))?;
     // SAFETY: bounds checked by ptr_at.
     let mut ethertype = unsafe { (*eth).ether_type };
     let mut l3_off = ETH_LEN;
     let mut tpid = 0;
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-        let vlan: *const VlanHdr = ptr_at(ctx, ETH_LEN).ok_or(drop(reason::DROP_MALFORMED))?;
+        let vlan: *const VlanHdr = ptr_at(ctx, ETH_LEN).ok_or(drop_with(reason::DROP_MALFORMED))?;
         tpid = ethertype;
         ethertype = unsafe { (*vlan).ether_type };
         l3_off += VLAN_LEN;
@@ -325,12 +337,12 @@ fn lookup_vip(addr: &[u32; 4], port: u16, proto: u8) -> Option<VipValue> {
 
 #[inline(always)]
 fn parse_v4(ctx: &XdpContext, l3_off: usize, tpid: u16) -> Result<Ip, Verdict> {
-    let ip: *const u8 = ptr_at::<Ipv4Hdr>(ctx, l3_off).ok_or(drop(reason::DROP_MALFORMED))? as *const u8;
+    let ip: *const u8 = ptr_at::<Ipv4Hdr>(ctx, l3_off).ok_or(drop_with(reason::DROP_MALFORMED))? as *const u8;
     // SAFETY: 20 bytes of IPv4 header are in bounds.
     let (vihl, daddr) = unsafe { (*ip, ld32(ip.add(16))) };
     let hlen = ((vihl & 0x0f) as usize) * 4;
     if vihl >> 4 != 4 || hlen < IPV4_LEN {
-        return Err(drop(reason::DROP_MALFORMED));
+        return Err(drop_with(reason::DROP_MALFORMED));
     }
     let dst = v4_mapped_words(daddr);
     if !maybe_vip(&dst) {
@@ -343,7 +355,7 @@ fn parse_v4(ctx: &XdpContext, l3_off: usize, tpid: u16) -> Result<Ip, Verdict> {
         (*ip.add(1), u16::from_be(ld16(ip.add(2))) as usize, ld16(ip.add(4)), ld16(ip.add(6)), *ip.add(9), ld32(ip.add(12)))
     };
     if tot_len < hlen || !fits(ctx, l3_off, tot_len) {
-        return Err(drop(reason::DROP_MALFORMED));
+        return Err(drop_with(reason::DROP_MALFORMED));
     }
     let frag = if frags & IP_OFFSET != 0 {
         FRAG_LATER
@@ -357,7 +369,6 @@ fn parse_v4(ctx: &XdpContext, l3_off: usize, tpid: u16) -> Result<Ip, Verdict> {
         v6: false,
         ip_len: tot_len as u32,
         tos,
-        df: frags & IP_DF != 0,
         proto,
         l4_off: l3_off + hlen,
         l4_len: tot_len - hlen,
@@ -370,11 +381,11 @@ fn parse_v4(ctx: &XdpContext, l3_off: usize, tpid: u16) -> Result<Ip, Verdict> {
 
 #[inline(always)]
 fn parse_v6(ctx: &XdpContext, l3_off: usize, tpid: u16) -> Result<Ip, Verdict> {
-    let ip: *const u8 = ptr_at::<Ipv6Hdr>(ctx, l3_off).ok_or(drop(reason::DROP_MALFORMED))? as *const u8;
+    let ip: *const u8 = ptr_at::<Ipv6Hdr>(ctx, l3_off).ok_or(drop_with(reason::DROP_MALFORMED))? as *const u8;
     // SAFETY: 40 bytes of IPv6 header are in bounds.
     let v0 = unsafe { *ip };
     if v0 >> 4 != 6 {
-        return Err(drop(reason::DROP_MALFORMED));
+        return Err(drop_with(reason::DROP_MALFORMED));
     }
     let dst = unsafe { [ld32(ip.add(24)), ld32(ip.add(28)), ld32(ip.add(32)), ld32(ip.add(36))] };
     if !maybe_vip(&dst) {
@@ -383,7 +394,7 @@ fn parse_v6(ctx: &XdpContext, l3_off: usize, tpid: u16) -> Result<Ip, Verdict> {
     // SAFETY: as above.
     let (v1, payload_len, first_nh) = unsafe { (*ip.add(1), u16::from_be(ld16(ip.add(4))) as usize, *ip.add(6)) };
     if !fits(ctx, l3_off, IPV6_LEN + payload_len) {
-        return Err(drop(reason::DROP_MALFORMED));
+        return Err(drop_with(reason::DROP_MALFORMED));
     }
     let src = unsafe { [ld32(ip.add(8)), ld32(ip.add(12)), ld32(ip.add(16)), ld32(ip.add(20))] };
     // Walk hop-by-hop, routing, destination options and fragment headers (at most
@@ -399,21 +410,27 @@ fn parse_v6(ctx: &XdpContext, l3_off: usize, tpid: u16) -> Result<Ip, Verdict> {
         // check redundant (the whole payload fits) and drops it; the verifier cannot.
         let hdr_off = core::hint::black_box(l3_off + IPV6_LEN + off);
         if nh == IPPROTO_HOPOPTS || nh == IPPROTO_ROUTING || nh == IPPROTO_DSTOPTS {
-            let h: *const u8 = ptr_at::<[u8; 8]>(ctx, hdr_off).ok_or(drop(reason::DROP_MALFORMED))? as *const u8;
+            let h: *const u8 = ptr_at::<[u8; 8]>(ctx, hdr_off).ok_or(drop_with(reason::DROP_MALFORMED))? as *const u8;
             // SAFETY: 8 bytes (the smallest extension header) in bounds.
             let (next, hl) = unsafe { (*h, (*h.add(1) as usize + 1) * 8) };
             if off + hl > payload_len {
-                return Err(drop(reason::DROP_MALFORMED));
+                return Err(drop_with(reason::DROP_MALFORMED));
             }
             nh = next;
             off += hl;
         } else if nh == IPPROTO_FRAGMENT {
-            let h: *const u8 = ptr_at::<[u8; 8]>(ctx, hdr_off).ok_or(drop(reason::DROP_MALFORMED))? as *const u8;
+            let h: *const u8 = ptr_at::<[u8; 8]>(ctx, hdr_off).ok_or(drop_with(reason::DROP_MALFORMED))? as *const u8;
             if off + 8 > payload_len {
-                return Err(drop(reason::DROP_MALFORMED));
+                return Err(drop_with(reason::DROP_MALFORMED));
             }
             // SAFETY: 8 bytes of fragment header in bounds.
-            let (next, fo, id) = unsafe { (*h, u16::from_be(ld16(h.add(2))), ld32(h.add(4))) };
+            let (next, resv, fo, id) = unsafe { (*h, *h.add(1), u16::from_be(ld16(h.add(2))), ld32(h.add(4))) };
+            // A real fragment header has its reserved byte and bits zero. A packet that
+            // only claims next header 44 (an upper-layer header follows) is no later
+            // fragment: never steer it, or whatever follows, by a guessed id.
+            if resv != 0 || fo & 0x0006 != 0 {
+                return Err(drop_with(reason::DROP_MALFORMED));
+            }
             nh = next;
             off += 8;
             frag_id = id;
@@ -430,6 +447,10 @@ fn parse_v6(ctx: &XdpContext, l3_off: usize, tpid: u16) -> Result<Ip, Verdict> {
         }
         i += 1;
     }
+    if frag != FRAG_LATER && nh == IPPROTO_FRAGMENT {
+        // A fragment header beyond the walk's bound: its datagram cannot be steered.
+        return Err(drop_with(reason::DROP_FRAGMENT_ORPHAN));
+    }
     if frag != FRAG_LATER && is_ipv6_ext(nh) {
         // More than MAX_IPV6_EXT headers, or AH/ESP/mobility/...: not ours to parse.
         return Err(pass(reason::PASS_IPV6_EXT));
@@ -439,7 +460,6 @@ fn parse_v6(ctx: &XdpContext, l3_off: usize, tpid: u16) -> Result<Ip, Verdict> {
         v6: true,
         ip_len: (IPV6_LEN + payload_len) as u32,
         tos: (v0 << 4) | (v1 >> 4),
-        df: true,
         proto: nh,
         l4_off: l3_off + IPV6_LEN + off,
         l4_len: payload_len - off,
@@ -455,17 +475,17 @@ fn parse_v6(ctx: &XdpContext, l3_off: usize, tpid: u16) -> Result<Ip, Verdict> {
 #[inline(always)]
 fn parse_l4(ctx: &XdpContext, ip: &Ip) -> Result<(u16, u16, u8), Verdict> {
     if ip.proto == IPPROTO_TCP {
-        let t: *const u8 = ptr_at::<TcpHdr>(ctx, ip.l4_off).ok_or(drop(reason::DROP_MALFORMED))? as *const u8;
+        let t: *const u8 = ptr_at::<TcpHdr>(ctx, ip.l4_off).ok_or(drop_with(reason::DROP_MALFORMED))? as *const u8;
         // SAFETY: 20 bytes of TCP header are in bounds.
         let (sport, dport, doff, flags) = unsafe { (ld16(t), ld16(t.add(2)), *t.add(12) >> 4, *t.add(13)) };
         if doff < 5 || ip.l4_len < (doff as usize) * 4 {
-            return Err(drop(reason::DROP_MALFORMED));
+            return Err(drop_with(reason::DROP_MALFORMED));
         }
         Ok((sport, dport, flags))
     } else {
-        let u: *const u8 = ptr_at::<UdpHdr>(ctx, ip.l4_off).ok_or(drop(reason::DROP_MALFORMED))? as *const u8;
+        let u: *const u8 = ptr_at::<UdpHdr>(ctx, ip.l4_off).ok_or(drop_with(reason::DROP_MALFORMED))? as *const u8;
         if ip.l4_len < 8 {
-            return Err(drop(reason::DROP_MALFORMED));
+            return Err(drop_with(reason::DROP_MALFORMED));
         }
         // SAFETY: 8 bytes of UDP header are in bounds.
         unsafe { Ok((ld16(u), ld16(u.add(2)), 0)) }
@@ -478,13 +498,18 @@ fn forward_l4(ctx: &XdpContext, ip: &Ip, len: u64) -> Result<(), Verdict> {
     let (sport, dport, tcp_flags) = parse_l4(ctx, ip)?;
     let vip = lookup_vip(&ip.dst, dport, ip.proto).ok_or(pass(reason::PASS_NO_SERVICE))?;
     let flow = flow_key(&ip.src, &ip.dst, sport, dport, ip.proto);
-    let rst = ip.proto == IPPROTO_TCP && tcp_flags & TCP_RST != 0;
-    let (id, be, new_flow) = match pick_backend(&vip, &flow, true, !rst) {
+    let tcp = ip.proto == IPPROTO_TCP;
+    let rst = tcp && tcp_flags & TCP_RST != 0;
+    // A SYN opens a flow: skip the flow-table lookup (as Katran does) and take the
+    // Maglev pick. A retransmitted SYN is re-recorded on the same backend unless the
+    // backend set changed in between, when the handshake restarts on the new pick.
+    let syn = tcp && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let (id, be, pick) = match pick_backend(&vip, &flow, !syn, !rst) {
         Ok(p) => p,
         Err((_, r)) if r == reason::DROP_NO_BACKEND => {
             // Answer at once so the client fails fast (never answer a RST).
             return if rst {
-                Err(drop(reason::DROP_NO_BACKEND))
+                Err(drop_with(reason::DROP_NO_BACKEND))
             } else if ip.proto == IPPROTO_TCP {
                 tcp_reset(ctx, ip)
             } else if ip.v6 {
@@ -495,32 +520,61 @@ fn forward_l4(ctx: &XdpContext, ip: &Ip, len: u64) -> Result<(), Verdict> {
         }
         Err(e) => return Err(e),
     };
-    forward(ctx, ip, &vip, id, &be, new_flow, len, true)
+    forward(ctx, ip, &vip, id, &be, pick == PICK_RECORDED, len, true)?;
+    if pick == PICK_FLOOD {
+        count_reason(reason::FWD_FLOOD_UNRECORDED, len);
+    } else if pick == PICK_INSERT_FAILED {
+        count_reason(reason::FWD_INSERT_FAILED, len);
+    }
+    Ok(())
 }
 
-/// A fragment: the service from the first fragment's port (remembered in FRAGS) or a
-/// port-0 service; the backend from the port-less hash, so every fragment of the
-/// datagram agrees. Fragments never create or use flow-table entries.
+/// A fragment of a TCP/UDP datagram. The first fragment carries the ports: they are
+/// remembered in FRAGS, and every fragment is steered by the full 5-tuple (flow table,
+/// then Maglev), exactly like whole datagrams of the same flow. A later fragment that
+/// arrives before its first has no ports: with a port-0 service it is steered by the
+/// port-less hash (counted, it may reach another backend than the rest of its datagram);
+/// else it is dropped as an orphan. Fragments never create flow-table entries.
 #[inline(always)]
 fn forward_fragment(ctx: &XdpContext, ip: &Ip, len: u64) -> Result<(), Verdict> {
-    let fk = frag_key(&ip.src, &ip.dst, ip.frag_id, ip.proto);
-    let mut dport = 0u16;
-    if ip.frag == FRAG_FIRST {
-        if (ip.proto == IPPROTO_TCP || ip.proto == IPPROTO_UDP)
-            && ip.l4_len >= 4
-            && let Some(p) = ptr_at::<[u8; 4]>(ctx, ip.l4_off)
-        {
-            // SAFETY: 4 bytes (both ports) in bounds.
-            dport = unsafe { ld16((p as *const u8).add(2)) };
-            // A failed insert only costs later fragments of an exact-port service.
-            let _ = FRAGS.insert(fk, FragValue { dst_port: dport, _pad: 0 }, 0);
-        }
-    } else if let Some(v) = unsafe { FRAGS.get(fk) } {
-        dport = v.dst_port;
+    if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
+        // No service protocol: the stack's (ICMP, GRE, ... to the VIP address).
+        return Err(pass(reason::PASS_FRAGMENT));
     }
+    let fk = frag_key(&ip.src, &ip.dst, ip.frag_id, ip.proto);
+    let (sport, dport) = if ip.frag == FRAG_FIRST {
+        let p = ptr_at::<[u8; 4]>(ctx, ip.l4_off).ok_or(drop_with(reason::DROP_MALFORMED))? as *const u8;
+        if ip.l4_len < 4 {
+            return Err(drop_with(reason::DROP_MALFORMED));
+        }
+        // SAFETY: 4 bytes (both ports) in bounds.
+        let (sport, dport) = unsafe { (ld16(p), ld16(p.add(2))) };
+        let passed = lookup_vip(&ip.dst, dport, ip.proto).is_none();
+        // A failed insert only costs the later fragments (dropped as orphans).
+        let v = FragValue { src_port: sport, dst_port: dport, flags: if passed { FRAG_F_PASS } else { 0 } };
+        let _ = FRAGS.insert(fk, v, 0);
+        if passed {
+            return Err(pass(reason::PASS_FRAGMENT));
+        }
+        (sport, dport)
+    } else if let Some(v) = unsafe { FRAGS.get(fk) } {
+        // SAFETY (above): the value is copied out at once.
+        if v.flags & FRAG_F_PASS != 0 {
+            return Err(pass(reason::PASS_FRAGMENT));
+        }
+        (v.src_port, v.dst_port)
+    } else {
+        let vip = lookup_vip(&ip.dst, 0, ip.proto).ok_or(drop_with(reason::DROP_FRAGMENT_ORPHAN))?;
+        let flow = flow_key(&ip.src, &ip.dst, 0, 0, ip.proto);
+        let (id, be, _) = pick_backend(&vip, &flow, false, false)?;
+        forward(ctx, ip, &vip, id, &be, false, len, true)?;
+        count_reason(reason::FWD_FRAGMENT, len);
+        count_reason(reason::FWD_FRAGMENT_PORTLESS, len);
+        return Ok(());
+    };
     let vip = lookup_vip(&ip.dst, dport, ip.proto).ok_or(pass(reason::PASS_FRAGMENT))?;
-    let flow = flow_key(&ip.src, &ip.dst, 0, 0, ip.proto);
-    let (id, be, _) = pick_backend(&vip, &flow, false, false)?;
+    let flow = flow_key(&ip.src, &ip.dst, sport, dport, ip.proto);
+    let (id, be, _) = pick_backend(&vip, &flow, true, false)?;
     forward(ctx, ip, &vip, id, &be, false, len, true)?;
     count_reason(reason::FWD_FRAGMENT, len);
     Ok(())
@@ -530,9 +584,9 @@ fn forward_fragment(ctx: &XdpContext, ip: &Ip, len: u64) -> Result<(), Verdict> 
 /// go to that flow's backend, the rest passes.
 #[inline(always)]
 fn icmp(ctx: &XdpContext, ip: &Ip, len: u64) -> Result<(), Verdict> {
-    let h: *const u8 = ptr_at::<[u8; 8]>(ctx, ip.l4_off).ok_or(drop(reason::DROP_MALFORMED))? as *const u8;
+    let h: *const u8 = ptr_at::<[u8; 8]>(ctx, ip.l4_off).ok_or(drop_with(reason::DROP_MALFORMED))? as *const u8;
     if ip.l4_len < 8 {
-        return Err(drop(reason::DROP_MALFORMED));
+        return Err(drop_with(reason::DROP_MALFORMED));
     }
     // SAFETY: 8 bytes of ICMP header in bounds.
     let (ty, code) = unsafe { (*h, *h.add(1)) };
@@ -629,11 +683,11 @@ struct L2 {
 
 #[inline(always)]
 fn save_l2(ctx: &XdpContext, tpid: u16) -> Result<L2, Verdict> {
-    let e: *const u8 = ptr_at::<EthHdr>(ctx, 0).ok_or(drop(reason::DROP_MALFORMED))? as *const u8;
+    let e: *const u8 = ptr_at::<EthHdr>(ctx, 0).ok_or(drop_with(reason::DROP_MALFORMED))? as *const u8;
     // SAFETY: 14 bytes in bounds.
     let mut l2 = unsafe { L2 { ours: Mac::load(e), peer: Mac::load(e.add(6)), tci: 0 } };
     if tpid != 0 {
-        let v: *const u8 = ptr_at::<VlanHdr>(ctx, ETH_LEN).ok_or(drop(reason::DROP_MALFORMED))? as *const u8;
+        let v: *const u8 = ptr_at::<VlanHdr>(ctx, ETH_LEN).ok_or(drop_with(reason::DROP_MALFORMED))? as *const u8;
         // SAFETY: 4 bytes of VLAN header in bounds.
         l2.tci = unsafe { ld16(v) };
     }
@@ -643,14 +697,14 @@ fn save_l2(ctx: &XdpContext, tpid: u16) -> Result<L2, Verdict> {
 /// Writes the L2 header (with the tag if `tpid` is set) at the frame's start.
 #[inline(always)]
 fn write_l2(ctx: &XdpContext, tpid: u16, tci: u16, dst: Mac, src: Mac, ethertype: u16) -> Result<(), Verdict> {
-    let eth: *mut u8 = ptr_at::<EthHdr>(ctx, 0).ok_or(drop(reason::DROP_MALFORMED))? as *mut u8;
+    let eth: *mut u8 = ptr_at::<EthHdr>(ctx, 0).ok_or(drop_with(reason::DROP_INTERNAL))? as *mut u8;
     // SAFETY: 14 bytes in bounds (ptr_at above).
     unsafe {
         dst.store(eth);
         src.store(eth.add(6));
     }
     if tpid != 0 {
-        let v: *mut u8 = ptr_at::<[u8; ETH_LEN + VLAN_LEN]>(ctx, 0).ok_or(drop(reason::DROP_MALFORMED))? as *mut u8;
+        let v: *mut u8 = ptr_at::<[u8; ETH_LEN + VLAN_LEN]>(ctx, 0).ok_or(drop_with(reason::DROP_INTERNAL))? as *mut u8;
         // SAFETY: 18 bytes in bounds.
         unsafe {
             st16(v.add(12), tpid);
@@ -671,7 +725,7 @@ fn trim_to(ctx: &XdpContext, want: usize) -> Result<(), Verdict> {
     if cur > want {
         // SAFETY: plain helper call on our own context.
         if unsafe { bpf_xdp_adjust_tail(ctx.ctx, -((cur - want) as i32)) } != 0 {
-            return Err(drop(reason::DROP_ADJUST_HEAD));
+            return Err(drop_with(reason::DROP_ADJUST_HEAD));
         }
     }
     Ok(())
@@ -680,7 +734,7 @@ fn trim_to(ctx: &XdpContext, want: usize) -> Result<(), Verdict> {
 /// Writes a 20-byte IPv4 header (no options, id 0) at `l3` with its checksum.
 #[inline(always)]
 fn write_ipv4(ctx: &XdpContext, l3: usize, tot_len: u16, frags: u16, proto: u8, src: u32, dst: u32) -> Result<(), Verdict> {
-    let o: *mut u8 = ptr_at::<Ipv4Hdr>(ctx, l3).ok_or(drop(reason::DROP_MALFORMED))? as *mut u8;
+    let o: *mut u8 = ptr_at::<Ipv4Hdr>(ctx, l3).ok_or(drop_with(reason::DROP_INTERNAL))? as *mut u8;
     // SAFETY: 20 bytes in bounds.
     unsafe {
         *o = 0x45;
@@ -701,7 +755,7 @@ fn write_ipv4(ctx: &XdpContext, l3: usize, tot_len: u16, frags: u16, proto: u8, 
 /// Writes a 40-byte IPv6 header (traffic class and flow label 0) at `l3`.
 #[inline(always)]
 fn write_ipv6(ctx: &XdpContext, l3: usize, payload_len: u16, nh: u8, src: &[u32; 4], dst: &[u32; 4]) -> Result<(), Verdict> {
-    let o: *mut u8 = ptr_at::<Ipv6Hdr>(ctx, l3).ok_or(drop(reason::DROP_MALFORMED))? as *mut u8;
+    let o: *mut u8 = ptr_at::<Ipv6Hdr>(ctx, l3).ok_or(drop_with(reason::DROP_INTERNAL))? as *mut u8;
     // SAFETY: 40 bytes in bounds.
     unsafe {
         st32(o, (6u32 << 28).to_be());
@@ -729,13 +783,13 @@ fn echo_reply(ctx: &XdpContext, ip: &Ip) -> Result<(), Verdict> {
         return Err(pass(reason::PASS_ICMP));
     }
     if !reply_allowed() {
-        return Err(drop(reason::DROP_REPLY_RATELIMITED));
+        return Err(drop_with(reason::DROP_REPLY_RATELIMITED));
     }
     let l2 = save_l2(ctx, ip.tpid)?;
     let ethertype = if ip.v6 { ETH_P_IPV6 } else { ETH_P_IP };
     write_l2(ctx, ip.tpid, l2.tci, l2.peer, l2.ours, ethertype)?;
     if ip.v6 {
-        let o: *mut u8 = ptr_at::<[u8; IPV6_LEN + 8]>(ctx, l3).ok_or(drop(reason::DROP_MALFORMED))? as *mut u8;
+        let o: *mut u8 = ptr_at::<[u8; IPV6_LEN + 8]>(ctx, l3).ok_or(drop_with(reason::DROP_INTERNAL))? as *mut u8;
         // SAFETY: IPv6 header and ICMPv6 header in bounds.
         unsafe {
             *o.add(7) = OUTER_TTL;
@@ -749,7 +803,7 @@ fn echo_reply(ctx: &XdpContext, ip: &Ip) -> Result<(), Verdict> {
             set_icmp_type(o.add(IPV6_LEN), ICMPV6_ECHO_REPLY);
         }
     } else {
-        let o: *mut u8 = ptr_at::<[u8; IPV4_LEN + 8]>(ctx, l3).ok_or(drop(reason::DROP_MALFORMED))? as *mut u8;
+        let o: *mut u8 = ptr_at::<[u8; IPV4_LEN + 8]>(ctx, l3).ok_or(drop_with(reason::DROP_INTERNAL))? as *mut u8;
         // SAFETY: IPv4 header (IHL 5, checked above) and ICMP header in bounds.
         unsafe {
             *o.add(8) = OUTER_TTL;
@@ -774,7 +828,11 @@ unsafe fn set_icmp_type(h: *mut u8, ty: u8) {
         *h = ty;
         let new = ld16(h);
         let hc = ld16(h.add(2));
-        st16(h.add(2), csum_fold((!hc) as u32 + (!old) as u32 + new as u32));
+        // Eqn. 3 yields 0x0000 where the message sums to zero (id 0, seq 0, zero
+        // payload): the right checksum is then 0xffff, which Linux accepts; for any
+        // other message 0xffff is equally valid, so the mapping is always safe.
+        let sum = csum_fold((!hc) as u32 + (!old) as u32 + new as u32);
+        st16(h.add(2), if sum == 0 { 0xffff } else { sum });
     }
 }
 
@@ -831,61 +889,126 @@ fn steer_icmp_error(ctx: &XdpContext, ip: &Ip, len: u64) -> Result<(), Verdict> 
     Ok(())
 }
 
+/// `pick_backend`'s third result: how the backend was found.
+type Pick = u8;
+/// The flow-table entry (an existing flow).
+const PICK_EXISTING: Pick = 0;
+/// The Maglev pick, recorded in the flow table: a new flow.
+const PICK_RECORDED: Pick = 1;
+/// The Maglev pick, not recorded (`create` false: RST, ICMP error, fragment).
+const PICK_UNRECORDED: Pick = 2;
+/// The Maglev pick, not recorded: this CPU is above its new-flow limit (flood mode).
+const PICK_FLOOD: Pick = 3;
+/// The Maglev pick, not recorded: the insert failed.
+const PICK_INSERT_FAILED: Pick = 4;
+
 /// The flow's backend: its flow-table entry (if `lookup`) when that backend still
-/// serves this service, else the Maglev pick (recorded in the flow table if `create`).
+/// serves this service, else the Maglev pick (recorded in the flow table if `create`
+/// and this CPU is within its new-flow limit).
 #[inline(always)]
-fn pick_backend(vip: &VipValue, flow: &FlowKey, lookup: bool, create: bool) -> Result<(u32, BackendValue, bool), Verdict> {
+fn pick_backend(vip: &VipValue, flow: &FlowKey, lookup: bool, create: bool) -> Result<(u32, BackendValue, Pick), Verdict> {
     if vip.service_id >= MAX_SERVICES {
-        return Err(drop(reason::DROP_BAD_STATE));
+        return Err(drop_with(reason::DROP_BAD_STATE));
     }
-    // SAFETY: the value is copied out at once.
-    if lookup && let Some(fv) = unsafe { FLOWS.get(flow) } {
-        let id = fv.backend_id;
+    if lookup && let Some(fv) = FLOWS.get_ptr_mut(flow) {
+        // SAFETY: a live map value; its fields are read once.
+        let (id, reported) = unsafe { ((*fv).backend_id, (*fv).created_ns) };
         if let Some(be) = BACKENDS.get(id)
             && be.flags & BACKEND_F_VALID != 0
             && be.service_id == vip.service_id
         {
-            return Ok((id, *be, false));
+            if create && reported == 0 {
+                report_proven_flow(fv, flow, id, vip.service_id);
+            }
+            return Ok((id, *be, PICK_EXISTING));
         }
     }
     let m = vip.table_size;
     if m == 0 || m > MAX_TABLE_SIZE {
-        return Err(drop(reason::DROP_BAD_STATE));
+        return Err(drop_with(reason::DROP_BAD_STATE));
     }
     let pos = flow_hash(flow) % m;
     let id = *TABLES
         .get(table_index(vip.service_id, vip.active_slot, pos))
-        .ok_or(drop(reason::DROP_BAD_STATE))?;
+        .ok_or(drop_with(reason::DROP_BAD_STATE))?;
     if id == NO_BACKEND {
-        return Err(drop(reason::DROP_NO_BACKEND));
+        return Err(drop_with(reason::DROP_NO_BACKEND));
     }
-    let be = *BACKENDS.get(id).ok_or(drop(reason::DROP_BAD_STATE))?;
+    let be = *BACKENDS.get(id).ok_or(drop_with(reason::DROP_BAD_STATE))?;
     if be.flags & BACKEND_F_VALID == 0 {
-        return Err(drop(reason::DROP_BAD_STATE));
+        return Err(drop_with(reason::DROP_BAD_STATE));
     }
-    if create {
-        // SAFETY: ktime is always callable from XDP.
-        let v = FlowValue { backend_id: id, _pad: 0, created_ns: unsafe { bpf_ktime_get_ns() } };
-        // A failed insert (map full of in-flight updates) only costs stickiness for this
-        // packet; the next packet retries.
-        if FLOWS.insert(flow, v, 0).is_ok() {
-            report_new_flow(flow, id, vip.service_id);
-        }
+    if !create {
+        return Ok((id, be, PICK_UNRECORDED));
+    }
+    let settings = SETTINGS.get(0);
+    let limit = settings.map_or(0, |s| s.max_new_flows);
+    if limit != 0 && over_new_flow_limit(limit) {
+        return Ok((id, be, PICK_FLOOD));
+    }
+    // No clock read: nothing reads a flow's age (the LRU evicts by use).
+    let v = FlowValue { backend_id: id, _pad: 0, created_ns: 0 };
+    // A failed insert (map full of in-flight updates) only costs stickiness for this
+    // packet; the next packet retries.
+    if FLOWS.insert(flow, v, 0).is_err() {
+        return Ok((id, be, PICK_INSERT_FAILED));
     }
     // A new flow is one we recorded; a RST that misses is forwarded but not remembered.
-    Ok((id, be, create))
+    Ok((id, be, PICK_RECORDED))
 }
 
-/// Hands a new flow to userspace for the peer balancer, when flow sync is on. A full
-/// ring (userspace behind) loses the event, counted in SYNC_STATS; forwarding goes on.
+/// Flood mode: counts one new flow in this CPU's one-second window and says whether the
+/// window is over `limit`. The coarse clock (jiffies resolution, a few ns) is enough for
+/// a one-second window; it is read only when a limit is set.
 #[inline(always)]
-fn report_new_flow(flow: &FlowKey, backend_id: u32, service_id: u32) {
-    let on = SETTINGS.get(0).is_some_and(|s| s.flags & SETTINGS_F_FLOW_SYNC != 0);
-    if !on {
+fn over_new_flow_limit(limit: u32) -> bool {
+    const NS: u64 = 1_000_000_000;
+    let Some(m) = FLOOD_METER.get_ptr_mut(0) else { return false };
+    // SAFETY: per-CPU value, no concurrent writer on this CPU; the helper is always
+    // callable from XDP.
+    unsafe {
+        let now = bpf_ktime_get_coarse_ns();
+        if now.wrapping_sub((*m).window_ns) >= NS {
+            (*m).window_ns = now;
+            (*m).count = 0;
+        }
+        (*m).count += 1;
+        (*m).count > limit as u64
+    }
+}
+
+/// Flow sync reports a flow on its second packet, once it proves real: a flow whose
+/// entry the datapath recorded (`created_ns` 0) is reported when a packet hits it while
+/// sync is on, then marked with the (coarse) time of the report. A SYN flood therefore
+/// costs the sync channel nothing; a flow synced in from the peer (lbd writes its clock)
+/// is never reported back; a node that becomes active reports its live flows as their
+/// next packets arrive. A flow that fails over before its second packet is steered by
+/// its Maglev pick on the peer, the same backend while both nodes have the same set.
+#[inline(always)]
+fn report_proven_flow(fv: *mut FlowValue, flow: &FlowKey, backend_id: u32, service_id: u32) {
+    if !SETTINGS.get(0).is_some_and(|s| s.flags & SETTINGS_F_FLOW_SYNC != 0) {
         return;
     }
+    report_new_flow(flow, backend_id, service_id);
+    // SAFETY: a live map value; a racing CPU at worst reports the flow twice (the peer
+    // writes the same entry twice). The helper is always callable.
+    unsafe { (*fv).created_ns = bpf_ktime_get_coarse_ns() | 1 };
+}
+
+/// Hands a flow to userspace for the peer balancer. The reader is not woken per
+/// event (a wakeup costs the sender an IPI and the reader a context switch per flow):
+/// lbd drains the ring on a short timer, and only a ring a quarter full wakes it at
+/// once. A full ring (userspace behind) loses the event, counted in SYNC_STATS;
+/// forwarding goes on.
+#[inline(always)]
+fn report_new_flow(flow: &FlowKey, backend_id: u32, service_id: u32) {
     let ev = FlowEvent { key: *flow, backend_id, service_id };
-    if FLOW_EVENTS.output::<FlowEvent>(&ev, 0).is_err()
+    let wake = if FLOW_EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= FLOW_EVENTS_WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    if FLOW_EVENTS.output::<FlowEvent>(&ev, wake as u64).is_err()
         && let Some(c) = SYNC_STATS.get_ptr_mut(0)
     {
         // SAFETY: per-CPU value, no concurrent writer on this CPU.
@@ -921,9 +1044,9 @@ fn forward(
 #[inline(always)]
 fn rewrite_l2(ctx: &XdpContext, be: &BackendValue) -> Result<(), Verdict> {
     if be.flags & BACKEND_F_HAS_MAC == 0 {
-        return Err(drop(reason::DROP_NO_NEXTHOP));
+        return Err(drop_with(reason::DROP_NO_NEXTHOP));
     }
-    let eth: *mut u8 = ptr_at::<EthHdr>(ctx, 0).ok_or(drop(reason::DROP_MALFORMED))? as *mut u8;
+    let eth: *mut u8 = ptr_at::<EthHdr>(ctx, 0).ok_or(drop_with(reason::DROP_MALFORMED))? as *mut u8;
     // SAFETY: 14 bytes of Ethernet header are in bounds.
     unsafe {
         Mac::load(eth).store(eth.add(6));
@@ -938,20 +1061,22 @@ fn rewrite_l2(ctx: &XdpContext, be: &BackendValue) -> Result<(), Verdict> {
 /// unless the packet is itself an ICMP error (`may_answer_too_big` false); else dropped.
 #[inline(always)]
 fn encapsulate(ctx: &XdpContext, ip: &Ip, be: &BackendValue, may_answer_too_big: bool) -> Result<(), Verdict> {
-    let settings = SETTINGS.get(0).ok_or(drop(reason::DROP_BAD_STATE))?;
+    let settings = SETTINGS.get(0).ok_or(drop_with(reason::DROP_BAD_STATE))?;
     // SAFETY: both MAC fields are 6 bytes at 4-byte aligned offsets.
     let nh_mac = if be.flags & BACKEND_F_HAS_MAC != 0 {
         unsafe { Mac::load(be.mac.as_ptr()) }
     } else if settings.flags & SETTINGS_F_HAS_GATEWAY != 0 {
         unsafe { Mac::load(settings.gateway_mac.as_ptr()) }
     } else {
-        return Err(drop(reason::DROP_NO_NEXTHOP));
+        return Err(drop_with(reason::DROP_NO_NEXTHOP));
     };
     let outer_v6 = be.flags & BACKEND_F_V6 != 0;
     let hdr_len: usize = if outer_v6 { IPV6_LEN } else { IPV4_LEN };
     let mtu = if settings.mtu == 0 { 1500 } else { settings.mtu };
     if ip.ip_len + hdr_len as u32 > mtu {
-        if may_answer_too_big && ip.df {
+        // Answered with or without DF (as Katran does): we never fragment, and the
+        // sender can fragment once it knows the size; we forward fragments.
+        if may_answer_too_big {
             let room = mtu.saturating_sub(hdr_len as u32);
             return if ip.v6 {
                 icmp_error_reply(ctx, ip, ICMPV6_PKT_TOOBIG, 0, if room < 1280 { 1280 } else { room }, reason::TX_TOO_BIG)
@@ -959,12 +1084,12 @@ fn encapsulate(ctx: &XdpContext, ip: &Ip, be: &BackendValue, may_answer_too_big:
                 icmp_error_reply(ctx, ip, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, if room < 68 { 68 } else { room }, reason::TX_TOO_BIG)
             };
         }
-        return Err(drop(reason::DROP_TOO_BIG));
+        return Err(drop_with(reason::DROP_TOO_BIG));
     }
     let src_v4 = settings.encap_src_v4;
     let src_v6 = settings.encap_src_v6;
     if (outer_v6 && src_v6 == [0; 4]) || (!outer_v6 && src_v4 == 0) {
-        return Err(drop(reason::DROP_NO_ENCAP_SOURCE));
+        return Err(drop_with(reason::DROP_NO_ENCAP_SOURCE));
     }
     let inner_proto = if ip.v6 { IPPROTO_IPV6 } else { IPPROTO_IPIP };
 
@@ -973,7 +1098,7 @@ fn encapsulate(ctx: &XdpContext, ip: &Ip, be: &BackendValue, may_answer_too_big:
 
     // SAFETY: plain helper call on our own context.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(hdr_len as i32)) } != 0 {
-        return Err(drop(reason::DROP_ADJUST_HEAD));
+        return Err(drop_with(reason::DROP_ADJUST_HEAD));
     }
     // Layout now: [hdr_len new bytes][old eth (+vlan)][inner IP]. The new L2 header and
     // the outer header fill the first l3_off + hdr_len bytes, i.e. end where the inner
@@ -983,7 +1108,7 @@ fn encapsulate(ctx: &XdpContext, ip: &Ip, be: &BackendValue, may_answer_too_big:
     write_l2(ctx, ip.tpid, l2.tci, nh_mac, l2.ours, outer_ethertype)?;
 
     if outer_v6 {
-        let o: *mut u8 = ptr_at::<Ipv6Hdr>(ctx, l3_off).ok_or(drop(reason::DROP_MALFORMED))? as *mut u8;
+        let o: *mut u8 = ptr_at::<Ipv6Hdr>(ctx, l3_off).ok_or(drop_with(reason::DROP_INTERNAL))? as *mut u8;
         // SAFETY: 40 bytes of outer header in bounds.
         unsafe {
             // Version 6, traffic class copied from the inner packet, flow label 0.
@@ -999,7 +1124,7 @@ fn encapsulate(ctx: &XdpContext, ip: &Ip, be: &BackendValue, may_answer_too_big:
             }
         }
     } else {
-        let o: *mut u8 = ptr_at::<Ipv4Hdr>(ctx, l3_off).ok_or(drop(reason::DROP_MALFORMED))? as *mut u8;
+        let o: *mut u8 = ptr_at::<Ipv4Hdr>(ctx, l3_off).ok_or(drop_with(reason::DROP_INTERNAL))? as *mut u8;
         // SAFETY: 20 bytes of outer header in bounds.
         unsafe {
             *o = 0x45;
@@ -1025,7 +1150,7 @@ fn encapsulate(ctx: &XdpContext, ip: &Ip, be: &BackendValue, may_answer_too_big:
 #[inline(always)]
 fn icmp_error_reply(ctx: &XdpContext, ip: &Ip, ty: u8, code: u8, info: u32, r: u32) -> Result<(), Verdict> {
     if !reply_allowed() {
-        return Err(drop(reason::DROP_REPLY_RATELIMITED));
+        return Err(drop_with(reason::DROP_REPLY_RATELIMITED));
     }
     let l2 = save_l2(ctx, ip.tpid)?;
     let l3 = ip.l3_off();
@@ -1037,7 +1162,7 @@ fn icmp_error_reply(ctx: &XdpContext, ip: &Ip, ty: u8, code: u8, info: u32, r: u
     trim_to(ctx, l3 + quote)?;
     // SAFETY: plain helper call on our own context.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -((hdr + 8) as i32)) } != 0 {
-        return Err(drop(reason::DROP_ADJUST_HEAD));
+        return Err(drop_with(reason::DROP_ADJUST_HEAD));
     }
     // Layout now: [l3 + hdr + 8 new bytes][quote]. Offsets from constants again.
     let l3 = ip.l3_off();
@@ -1050,7 +1175,7 @@ fn icmp_error_reply(ctx: &XdpContext, ip: &Ip, ty: u8, code: u8, info: u32, r: u
         write_ipv4(ctx, l3, (IPV4_LEN + msg_len) as u16, 0, IPPROTO_ICMP, ip.dst[3], ip.src[3])?;
     }
     let off = l3 + hdr;
-    let h: *mut u8 = ptr_at::<[u8; 8]>(ctx, off).ok_or(drop(reason::DROP_MALFORMED))? as *mut u8;
+    let h: *mut u8 = ptr_at::<[u8; 8]>(ctx, off).ok_or(drop_with(reason::DROP_INTERNAL))? as *mut u8;
     // SAFETY: 8 bytes of ICMP header in bounds.
     unsafe {
         *h = ty;
@@ -1064,8 +1189,8 @@ fn icmp_error_reply(ctx: &XdpContext, ip: &Ip, ty: u8, code: u8, info: u32, r: u
     } else {
         csum_packet::<{ QUOTE4_MAX + 8 }>(ctx, off, msg_len)
     }
-    .ok_or(drop(reason::DROP_MALFORMED))?;
-    let h: *mut u8 = ptr_at::<[u8; 8]>(ctx, off).ok_or(drop(reason::DROP_MALFORMED))? as *mut u8;
+    .ok_or(drop_with(reason::DROP_INTERNAL))?;
+    let h: *mut u8 = ptr_at::<[u8; 8]>(ctx, off).ok_or(drop_with(reason::DROP_INTERNAL))? as *mut u8;
     // SAFETY: as above.
     unsafe { st16(h.add(2), csum_fold64(sum)) };
     Err(tx(r))
@@ -1077,7 +1202,7 @@ fn icmp_error_reply(ctx: &XdpContext, ip: &Ip, ty: u8, code: u8, info: u32, r: u
 /// and payload are not carried over.
 #[inline(always)]
 fn tcp_reset(ctx: &XdpContext, ip: &Ip) -> Result<(), Verdict> {
-    let t: *const u8 = ptr_at::<TcpHdr>(ctx, ip.l4_off).ok_or(drop(reason::DROP_MALFORMED))? as *const u8;
+    let t: *const u8 = ptr_at::<TcpHdr>(ctx, ip.l4_off).ok_or(drop_with(reason::DROP_MALFORMED))? as *const u8;
     // SAFETY: 20 bytes of TCP header in bounds (parse_l4 checked the same).
     let (sport, dport, seq, ack, doff, flags) = unsafe {
         (ld16(t), ld16(t.add(2)), u32::from_be(ld32(t.add(4))), ld32(t.add(8)), (*t.add(12) >> 4) as usize, *t.add(13))
@@ -1088,7 +1213,7 @@ fn tcp_reset(ctx: &XdpContext, ip: &Ip) -> Result<(), Verdict> {
     let (rseq, rack, rflags) =
         if flags & TCP_ACK != 0 { (ack, 0, TCP_RST) } else { (0, seq.wrapping_add(seg_len).to_be(), TCP_RST | TCP_ACK) };
     if !reply_allowed() {
-        return Err(drop(reason::DROP_REPLY_RATELIMITED));
+        return Err(drop_with(reason::DROP_REPLY_RATELIMITED));
     }
     let l2 = save_l2(ctx, ip.tpid)?;
     let l3 = ip.l3_off();
@@ -1103,7 +1228,7 @@ fn tcp_reset(ctx: &XdpContext, ip: &Ip) -> Result<(), Verdict> {
         write_ipv4(ctx, l3, (IPV4_LEN + 20) as u16, IP_DF, IPPROTO_TCP, ip.dst[3], ip.src[3])?;
     }
     let off = l3 + hdr;
-    let o: *mut u8 = ptr_at::<TcpHdr>(ctx, off).ok_or(drop(reason::DROP_MALFORMED))? as *mut u8;
+    let o: *mut u8 = ptr_at::<TcpHdr>(ctx, off).ok_or(drop_with(reason::DROP_INTERNAL))? as *mut u8;
     // SAFETY: 20 bytes of TCP header in bounds.
     let sum = unsafe {
         st16(o, dport);

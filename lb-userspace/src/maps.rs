@@ -273,11 +273,12 @@ impl MemMaps {
         Ok(())
     }
 
-    /// The backend id the datapath would pick for a new flow, as the kernel does it.
-    pub fn lookup(&self, key: &VipKey, hash: u32) -> Option<u32> {
+    /// The backend id the datapath picks for `flow` without a flow-table entry, from the
+    /// live table slot of the service `key` names (lb_common::maglev::pick).
+    pub fn pick(&self, key: &VipKey, flow: &lb_common::FlowKey) -> Option<u32> {
         let v = self.vips.get(key)?;
         let t = self.tables.get(&(v.service_id, v.active_slot))?;
-        Some(t[(hash % v.table_size) as usize])
+        Some(lb_common::maglev::pick(t, flow))
     }
 }
 
