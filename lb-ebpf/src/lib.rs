@@ -65,6 +65,16 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
+/// Offset of a field of a typed header (network-types): `p.add(off!(Ipv4Hdr, dst_addr))`
+/// names the field a raw `p.add(16)` would hide. A constant, so loads and stores keep
+/// their constant offsets (the verifier needs them) and their native width.
+#[macro_export]
+macro_rules! off {
+    ($t:ty, $f:ident) => {
+        core::mem::offset_of!($t, $f)
+    };
+}
+
 /// Pointer to a `T` at `off` bytes into the packet, or `None` if it does not fit.
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {

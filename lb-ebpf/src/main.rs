@@ -235,9 +235,9 @@ fn steer_icmp_error(ctx: &XdpContext, ip: &Ip, len: u64) -> Result<(), Verdict> 
         let (v, nh, s, d) = unsafe {
             (
                 *h >> 4,
-                *h.add(6),
-                [ld32(h.add(8)), ld32(h.add(12)), ld32(h.add(16)), ld32(h.add(20))],
-                [ld32(h.add(24)), ld32(h.add(28)), ld32(h.add(32)), ld32(h.add(36))],
+                *h.add(off!(Ipv6Hdr, next_hdr)),
+                [ld32(h.add(off!(Ipv6Hdr, src_addr))), ld32(h.add(off!(Ipv6Hdr, src_addr) + 4)), ld32(h.add(off!(Ipv6Hdr, src_addr) + 8)), ld32(h.add(off!(Ipv6Hdr, src_addr) + 12))],
+                [ld32(h.add(off!(Ipv6Hdr, dst_addr))), ld32(h.add(off!(Ipv6Hdr, dst_addr) + 4)), ld32(h.add(off!(Ipv6Hdr, dst_addr) + 8)), ld32(h.add(off!(Ipv6Hdr, dst_addr) + 12))],
             )
         };
         if v != 6 {
@@ -247,7 +247,7 @@ fn steer_icmp_error(ctx: &XdpContext, ip: &Ip, len: u64) -> Result<(), Verdict> 
     } else {
         let h: *const u8 = ptr_at::<Ipv4Hdr>(ctx, inner).ok_or(BAD)? as *const u8;
         // SAFETY: 20 bytes of embedded IPv4 header in bounds.
-        let (vihl, frags, p, s, d) = unsafe { (*h, ld16(h.add(6)), *h.add(9), ld32(h.add(12)), ld32(h.add(16))) };
+        let (vihl, frags, p, s, d) = unsafe { (*h, ld16(h.add(off!(Ipv4Hdr, frags))), *h.add(off!(Ipv4Hdr, proto)), ld32(h.add(off!(Ipv4Hdr, src_addr))), ld32(h.add(off!(Ipv4Hdr, dst_addr)))) };
         let ihl = ((vihl & 0x0f) as usize) * 4;
         // A non-first fragment quotes no ports.
         if vihl >> 4 != 4 || ihl < IPV4_LEN || frags & IP_OFFSET != 0 {

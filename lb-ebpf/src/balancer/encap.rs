@@ -100,9 +100,9 @@ pub(crate) fn encapsulate(ctx: &XdpContext, ip: &Ip, be: &BackendValue, may_answ
         unsafe {
             // Version 6, traffic class copied from the inner packet, flow label 0.
             st32(o, ((6u32 << 28) | ((ip.tos as u32) << 20)).to_be());
-            st16(o.add(4), (ip.ip_len as u16).to_be());
-            *o.add(6) = inner_proto;
-            *o.add(7) = OUTER_TTL;
+            st16(o.add(off!(Ipv6Hdr, payload_len)), (ip.ip_len as u16).to_be());
+            *o.add(off!(Ipv6Hdr, next_hdr)) = inner_proto;
+            *o.add(off!(Ipv6Hdr, hop_limit)) = OUTER_TTL;
             let mut i = 0;
             while i < 4 {
                 st32(o.add(8 + 4 * i), src_v6[i]);
@@ -115,17 +115,17 @@ pub(crate) fn encapsulate(ctx: &XdpContext, ip: &Ip, be: &BackendValue, may_answ
         // SAFETY: 20 bytes of outer header in bounds.
         unsafe {
             *o = 0x45;
-            *o.add(1) = ip.tos;
-            st16(o.add(2), ((ip.ip_len + IPV4_LEN as u32) as u16).to_be());
+            *o.add(off!(Ipv4Hdr, tos)) = ip.tos;
+            st16(o.add(off!(Ipv4Hdr, tot_len)), ((ip.ip_len + IPV4_LEN as u32) as u16).to_be());
             // Id 0 with DF: an atomic datagram (RFC 6864); we never fragment.
-            st16(o.add(4), 0);
-            st16(o.add(6), IP_DF);
-            *o.add(8) = OUTER_TTL;
-            *o.add(9) = inner_proto;
-            st16(o.add(10), 0);
-            st32(o.add(12), src_v4);
-            st32(o.add(16), be.addr[3]);
-            st16(o.add(10), ipv4_csum20(o));
+            st16(o.add(off!(Ipv4Hdr, id)), 0);
+            st16(o.add(off!(Ipv4Hdr, frags)), IP_DF);
+            *o.add(off!(Ipv4Hdr, ttl)) = OUTER_TTL;
+            *o.add(off!(Ipv4Hdr, proto)) = inner_proto;
+            st16(o.add(off!(Ipv4Hdr, check)), 0);
+            st32(o.add(off!(Ipv4Hdr, src_addr)), src_v4);
+            st32(o.add(off!(Ipv4Hdr, dst_addr)), be.addr[3]);
+            st16(o.add(off!(Ipv4Hdr, check)), ipv4_csum20(o));
         }
     }
     Ok(())
@@ -223,16 +223,16 @@ pub(crate) fn write_ipv4(ctx: &XdpContext, l3: usize, tot_len: u16, frags: u16, 
     // SAFETY: 20 bytes in bounds.
     unsafe {
         *o = 0x45;
-        *o.add(1) = 0;
-        st16(o.add(2), tot_len.to_be());
-        st16(o.add(4), 0);
-        st16(o.add(6), frags);
-        *o.add(8) = OUTER_TTL;
-        *o.add(9) = proto;
-        st16(o.add(10), 0);
-        st32(o.add(12), src);
-        st32(o.add(16), dst);
-        st16(o.add(10), ipv4_csum20(o));
+        *o.add(off!(Ipv4Hdr, tos)) = 0;
+        st16(o.add(off!(Ipv4Hdr, tot_len)), tot_len.to_be());
+        st16(o.add(off!(Ipv4Hdr, id)), 0);
+        st16(o.add(off!(Ipv4Hdr, frags)), frags);
+        *o.add(off!(Ipv4Hdr, ttl)) = OUTER_TTL;
+        *o.add(off!(Ipv4Hdr, proto)) = proto;
+        st16(o.add(off!(Ipv4Hdr, check)), 0);
+        st32(o.add(off!(Ipv4Hdr, src_addr)), src);
+        st32(o.add(off!(Ipv4Hdr, dst_addr)), dst);
+        st16(o.add(off!(Ipv4Hdr, check)), ipv4_csum20(o));
     }
     Ok(())
 }
@@ -244,9 +244,9 @@ pub(crate) fn write_ipv6(ctx: &XdpContext, l3: usize, payload_len: u16, nh: u8, 
     // SAFETY: 40 bytes in bounds.
     unsafe {
         st32(o, (6u32 << 28).to_be());
-        st16(o.add(4), payload_len.to_be());
-        *o.add(6) = nh;
-        *o.add(7) = OUTER_TTL;
+        st16(o.add(off!(Ipv6Hdr, payload_len)), payload_len.to_be());
+        *o.add(off!(Ipv6Hdr, next_hdr)) = nh;
+        *o.add(off!(Ipv6Hdr, hop_limit)) = OUTER_TTL;
         let mut i = 0;
         while i < 4 {
             st32(o.add(8 + 4 * i), src[i]);

@@ -49,7 +49,7 @@ impl Ip {
 pub(crate) fn parse_v4(ctx: &XdpContext, l3_off: usize, tpid: u16) -> Result<Ip, Verdict> {
     let ip: *const u8 = ptr_at::<Ipv4Hdr>(ctx, l3_off).ok_or(drop_with(reason::DROP_MALFORMED))? as *const u8;
     // SAFETY: 20 bytes of IPv4 header are in bounds.
-    let (vihl, daddr) = unsafe { (*ip, ld32(ip.add(16))) };
+    let (vihl, daddr) = unsafe { (*ip, ld32(ip.add(off!(Ipv4Hdr, dst_addr)))) };
     let hlen = ((vihl & 0x0f) as usize) * 4;
     if vihl >> 4 != 4 || hlen < IPV4_LEN {
         return Err(drop_with(reason::DROP_MALFORMED));
@@ -62,7 +62,7 @@ pub(crate) fn parse_v4(ctx: &XdpContext, l3_off: usize, tpid: u16) -> Result<Ip,
     // not load and spill them).
     // SAFETY: as above.
     let (tos, tot_len, id, frags, proto, saddr) = unsafe {
-        (*ip.add(1), u16::from_be(ld16(ip.add(2))) as usize, ld16(ip.add(4)), ld16(ip.add(6)), *ip.add(9), ld32(ip.add(12)))
+        (*ip.add(off!(Ipv4Hdr, tos)), u16::from_be(ld16(ip.add(off!(Ipv4Hdr, tot_len)))) as usize, ld16(ip.add(off!(Ipv4Hdr, id))), ld16(ip.add(off!(Ipv4Hdr, frags))), *ip.add(off!(Ipv4Hdr, proto)), ld32(ip.add(off!(Ipv4Hdr, src_addr))))
     };
     if tot_len < hlen || !fits(ctx, l3_off, tot_len) {
         return Err(drop_with(reason::DROP_MALFORMED));
@@ -97,16 +97,16 @@ pub(crate) fn parse_v6(ctx: &XdpContext, l3_off: usize, tpid: u16) -> Result<Ip,
     if v0 >> 4 != 6 {
         return Err(drop_with(reason::DROP_MALFORMED));
     }
-    let dst = unsafe { [ld32(ip.add(24)), ld32(ip.add(28)), ld32(ip.add(32)), ld32(ip.add(36))] };
+    let dst = unsafe { [ld32(ip.add(off!(Ipv6Hdr, dst_addr))), ld32(ip.add(off!(Ipv6Hdr, dst_addr) + 4)), ld32(ip.add(off!(Ipv6Hdr, dst_addr) + 8)), ld32(ip.add(off!(Ipv6Hdr, dst_addr) + 12))] };
     if !maybe_vip(&dst) {
         return Err(pass(reason::PASS_NOT_VIP));
     }
     // SAFETY: as above.
-    let (v1, payload_len, first_nh) = unsafe { (*ip.add(1), u16::from_be(ld16(ip.add(4))) as usize, *ip.add(6)) };
+    let (v1, payload_len, first_nh) = unsafe { (*ip.add(1), u16::from_be(ld16(ip.add(off!(Ipv6Hdr, payload_len)))) as usize, *ip.add(off!(Ipv6Hdr, next_hdr))) };
     if !fits(ctx, l3_off, IPV6_LEN + payload_len) {
         return Err(drop_with(reason::DROP_MALFORMED));
     }
-    let src = unsafe { [ld32(ip.add(8)), ld32(ip.add(12)), ld32(ip.add(16)), ld32(ip.add(20))] };
+    let src = unsafe { [ld32(ip.add(off!(Ipv6Hdr, src_addr))), ld32(ip.add(off!(Ipv6Hdr, src_addr) + 4)), ld32(ip.add(off!(Ipv6Hdr, src_addr) + 8)), ld32(ip.add(off!(Ipv6Hdr, src_addr) + 12))] };
     // Walk hop-by-hop, routing, destination options and fragment headers (at most
     // MAX_IPV6_EXT) to the upper-layer header. Offsets stay relative to the payload
     // (bounded by payload_len) so the verifier can bound every packet pointer.
@@ -187,7 +187,7 @@ pub(crate) fn parse_l4(ctx: &XdpContext, ip: &Ip) -> Result<(u16, u16, u8), Verd
     if ip.proto == IPPROTO_TCP {
         let t: *const u8 = ptr_at::<TcpHdr>(ctx, ip.l4_off).ok_or(drop_with(reason::DROP_MALFORMED))? as *const u8;
         // SAFETY: 20 bytes of TCP header are in bounds.
-        let (sport, dport, doff, flags) = unsafe { (ld16(t), ld16(t.add(2)), *t.add(12) >> 4, *t.add(13)) };
+        let (sport, dport, doff, flags) = unsafe { (ld16(t), ld16(t.add(off!(TcpHdr, dest))), *t.add(off!(TcpHdr, _bitfield_1)) >> 4, *t.add(off!(TcpHdr, _bitfield_1) + 1)) };
         if doff < 5 || ip.l4_len < (doff as usize) * 4 {
             return Err(drop_with(reason::DROP_MALFORMED));
         }
@@ -198,6 +198,6 @@ pub(crate) fn parse_l4(ctx: &XdpContext, ip: &Ip) -> Result<(u16, u16, u8), Verd
             return Err(drop_with(reason::DROP_MALFORMED));
         }
         // SAFETY: 8 bytes of UDP header are in bounds.
-        unsafe { Ok((ld16(u), ld16(u.add(2)), 0)) }
+        unsafe { Ok((ld16(u), ld16(u.add(off!(UdpHdr, dst))), 0)) }
     }
 }

@@ -164,7 +164,7 @@ pub(crate) fn tcp_reset(ctx: &XdpContext, ip: &Ip) -> Result<(), Verdict> {
     let t: *const u8 = ptr_at::<TcpHdr>(ctx, ip.l4_off).ok_or(drop_with(reason::DROP_MALFORMED))? as *const u8;
     // SAFETY: 20 bytes of TCP header in bounds (parse_l4 checked the same).
     let (sport, dport, seq, ack, doff, flags) = unsafe {
-        (ld16(t), ld16(t.add(2)), u32::from_be(ld32(t.add(4))), ld32(t.add(8)), (*t.add(12) >> 4) as usize, *t.add(13))
+        (ld16(t), ld16(t.add(off!(TcpHdr, dest))), u32::from_be(ld32(t.add(off!(TcpHdr, seq)))), ld32(t.add(off!(TcpHdr, ack_seq))), (*t.add(off!(TcpHdr, _bitfield_1)) >> 4) as usize, *t.add(off!(TcpHdr, _bitfield_1) + 1))
     };
     let seg_len = ip.l4_len.saturating_sub(doff * 4) as u32
         + (flags & TCP_SYN != 0) as u32
@@ -191,14 +191,14 @@ pub(crate) fn tcp_reset(ctx: &XdpContext, ip: &Ip) -> Result<(), Verdict> {
     // SAFETY: 20 bytes of TCP header in bounds.
     let sum = unsafe {
         st16(o, dport);
-        st16(o.add(2), sport);
-        st32(o.add(4), rseq);
-        st32(o.add(8), rack);
-        *o.add(12) = 5 << 4;
-        *o.add(13) = rflags;
-        st16(o.add(14), 0);
-        st16(o.add(16), 0);
-        st16(o.add(18), 0);
+        st16(o.add(off!(TcpHdr, dest)), sport);
+        st32(o.add(off!(TcpHdr, seq)), rseq);
+        st32(o.add(off!(TcpHdr, ack_seq)), rack);
+        *o.add(off!(TcpHdr, _bitfield_1)) = 5 << 4;
+        *o.add(off!(TcpHdr, _bitfield_1) + 1) = rflags;
+        st16(o.add(off!(TcpHdr, window)), 0);
+        st16(o.add(off!(TcpHdr, check)), 0);
+        st16(o.add(off!(TcpHdr, urg_ptr)), 0);
         let mut sum = pseudo_sum(ip.v6, &ip.dst, &ip.src, IPPROTO_TCP, 20);
         let mut i = 0;
         while i < 5 {
@@ -208,6 +208,6 @@ pub(crate) fn tcp_reset(ctx: &XdpContext, ip: &Ip) -> Result<(), Verdict> {
         sum
     };
     // SAFETY: as above.
-    unsafe { st16(o.add(16), csum_fold64(sum)) };
+    unsafe { st16(o.add(off!(TcpHdr, check)), csum_fold64(sum)) };
     Err(tx(reason::TX_RST))
 }
