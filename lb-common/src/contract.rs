@@ -63,6 +63,7 @@ pub struct MapSpec {
     pub what: &'static str,
 }
 
+#[allow(clippy::too_many_arguments)] // one row of the table, every column named
 const fn spec(
     name: &'static str,
     map_type: u32,

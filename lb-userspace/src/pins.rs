@@ -366,7 +366,8 @@ mod tests {
     /// max_entries, flags), and the message says what differs and how to proceed.
     #[test]
     fn every_field_of_a_state_map_is_compared() {
-        let changes: [(&str, fn(&mut PinnedShape)); 5] = [
+        type Change = (&'static str, fn(&mut PinnedShape));
+        let changes: [Change; 5] = [
             ("type: pinned hash (1), this lbd lru_hash (9)", |s| s.map_type = contract::BPF_MAP_TYPE_HASH),
             ("key size: pinned 36, this lbd 40", |s| s.key_size = 36),
             ("value size: pinned 8, this lbd 16", |s| s.value_size = 8),

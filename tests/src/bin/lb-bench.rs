@@ -130,7 +130,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
     ensure!(what == Some("datapath"), "usage: lb-bench datapath [--repeat N] [--rounds N]");
-    ensure!(repeat >= 2 && repeat % 2 == 0 && rounds >= 1, "--repeat must be even and positive, --rounds positive");
+    ensure!(repeat >= 2 && repeat.is_multiple_of(2) && rounds >= 1, "--repeat must be even and positive, --rounds positive");
     let cpus = aya::util::online_cpus().map_err(|(_, e)| e).context("online CPUs")?;
     ensure!(cpus.contains(&0) && cpus.contains(&1), "the bench needs CPUs 0 and 1 online");
 
