@@ -262,13 +262,15 @@ pub struct FlowEvent {
 }
 const _: () = assert!(size_of::<FlowEvent>() == 48);
 
-/// Size of the `FLOW_EVENTS` ring buffer: 18724 events (48 bytes + an 8-byte record
-/// header each) between two userspace reads.
-pub const FLOW_EVENTS_BYTES: u32 = 1 << 20;
+/// Size of the `FLOW_EVENTS` ring buffer: 74898 events (48 bytes + an 8-byte record
+/// header each) between two userspace reads, ~75 ms at 1M reported flows/s: a reader
+/// starved by a busy CPU loses nothing for that long (1 MiB lost 3 % of the events in a
+/// bench run on a loaded machine).
+pub const FLOW_EVENTS_BYTES: u32 = 1 << 22;
 
 /// Flow events are written without waking the reader (`BPF_RB_NO_WAKEUP`): lbd drains
 /// the ring on a timer of at most `FLOW_EVENTS_DRAIN_MS`. Only when this many bytes are
-/// waiting (a quarter of the ring: ~4700 events, 4.7 ms of a 1M flows/s burst) is the
+/// waiting (a quarter of the ring: ~18700 events, 19 ms of a 1M flows/s burst) is the
 /// reader woken at once (`BPF_RB_FORCE_WAKEUP`), so a burst cannot fill the ring
 /// between two timer ticks.
 pub const FLOW_EVENTS_WAKEUP_BYTES: u64 = (FLOW_EVENTS_BYTES / 4) as u64;
