@@ -71,20 +71,10 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn balance(ctx: &XdpContext, len: u64) -> Result<(), Verdict> {
-    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(drop_with(reason::DROP_MALFORMED))?;
-    // SAFETY: bounds checked by ptr_at.
-    let mut ethertype = unsafe { (*eth).ether_type };
-    let mut l3_off = ETH_LEN;
-    let mut tpid = 0;
-    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-        let vlan: *const VlanHdr = ptr_at(ctx, ETH_LEN).ok_or(drop_with(reason::DROP_MALFORMED))?;
-        tpid = ethertype;
-        ethertype = unsafe { (*vlan).ether_type };
-        l3_off += VLAN_LEN;
-        if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-            return Err(pass(reason::PASS_VLAN_STACKED));
-        }
-    }
+    let EthInfo { l3_off, tpid, ethertype } = parse_eth(ctx).map_err(|e| match e {
+        EthError::Truncated => drop_with(reason::DROP_MALFORMED),
+        EthError::Stacked => pass(reason::PASS_VLAN_STACKED),
+    })?;
     let ip = if ethertype == ETH_P_IP {
         parse_v4(ctx, l3_off, tpid)?
     } else if ethertype == ETH_P_IPV6 {
