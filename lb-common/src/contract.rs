@@ -269,6 +269,45 @@ pub const fn flags_name(f: u32) -> &'static str {
 }
 
 #[cfg(feature = "user")]
+impl MapSpec {
+    /// Every way a map of this shape differs from the contract, as "what: found X, this
+    /// build Y" (libbpf compares the same fields before reusing a pinned map). Used by
+    /// lbd's adoption check and by the userspace opener.
+    pub fn differences(
+        &self,
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        flags: u32,
+    ) -> std::vec::Vec<std::string::String> {
+        use std::format;
+        let mut d = std::vec::Vec::new();
+        if map_type != self.map_type {
+            d.push(format!(
+                "type: pinned {} ({map_type}), this lbd {} ({})",
+                type_name(map_type),
+                type_name(self.map_type),
+                self.map_type
+            ));
+        }
+        for (what, g, w) in [
+            ("key size", key_size, self.key_size),
+            ("value size", value_size, self.value_size),
+            ("max_entries", max_entries, self.max_entries),
+        ] {
+            if g != w {
+                d.push(format!("{what}: pinned {g}, this lbd {w}"));
+            }
+        }
+        if flags != self.flags {
+            d.push(format!("flags: pinned {flags:#x}, this lbd {:#x} ({})", self.flags, flags_name(self.flags)));
+        }
+        d
+    }
+}
+
+#[cfg(feature = "user")]
 /// The contract as the Markdown table ARCHITECTURE.md carries (between the markers
 /// `<!-- map-contract -->` and `<!-- /map-contract -->`).
 pub fn markdown_table() -> std::string::String {

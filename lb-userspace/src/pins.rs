@@ -56,32 +56,9 @@ impl PinnedShape {
     }
 }
 
-/// Every way a pinned map differs from the contract, as "what: pinned X, this lbd Y"
-/// (libbpf compares the same fields before reusing a pinned map).
+/// Every way a pinned map differs from the contract (`MapSpec::differences`).
 pub fn shape_differences(spec: &MapSpec, got: &PinnedShape) -> Vec<String> {
-    let mut d = Vec::new();
-    if got.map_type != spec.map_type {
-        d.push(format!(
-            "type: pinned {} ({}), this lbd {} ({})",
-            contract::type_name(got.map_type),
-            got.map_type,
-            contract::type_name(spec.map_type),
-            spec.map_type
-        ));
-    }
-    for (what, g, w) in [
-        ("key size", got.key_size, spec.key_size),
-        ("value size", got.value_size, spec.value_size),
-        ("max_entries", got.max_entries, spec.max_entries),
-    ] {
-        if g != w {
-            d.push(format!("{what}: pinned {g}, this lbd {w}"));
-        }
-    }
-    if got.flags != spec.flags {
-        d.push(format!("flags: pinned {:#x}, this lbd {:#x} ({})", got.flags, spec.flags, contract::flags_name(spec.flags)));
-    }
-    d
+    spec.differences(got.map_type, got.key_size, got.value_size, got.max_entries, got.flags)
 }
 
 /// What to do with pins found under the instance's directory.
