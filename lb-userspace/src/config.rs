@@ -25,6 +25,10 @@ fn default_mtu() -> u32 {
     1500
 }
 
+fn default_max_new_flows() -> u32 {
+    lb_common::DEFAULT_MAX_NEW_FLOWS
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Raw {
@@ -39,6 +43,8 @@ struct Raw {
     mtu: u32,
     #[serde(default)]
     reply_rate: u32,
+    #[serde(default = "default_max_new_flows")]
+    max_new_flows_per_cpu: u32,
     state_dir: Option<PathBuf>,
     socket: Option<PathBuf>,
     #[serde(default, rename = "service")]
@@ -59,6 +65,9 @@ pub struct Config {
     /// Replies the datapath builds itself (RST, port unreachable, echo, too big) per
     /// second per CPU; 0 = the datapath's default.
     pub reply_rate: u32,
+    /// Flood mode: new flows per second per CPU recorded in the flow table; beyond it
+    /// new flows are steered by Maglev alone, unrecorded. 0 = no limit.
+    pub max_new_flows_per_cpu: u32,
     pub state_dir: PathBuf,
     pub socket: PathBuf,
     pub services: Vec<ServiceDef>,
@@ -338,6 +347,7 @@ impl Config {
             gateway_mac: raw.gateway_mac,
             mtu: raw.mtu,
             reply_rate: raw.reply_rate,
+            max_new_flows_per_cpu: raw.max_new_flows_per_cpu,
             services,
             cluster: raw.cluster.map(|c| c.into_inner()),
         })
@@ -351,7 +361,12 @@ impl Config {
 
     /// The datapath's settings entry.
     pub fn settings(&self) -> Settings {
-        let mut s = Settings { mtu: self.mtu, reply_rate: self.reply_rate, ..Settings::default() };
+        let mut s = Settings {
+            mtu: self.mtu,
+            reply_rate: self.reply_rate,
+            max_new_flows: self.max_new_flows_per_cpu,
+            ..Settings::default()
+        };
         if let Some(a) = self.encap_source_v4 {
             s.encap_src_v4 = u32::from_ne_bytes(a.octets());
         }
@@ -510,6 +525,9 @@ mac = "02:00:00:00:03:11"
         assert_eq!((h.interval_ms, h.rise, h.fall, h.port), (2000, 2, 3, Some(8080)), "health defaults");
         let s = c.settings();
         assert_eq!(s.flags & SETTINGS_F_HAS_GATEWAY, SETTINGS_F_HAS_GATEWAY);
+        assert_eq!(s.max_new_flows, lb_common::DEFAULT_MAX_NEW_FLOWS, "flood mode on by default");
+        let off = Config::parse(&GOOD.replacen("instance", "max_new_flows_per_cpu = 0\ninstance", 1)).unwrap();
+        assert_eq!(off.settings().max_new_flows, 0, "0 turns flood mode off");
         assert!(c.describe().contains("backend 10.0.1.12 weight 1 mac neighbour table"));
     }
 

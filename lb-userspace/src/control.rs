@@ -681,7 +681,7 @@ impl<W: MapWriter> ControlPlane<W> {
 mod tests {
     use super::*;
     use crate::maps::MemMaps;
-    use lb_common::{FlowKey, NO_BACKEND, flow_hash};
+    use lb_common::{FlowKey, NO_BACKEND};
 
     fn svc(name: &str, vip: &str, mode: Mode) -> ServiceSpec {
         ServiceSpec { name: name.into(), vip: vip.parse().unwrap(), mode, table_size: 251 }
@@ -796,7 +796,7 @@ mod tests {
         c.set_weight("web", "10.1.0.1".parse().unwrap(), 0).unwrap();
         let key = VipKey::new("10.0.0.100".parse().unwrap(), 80, PROTO_TCP);
         let flow = FlowKey::new("192.0.2.1".parse().unwrap(), 1000, "10.0.0.100".parse().unwrap(), 80, PROTO_TCP);
-        assert_eq!(c.writer().lookup(&key, flow_hash(&flow)), Some(NO_BACKEND));
+        assert_eq!(c.writer().pick(&key, &flow), Some(NO_BACKEND));
         let id = c.backend_id("web", "10.1.0.1".parse().unwrap()).unwrap();
         assert!(c.writer().backends[&id].flags & BACKEND_F_VALID != 0, "drained backend stays valid");
     }

@@ -613,7 +613,7 @@ mod tests {
     use crate::control::Mode;
     use crate::health::{HealthKind, HealthSpec};
     use crate::maps::MemMaps;
-    use lb_common::{FlowKey, NO_BACKEND, PROTO_TCP, VipKey, flow_hash};
+    use lb_common::{FlowKey, NO_BACKEND, PROTO_TCP, VipKey};
 
     fn def(name: &str, vip: &str, backends: &[(&str, u32)]) -> ServiceDef {
         ServiceDef {
@@ -840,7 +840,7 @@ mod tests {
         c.health_result(&t, Err("x".into())).unwrap();
         let key = VipKey::new(ip("10.0.0.100"), 80, PROTO_TCP);
         let f = FlowKey::new(ip("192.0.2.1"), 1000, ip("10.0.0.100"), 80, PROTO_TCP);
-        assert_eq!(c.control().writer().lookup(&key, flow_hash(&f)), Some(NO_BACKEND));
+        assert_eq!(c.control().writer().pick(&key, &f), Some(NO_BACKEND));
     }
 }
 

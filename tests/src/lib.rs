@@ -103,15 +103,14 @@ impl Datapath {
     /// The backend the service's Maglev table holds for `key`, computed in userspace
     /// (lb_common::maglev and flow_hash), independently of the datapath.
     pub fn predict(&self, service: &str, key: &FlowKey) -> IpAddr {
-        use lb_common::maglev::{MaglevBackend, build};
+        use lb_common::maglev::{MaglevBackend, predict};
         let view = self.control.service(service).expect("service");
         let bes: Vec<_> = view
             .backends
             .iter()
             .map(|(b, id)| MaglevBackend { addr: lb_common::addr_bytes(b.addr), weight: b.weight, id: *id })
             .collect();
-        let table = build(&bes, view.spec.table_size).expect("maglev table");
-        let id = table[(lb_common::flow_hash(key) % view.spec.table_size) as usize];
+        let id = predict(&bes, view.spec.table_size, key).expect("maglev table");
         view.backends.iter().find(|(_, i)| *i == id).expect("backend of the table").0.addr
     }
 }
@@ -281,5 +280,6 @@ pub fn settings(encap_v4: &str, encap_v6: &str, gateway: Option<[u8; 6]>, mtu: u
         flags: if gateway.is_some() { lb_common::SETTINGS_F_HAS_GATEWAY } else { 0 },
         mtu,
         reply_rate: 0,
+        ..Settings::default()
     }
 }

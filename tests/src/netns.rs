@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use aya::programs::{Xdp, XdpMode};
 use lb_common::maglev::{MaglevBackend, build};
-use lb_common::{FlowKey, PROTO_TCP, addr_bytes, flow_hash, prog_names};
+use lb_common::{FlowKey, PROTO_TCP, addr_bytes, prog_names};
 use lb_userspace::{AyaMaps, BackendSpec, ControlPlane, decap};
 
 use crate::Datapath;
@@ -591,8 +591,7 @@ pub fn maglev_table(backends: &[(BackendSpec, u32)], table_size: u32) -> Vec<u32
 
 /// The table slot index of a TCP flow client → vip.
 pub fn flow_slot(client: SocketAddr, vip: SocketAddr, table_size: u32) -> usize {
-    let key = tcp_flow_key(client, vip);
-    (flow_hash(&key) % table_size) as usize
+    lb_common::maglev::slot(&tcp_flow_key(client, vip), table_size)
 }
 
 pub fn tcp_flow_key(client: SocketAddr, vip: SocketAddr) -> FlowKey {

@@ -9,7 +9,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use lb_common::maglev::{self, MaglevBackend};
-use lb_common::{FlowKey, PROTO_TCP, addr_bytes, flow_hash};
+use lb_common::{FlowKey, PROTO_TCP, addr_bytes};
 use lb_tests::lbd::{Lbd, bin, wait_for};
 use lb_tests::netns::{Conn, ServerMode, TopoSpec, Topology, vip_v4};
 use serde_json::Value;
@@ -77,7 +77,7 @@ impl Predictor {
 
     fn predict(&self, port: u16) -> String {
         let k = FlowKey::new(self.client, port, self.vip, 80, PROTO_TCP);
-        let id = self.table[(flow_hash(&k) % self.table.len() as u32) as usize];
+        let id = maglev::pick(&self.table, &k);
         self.names.get(&id).cloned().unwrap_or_else(|| format!("none({id})"))
     }
 }
