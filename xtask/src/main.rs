@@ -3,6 +3,7 @@
 
 mod bench;
 mod build_ebpf;
+mod dist;
 mod fuzz;
 mod lab;
 mod setup;
@@ -43,6 +44,11 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build the Debian package target/dist/lb_VERSION_ARCH.deb: lbd, lbctl, systemd
+    /// units, man pages, completions, examples (installs without a Rust toolchain).
+    ///
+    /// Example: `cargo xtask dist && dpkg -i target/dist/lb_*.deb`
+    Dist,
     /// Coverage-guided fuzzing (cargo-fuzz, nightly) of the config parser, the API
     /// request decoder, the peer wire decoder and the flow-event parser.
     ///
@@ -75,6 +81,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test { args } => test::test(&args),
         Cmd::Lab { args } => lab::lab(&args),
         Cmd::Bench { what, args } => bench::bench(&what, &args),
+        Cmd::Dist => dist::dist().map(drop),
         Cmd::Fuzz { secs, parallel, save, targets } => fuzz::fuzz(secs, parallel, save, &targets),
     }
 }
