@@ -6,7 +6,7 @@
 use std::process::{Command, Stdio};
 
 use lb_tests::lbd::{Lbd, bin};
-use lb_tests::netns::{TopoSpec, Topology, vip_v4};
+use lb_tests::netns::{ServerMode, TopoSpec, Topology, vip_v4};
 use lb_userspace::config::Config;
 use serde_json::Value;
 
@@ -104,6 +104,38 @@ fn cli_exit_codes_json_config_dump_diff_watch_and_detach() {
     let (code, out, _) = lbctl(&l, &["stats", "--watch", "--interval", "0.1", "--count", "1"]);
     assert_eq!(code, 0);
     assert!(out.starts_with("\x1b[H\x1b[2J") && out.contains("NEW FLOWS/S"), "{out:?}");
+
+    // flow lookup: a real connection's flow entry names the backend that answered, and
+    // so does the Maglev pick; a port never used has no entry, only the pick.
+    t.add_vip_to_backends(web);
+    t.start_servers(80, ServerMode::Echo);
+    let resolved = lb_tests::lbd::wait_for(std::time::Duration::from_secs(10), || {
+        let (_, out, _) = lbctl(&l, &["-o", "json", "backend", "list", "web"]);
+        json(&out).as_array().unwrap().iter().all(|b| b["next_hop"] != "unresolved")
+    });
+    assert!(resolved.is_some(), "next hops resolved");
+    let conn = t.connect(web, 80).unwrap_or_else(|e| panic!("connecting through the VIP: {e}\n{}", l.log()));
+    let answered = t.backends.iter().find(|b| b.name == conn.backend).expect("the backend that answered").v4.to_string();
+    let client = conn.local.to_string();
+    let dest = format!("{web}:80/tcp");
+    let (code, out, err) = lbctl(&l, &["-o", "json", "flow", "lookup", &client, &dest]);
+    assert_eq!(code, 0, "{err}");
+    let v = json(&out);
+    assert_eq!(v["service"], "web");
+    assert_eq!(v["flow"]["backend"], answered.as_str(), "{v}");
+    assert_eq!(v["flow"]["valid"], true);
+    assert_eq!(v["maglev"]["backend"], answered.as_str(), "{v}");
+    assert_eq!(v["backend"], answered.as_str());
+    let unused = format!("{}:1", conn.local.ip());
+    let (_, out, _) = lbctl(&l, &["-o", "json", "flow", "lookup", &unused, &dest]);
+    let v = json(&out);
+    assert!(v["flow"].is_null() && v["backend"] == v["maglev"]["backend"] && v["backend"].is_string(), "{v}");
+    let (code, out, _) = lbctl(&l, &["flow", "lookup", &client, &dest]);
+    assert_eq!(code, 0);
+    assert!(out.contains(&format!("entry: {answered}")), "{out}");
+    let (code, _, err) = lbctl(&l, &["flow", "lookup", &client, "10.99.0.1:80/tcp"]);
+    assert_eq!(code, 1, "no service there: {err}");
+    drop(conn);
 
     // detach: refused without --yes when it cannot ask; lbd keeps running.
     let (code, _, err) = lbctl(&l, &["detach"]);

@@ -101,6 +101,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ConfigCmd,
     },
+    /// Flows: which backend the datapath picks for a connection.
+    #[command(after_help = "Example:\n  lbctl flow lookup 192.0.2.10:40000 10.0.0.100:80/tcp")]
+    Flow {
+        #[command(subcommand)]
+        cmd: FlowCmd,
+    },
     /// Two-node failover: status, failover.
     #[command(after_help = "Example:\n  lbctl cluster status")]
     Cluster {
@@ -118,6 +124,20 @@ enum Cmd {
     Man {
         /// Output directory.
         dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum FlowCmd {
+    /// The backend the datapath would pick for a new flow (Maglev, from the live table)
+    /// and the flow table's entry if the flow is known. Reads lbd's pinned maps (root).
+    #[command(after_help = "Examples:\n  lbctl flow lookup 192.0.2.10:40000 10.0.0.100:80/tcp\n  \
+lbctl flow lookup [2001:db8:c::10]:40000 [2001:db8::100]:443/tcp")]
+    Lookup {
+        /// The client's address and source port, e.g. 192.0.2.10:40000 or [2001:db8::10]:40000.
+        client: std::net::SocketAddr,
+        /// The destination: VIP:PORT/tcp|udp, e.g. 10.0.0.100:80/tcp.
+        dest: Vip,
     },
 }
 
@@ -394,6 +414,7 @@ fn run(cli: Cli) -> Result<(), Fail> {
         }
         Cmd::Stats { watch: true, interval, count } => return watch_stats(&client, output, interval, count),
         Cmd::Config { cmd: ConfigCmd::Dump } => return config_dump(&client, output),
+        Cmd::Flow { cmd: FlowCmd::Lookup { client: c, dest } } => return flow_lookup(&client, output, c, dest),
         Cmd::Config { cmd: ConfigCmd::Diff { file } } => return config_diff(&client, output, file.as_deref()),
         Cmd::Detach { yes } => {
             confirm_detach(&client, yes)?;
@@ -635,6 +656,73 @@ fn config_diff(client: &Client, output: Output, file: Option<&Path>) -> Result<(
         .collect();
     print(&format!("--- {} (file)\n+++ lbd (running)\n", path.display()));
     print(&table(&["SERVICE", "WHAT", "FILE", "RUNNING"], rows));
+    Ok(())
+}
+
+/// What the datapath does with a flow, read from the running instance's pinned maps with
+/// the datapath's own rules: a flow-table entry wins while its backend is valid and still
+/// in the service; otherwise the Maglev slot of the flow hash in the active table.
+fn flow_lookup(client: &Client, output: Output, c: std::net::SocketAddr, dest: Vip) -> Result<(), Fail> {
+    use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
+    use lb_common::{BACKEND_F_VALID, BackendValue, FlowKey, FlowValue, MAX_TABLE_SIZE, NO_BACKEND, VipKey, VipValue, map_names};
+    if c.is_ipv4() != dest.addr.is_ipv4() {
+        return Err(Fail::Usage(format!("client {c} and VIP {} are of different families", dest.addr)));
+    }
+    let st: StatusView = client.get(&Request::Status {})?;
+    let services: Vec<ServiceView> = client.get(&Request::ServiceList {})?;
+    let dir = Path::new(&st.pin_dir);
+    let open = |name: &str| {
+        MapData::from_pin(dir.join(name)).map_err(|e| Fail::Refused(format!("opening {}/{name} (run as root): {e}", dir.display())))
+    };
+    let bad = |name: &str, e: aya::maps::MapError| Fail::Refused(format!("{name}: {e}"));
+    let vips: BpfHashMap<MapData, VipKey, VipValue> =
+        BpfHashMap::try_from(Map::HashMap(open(map_names::VIPS)?)).map_err(|e| bad(map_names::VIPS, e))?;
+    let tables: Array<MapData, u32> = Array::try_from(Map::Array(open(map_names::TABLES)?)).map_err(|e| bad(map_names::TABLES, e))?;
+    let backends: Array<MapData, BackendValue> =
+        Array::try_from(Map::Array(open(map_names::BACKENDS)?)).map_err(|e| bad(map_names::BACKENDS, e))?;
+    let flows: BpfHashMap<MapData, FlowKey, FlowValue> =
+        BpfHashMap::try_from(Map::LruHashMap(open(map_names::FLOWS)?)).map_err(|e| bad(map_names::FLOWS, e))?;
+
+    // The service the datapath would pick: exact port, then the all-ports VIP.
+    let found = [dest.port, 0].into_iter().find_map(|port| vips.get(&VipKey::new(dest.addr, port, dest.proto), 0).ok());
+    let Some(vip) = found else {
+        return Err(Fail::Refused(format!("no service on {dest} (nor on port 0): the datapath passes this flow")));
+    };
+    let service = services.iter().find(|s| s.id == vip.service_id).map_or_else(|| format!("#{}", vip.service_id), |s| s.name.clone());
+    let key = FlowKey::new(c.ip(), c.port(), dest.addr, dest.port, dest.proto);
+    let backend_at = |id: u32| -> Option<BackendValue> { backends.get(&id, 0).ok().filter(|b| b.flags & BACKEND_F_VALID != 0) };
+    let addr_of = |id: u32| backend_at(id).map(|b| lb_common::addr_from_words(&b.addr).to_string());
+    if vip.table_size == 0 || vip.table_size > MAX_TABLE_SIZE {
+        return Err(Fail::Refused(format!("service {service}: bad table size {} in the datapath", vip.table_size)));
+    }
+    let pos = lb_common::flow_hash(&key) % vip.table_size;
+    let maglev = tables.get(&lb_common::table_index(vip.service_id, vip.active_slot, pos), 0).map_err(|e| bad(map_names::TABLES, e))?;
+    let maglev_backend = if maglev == NO_BACKEND { None } else { addr_of(maglev) };
+    let entry = flows.get(&key, 0).ok();
+    let entry_valid = entry.is_some_and(|f| backend_at(f.backend_id).is_some_and(|b| b.service_id == vip.service_id));
+    let chosen = if entry_valid { entry.and_then(|f| addr_of(f.backend_id)) } else { maglev_backend.clone() };
+    if output == Output::Json {
+        let v = serde_json::json!({
+            "service": service, "client": c.to_string(), "vip": dest.to_string(),
+            "maglev": { "slot": pos, "backend_id": (maglev != NO_BACKEND).then_some(maglev), "backend": maglev_backend },
+            "flow": entry.map(|f| serde_json::json!({ "backend_id": f.backend_id, "backend": addr_of(f.backend_id), "valid": entry_valid })),
+            "backend": chosen,
+        });
+        print(&(serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"));
+        return Ok(());
+    }
+    let none = || "none".to_string();
+    print(&format!(
+        "service      {service}\nflow         {c} -> {dest}\nmaglev       slot {pos} of {}: {}\nflow table   {}\nbackend      {}\n",
+        vip.table_size,
+        maglev_backend.clone().unwrap_or_else(|| "no backend (the datapath drops new flows)".into()),
+        match entry {
+            None => "no entry (a new flow gets the Maglev pick)".to_string(),
+            Some(f) if entry_valid => format!("entry: {}", addr_of(f.backend_id).unwrap_or_else(none)),
+            Some(f) => format!("stale entry (backend id {} no longer in the service): re-steered to the Maglev pick", f.backend_id),
+        },
+        chosen.unwrap_or_else(none)
+    ));
     Ok(())
 }
 
