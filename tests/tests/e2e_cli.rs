@@ -62,7 +62,7 @@ fn cli_exit_codes_json_config_dump_diff_watch_and_detach() {
     // backend add without --weight: the service's most common weight, and says so.
     let (code, _, err) = lbctl(&l, &["backend", "add", "web", &be(2)]);
     assert_eq!(code, 0, "{err}");
-    assert!(err.contains("using 100, the most common weight"), "{err}");
+    assert!(err.contains("used 100, the most common weight"), "{err}");
     let (_, out, _) = lbctl(&l, &["-o", "json", "backend", "list", "web"]);
     let list = json(&out);
     let added = list.as_array().unwrap().iter().find(|b| b["address"] == be(2).as_str()).expect("added backend");

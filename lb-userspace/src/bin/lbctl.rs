@@ -403,6 +403,7 @@ fn run(cli: Cli) -> Result<(), Fail> {
     if output == Output::Toml && !matches!(cli.cmd, Cmd::Config { cmd: ConfigCmd::Dump }) {
         return Err(Fail::Usage("-o toml is for `lbctl config dump` only".into()));
     }
+    let mut note = None;
     let req = match cli.cmd {
         Cmd::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "lbctl", &mut std::io::stdout());
@@ -476,7 +477,7 @@ fn run(cli: Cli) -> Result<(), Fail> {
                     None => {
                         let svc: ServiceView = client.get(&Request::ServiceShow { name: service.clone() })?;
                         let (w, why) = common_weight(&svc.backends);
-                        eprintln!("lbctl: no --weight given: using {w}, {why} of service {service}");
+                        note = Some(format!("lbctl: no --weight given: used {w}, {why} of service {service}"));
                         w
                     }
                 };
@@ -489,6 +490,10 @@ fn run(cli: Cli) -> Result<(), Fail> {
         },
     };
     let data = client.call(&req)?;
+    // Said once the backend is in: on a refusal the error alone is the answer.
+    if let Some(n) = note {
+        eprintln!("{n}");
+    }
     let out = match output {
         Output::Json => serde_json::to_string_pretty(&data).unwrap_or_default() + "\n",
         _ => render(&req, data),
