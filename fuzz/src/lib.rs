@@ -49,7 +49,9 @@ pub fn api_request(data: &[u8]) {
     let again: Request = serde_json::from_slice(&enc).expect("an encoded request decodes");
     assert_eq!(again, req, "request round trip");
     if let Request::ServiceAdd { service } = &req {
-        let _ = lb_userspace::core::validate_set(std::slice::from_ref(service));
+        // Both encap sources set: every validation rule is reachable.
+        let env = lb_userspace::model::NodeEnv { encap_v4: true, encap_v6: true, mtu: 1500 };
+        let _ = lb_userspace::core::validate_set(std::slice::from_ref(service), &env);
     }
 }
 
