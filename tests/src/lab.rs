@@ -123,6 +123,8 @@ pub struct Counts {
     pub visits: Option<(u64, u64)>,
     /// (time since the run started, ok) of every request, in order.
     pub samples: Vec<(Duration, bool)>,
+    /// When each request of `samples` ended.
+    pub ends: Vec<Duration>,
     pub first_error: Option<String>,
     pub started: Option<Instant>,
 }
@@ -547,7 +549,9 @@ impl Lab {
                 break;
             }
             let at = t0.elapsed();
-            c.record(at, self.visit());
+            let r = self.visit();
+            c.ends.push(t0.elapsed());
+            c.record(at, r);
         }
         c
     }
@@ -714,7 +718,8 @@ impl Lab {
         let t0 = counts.started.unwrap();
         let since_stop = |at: Duration| (t0 + at).checked_duration_since(stop_at);
         let last_failure_after_stop = counts.samples.iter().filter(|(_, ok)| !ok).filter_map(|(at, _)| since_stop(*at)).max();
-        let failed_before_stop = counts.samples.iter().filter(|(at, ok)| !ok && since_stop(*at).is_none()).count();
+        // By when it ended: a request in flight when the server stopped is cut by the stop.
+        let failed_before_stop = counts.samples.iter().zip(&counts.ends).filter(|((_, ok), end)| !ok && since_stop(**end).is_none()).count();
         // Which web server answered after the removal: from a second pass, so the
         // per-request names need not be kept.
         let after = self.visits(20, Duration::ZERO, Duration::from_secs(10));
