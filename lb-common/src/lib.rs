@@ -19,6 +19,8 @@ extern crate std;
 #[cfg(feature = "user")]
 pub mod maglev;
 
+pub mod contract;
+
 use core::mem::size_of;
 
 /// Map names, as they appear in the object file and under the pin directory.
@@ -34,13 +36,33 @@ pub mod map_names {
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const DECAP_STATS: &str = "DECAP_STATS";
+    /// Decap object: allowed outer sources, key IPv6 or IPv4-mapped words (network order).
+    pub const DECAP_ALLOW: &str = "DECAP_ALLOW";
+    /// Decap object: this host's addresses, keyed like `DECAP_ALLOW`.
+    pub const DECAP_LOCAL: &str = "DECAP_LOCAL";
     pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
     pub const SYNC_STATS: &str = "SYNC_STATS";
+    pub const LAYOUT: &str = "LAYOUT";
+    pub const FRAGS: &str = "FRAGS";
+    pub const REPLY_BUCKET: &str = "REPLY_BUCKET";
+    pub const FLOOD_METER: &str = "FLOOD_METER";
 
     /// The balancer's maps that lbd pins under /sys/fs/bpf/<instance>/ and reuses on
-    /// restart or upgrade: state and counters. Any other map in the object is per load.
-    pub const PINNED: &[&str] =
-        &[VIPS, VIP_BLOOM, VIP_ADDRS, TABLES, BACKENDS, FLOWS, SETTINGS, REASON_STATS, SERVICE_STATS, BACKEND_STATS];
+    /// restart or upgrade: state and counters (`contract::Keep`). Any other map in the
+    /// object is per load.
+    pub const PINNED: &[&str] = &[
+        VIPS,
+        VIP_BLOOM,
+        VIP_ADDRS,
+        TABLES,
+        BACKENDS,
+        FLOWS,
+        SETTINGS,
+        LAYOUT,
+        REASON_STATS,
+        SERVICE_STATS,
+        BACKEND_STATS,
+    ];
 }
 
 /// Program names (the function names in lb-ebpf).
@@ -165,7 +187,11 @@ const _: () = assert!(size_of::<FlowKey>() == 40);
 pub struct FlowValue {
     pub backend_id: u32,
     pub _pad: u32,
-    /// bpf_ktime_get_ns() when the datapath created the entry (flow sync uses it).
+    /// 0 when the datapath records the flow (a new flow reads no clock): not yet
+    /// reported for flow sync. The datapath reports the flow on its next packet while
+    /// sync is on and stores the coarse monotonic time of the report here (odd, never
+    /// 0); lbd writes its CLOCK_MONOTONIC for a flow synced from the peer, which is
+    /// therefore never reported back.
     pub created_ns: u64,
 }
 const _: () = assert!(size_of::<FlowValue>() == 16);
@@ -187,15 +213,32 @@ pub struct FragKey {
 }
 const _: () = assert!(size_of::<FragKey>() == 40);
 
-/// Value of `FRAGS`: the destination port the first fragment carried (network order),
-/// so later fragments find an exact-port service too.
+/// `FragValue::flags`: the first fragment was passed to the stack (no service on its
+/// port), so its later fragments are passed too.
+pub const FRAG_F_PASS: u32 = 1;
+
+/// Value of `FRAGS`: the ports the first fragment carried (network order), so later
+/// fragments hash with the datagram's full 5-tuple, exactly like whole datagrams of
+/// the same flow (Cilium's fragment map does the same).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FragValue {
+    pub src_port: u16,
     pub dst_port: u16,
-    pub _pad: u16,
+    /// FRAG_F_* bits.
+    pub flags: u32,
 }
-const _: () = assert!(size_of::<FragValue>() == 4);
+const _: () = assert!(size_of::<FragValue>() == 8);
+
+/// Per-CPU new-flow rate meter (`FLOOD_METER`, datapath-private): new flows recorded in
+/// the current one-second window of `bpf_ktime_get_coarse_ns`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FloodMeter {
+    pub window_ns: u64,
+    pub count: u64,
+}
+const _: () = assert!(size_of::<FloodMeter>() == 16);
 
 /// Per-CPU token bucket of generated replies (`REPLY_BUCKET`, datapath-private).
 #[repr(C)]
@@ -223,8 +266,28 @@ pub struct FlowEvent {
 }
 const _: () = assert!(size_of::<FlowEvent>() == 48);
 
-/// Size of the `FLOW_EVENTS` ring buffer: 16384 events between two userspace reads.
-pub const FLOW_EVENTS_BYTES: u32 = 1 << 20;
+/// Size of the `FLOW_EVENTS` ring buffer: 74898 events (48 bytes + an 8-byte record
+/// header each) between two userspace reads, ~75 ms at 1M reported flows/s: a reader
+/// starved by a busy CPU loses nothing for that long (1 MiB lost 3 % of the events in a
+/// bench run on a loaded machine).
+pub const FLOW_EVENTS_BYTES: u32 = 1 << 22;
+
+/// Flow events are written without waking the reader (`BPF_RB_NO_WAKEUP`): lbd drains
+/// the ring on a timer of at most `FLOW_EVENTS_DRAIN_MS`. Only when this many bytes are
+/// waiting (a quarter of the ring: ~18700 events, 19 ms of a 1M flows/s burst) is the
+/// reader woken at once (`BPF_RB_FORCE_WAKEUP`), so a burst cannot fill the ring
+/// between two timer ticks.
+pub const FLOW_EVENTS_WAKEUP_BYTES: u64 = (FLOW_EVENTS_BYTES / 4) as u64;
+
+/// Longest interval between two reads of `FLOW_EVENTS` a reader may use (the wakeup
+/// design above relies on it).
+pub const FLOW_EVENTS_DRAIN_MS: u64 = 10;
+
+/// `Settings::max_new_flows` when lbd's config does not set `max_new_flows_per_cpu`:
+/// Katran's flood threshold. At ~1 µs per insert into a full flow table this caps the
+/// time one CPU spends recording flows at ~12 %; a real per-CPU rate above it is rare
+/// (it is 1.5 M new connections/s on a 12-CPU balancer).
+pub const DEFAULT_MAX_NEW_FLOWS: u32 = 125_000;
 
 /// Value of `SETTINGS[0]`: node-wide forwarding settings.
 #[repr(C)]
@@ -245,8 +308,13 @@ pub struct Settings {
     /// empty service, ICMP echo reply, ICMP too big), per second per CPU, with a burst of
     /// one second's worth; 0 = DEFAULT_REPLY_RATE. Over it: dropped, counted.
     pub reply_rate: u32,
+    /// Flood mode: new flows per second per CPU that are recorded in `FLOWS`; beyond
+    /// it, new flows are steered by their Maglev pick alone, unrecorded (counted as
+    /// `fwd_flood_unrecorded`). 0 = no limit (and no clock read per new flow).
+    pub max_new_flows: u32,
+    pub _pad2: u32,
 }
-const _: () = assert!(size_of::<Settings>() == 40);
+const _: () = assert!(size_of::<Settings>() == 48);
 
 /// `Settings::reply_rate` when it is 0.
 pub const DEFAULT_REPLY_RATE: u32 = 1000;
@@ -348,7 +416,25 @@ pub mod reason {
     /// Sub-count of forwarded packets (also in the service/backend counters): IP
     /// fragments, steered by the port-less hash.
     pub const FWD_FRAGMENT: u32 = 22;
-    pub const COUNT: u32 = 23;
+    /// Sub-count of forwarded packets: a new flow steered by its Maglev pick without
+    /// being recorded in `FLOWS`, because this CPU is above `Settings::max_new_flows`
+    /// (flood mode).
+    pub const FWD_FLOOD_UNRECORDED: u32 = 23;
+    /// Sub-count of forwarded packets: a new flow whose `FLOWS` insert failed (the
+    /// next packet retries).
+    pub const FWD_INSERT_FAILED: u32 = 24;
+    /// A later fragment whose first fragment was never seen, with no port-0 service to
+    /// steer it by, or an IPv6 fragment header beyond the extension-header walk: dropped
+    /// (passing it would only open a slow path to the stack).
+    pub const DROP_FRAGMENT_ORPHAN: u32 = 25;
+    /// Sub-count of forwarded packets (also in `fwd_fragment`): a later fragment that
+    /// arrived before its first, steered by the port-less hash of a port-0 service (it
+    /// may reach another backend than the rest of its datagram).
+    pub const FWD_FRAGMENT_PORTLESS: u32 = 26;
+    /// The packet was already rewritten (head/tail moved, headers written) and a step
+    /// after it failed: an internal fault, not bad input. Dropped.
+    pub const DROP_INTERNAL: u32 = 27;
+    pub const COUNT: u32 = 28;
 
     /// Stable names for counters, CLI output and tests, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -375,16 +461,29 @@ pub mod reason {
         "pass_icmp_error",
         "fwd_icmp_error",
         "fwd_fragment",
+        "fwd_flood_unrecorded",
+        "fwd_insert_failed",
+        "drop_fragment_orphan",
+        "fwd_fragment_portless",
+        "drop_internal",
     ];
 
     /// Reasons that count a subset of forwarded packets rather than a verdict of their
     /// own: every packet has exactly one verdict reason or is forwarded, so
     /// sum(reasons not in this list) + forwarded packets = packets seen.
-    pub const FORWARD_SUBCOUNTS: [u32; 2] = [FWD_ICMP_ERROR, FWD_FRAGMENT];
+    pub const FORWARD_SUBCOUNTS: [u32; 5] =
+        [FWD_ICMP_ERROR, FWD_FRAGMENT, FWD_FLOOD_UNRECORDED, FWD_INSERT_FAILED, FWD_FRAGMENT_PORTLESS];
 
     /// Whether a reason is a verdict (not a sub-count of forwarded packets).
     pub const fn is_verdict(r: u32) -> bool {
-        r != FWD_ICMP_ERROR && r != FWD_FRAGMENT
+        let mut i = 0;
+        while i < FORWARD_SUBCOUNTS.len() {
+            if FORWARD_SUBCOUNTS[i] == r {
+                return false;
+            }
+            i += 1;
+        }
+        true
     }
 }
 
@@ -398,10 +497,27 @@ pub mod decap_reason {
     pub const DROP_MALFORMED: u32 = 2;
     /// bpf_xdp_adjust_head failed: dropped.
     pub const DROP_ADJUST_HEAD: u32 = 3;
-    pub const COUNT: u32 = 4;
-    pub const NAMES: [&str; COUNT as usize] =
-        ["decapsulated", "pass_not_encap", "drop_malformed", "drop_adjust_head"];
+    /// IPIP/IP6IP6 whose outer destination is not one of this host's addresses
+    /// (`DECAP_LOCAL`): dropped, not decapsulated on someone else's behalf.
+    pub const DROP_NOT_LOCAL: u32 = 4;
+    /// IPIP/IP6IP6 from an outer source outside the allow-list of balancers
+    /// (`DECAP_ALLOW`): dropped (spoofed inner sources, 127.0.0.1 among them).
+    pub const DROP_SOURCE_NOT_ALLOWED: u32 = 5;
+    pub const COUNT: u32 = 6;
+    pub const NAMES: [&str; COUNT as usize] = [
+        "decapsulated",
+        "pass_not_encap",
+        "drop_malformed",
+        "drop_adjust_head",
+        "drop_not_local",
+        "drop_source_not_allowed",
+    ];
 }
+
+/// Entries of `DECAP_ALLOW` (the balancers' addresses a backend decapsulates from).
+pub const DECAP_MAX_ALLOW: u32 = 256;
+/// Entries of `DECAP_LOCAL` (this host's addresses the outer destination must be).
+pub const DECAP_MAX_LOCAL: u32 = 256;
 
 /// IPv4-mapped IPv6 prefix word (`::ffff:0:0/96`, third 32-bit word) as loaded
 /// natively on a little-endian machine from network-order bytes `00 00 ff ff`.
@@ -496,6 +612,7 @@ mod pod {
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragValue {}
     unsafe impl aya::Pod for ReplyBucket {}
+    unsafe impl aya::Pod for FloodMeter {}
 }
 
 #[cfg(feature = "user")]
@@ -620,6 +737,28 @@ mod tests {
         assert_eq!(names[reason::TX_RST as usize], "tx_rst");
         assert_eq!(names[reason::DROP_REPLY_RATELIMITED as usize], "drop_reply_ratelimited");
         assert_eq!(names[reason::FWD_FRAGMENT as usize], "fwd_fragment");
+    }
+
+    #[test]
+    fn pinned_maps_are_the_contracts_adopted_maps() {
+        use contract::{BALANCER_MAPS, Keep};
+        let adopted: std::vec::Vec<&str> = BALANCER_MAPS.iter().filter(|m| m.keep != Keep::PerLoad).map(|m| m.name).collect();
+        let mut a = adopted.clone();
+        let mut p = map_names::PINNED.to_vec();
+        a.sort();
+        p.sort();
+        assert_eq!(a, p);
+        let names: std::collections::BTreeSet<_> = BALANCER_MAPS.iter().map(|m| m.name).collect();
+        assert_eq!(names.len(), BALANCER_MAPS.len(), "a map declared twice");
+    }
+
+    #[test]
+    fn architecture_md_carries_the_map_contract() {
+        let doc = include_str!("../../ARCHITECTURE.md");
+        let table = contract::markdown_table();
+        let start = doc.find("<!-- map-contract -->\n").expect("ARCHITECTURE.md: <!-- map-contract --> marker") + "<!-- map-contract -->\n".len();
+        let end = doc.find("<!-- /map-contract -->").expect("ARCHITECTURE.md: <!-- /map-contract --> marker");
+        assert_eq!(doc[start..end].trim(), table.trim(), "ARCHITECTURE.md's map table differs from lb_common::contract; paste:\n{table}");
     }
 
     #[test]

@@ -68,6 +68,24 @@ fn addr_words(a: &[u8; 16]) -> [u32; 4] {
     core::array::from_fn(|i| u32::from_ne_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]]))
 }
 
+/// The Maglev pick, as the datapath makes it for a flow without a flow-table entry:
+/// `table[flow_hash(key) % M]` (a backend id, or `NO_BACKEND`). The one predictor of
+/// "which backend" outside the datapath: the control plane's tests, the fixtures and the
+/// e2e tests call this (or [`predict`]) instead of indexing a table themselves.
+pub fn pick(table: &[u32], key: &crate::FlowKey) -> u32 {
+    table[slot(key, table.len() as u32)]
+}
+
+/// The position [`pick`] reads in a table of `m` entries.
+pub fn slot(key: &crate::FlowKey, m: u32) -> usize {
+    (crate::flow_hash(key) % m) as usize
+}
+
+/// [`pick`] on the table of `backends` with `m` entries.
+pub fn predict(backends: &[MaglevBackend], m: u32, key: &crate::FlowKey) -> Result<u32, MaglevError> {
+    Ok(pick(&build(backends, m)?, key))
+}
+
 /// Builds a table of `m` entries holding backend ids. Every entry is `NO_BACKEND` when
 /// no backend has a non-zero weight.
 pub fn build(backends: &[MaglevBackend], m: u32) -> Result<Vec<u32>, MaglevError> {

@@ -65,6 +65,16 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
+/// Offset of a field of a typed header (network-types): `p.add(off!(Ipv4Hdr, dst_addr))`
+/// names the field a raw `p.add(16)` would hide. A constant, so loads and stores keep
+/// their constant offsets (the verifier needs them) and their native width.
+#[macro_export]
+macro_rules! off {
+    ($t:ty, $f:ident) => {
+        core::mem::offset_of!($t, $f)
+    };
+}
+
 /// Pointer to a `T` at `off` bytes into the packet, or `None` if it does not fit.
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
@@ -74,6 +84,43 @@ pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
         return None;
     }
     Some((start + off) as *mut T)
+}
+
+/// The Ethernet header (and at most one VLAN tag) of a frame: shared by the balancer
+/// and, once its allow-list work is merged, the decapsulator.
+pub struct EthInfo {
+    /// Offset of the IP header: 14, or 18 behind one tag.
+    pub l3_off: usize,
+    /// The tag's TPID as loaded (802.1Q or 802.1ad), or 0 when untagged.
+    pub tpid: u16,
+    /// The EtherType after the tag, as loaded (compare with `ETH_P_*`).
+    pub ethertype: u16,
+}
+
+/// Why `parse_eth` gave up.
+pub enum EthError {
+    /// Ethernet header or tag cut by the frame.
+    Truncated,
+    /// A second VLAN tag (QinQ): not parsed.
+    Stacked,
+}
+
+/// Parses the Ethernet header and at most one VLAN tag.
+#[inline(always)]
+pub fn parse_eth(ctx: &XdpContext) -> Result<EthInfo, EthError> {
+    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(EthError::Truncated)?;
+    // SAFETY: bounds checked by ptr_at.
+    let ethertype = unsafe { (*eth).ether_type };
+    if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+        return Ok(EthInfo { l3_off: ETH_LEN, tpid: 0, ethertype });
+    }
+    let vlan: *const VlanHdr = ptr_at(ctx, ETH_LEN).ok_or(EthError::Truncated)?;
+    // SAFETY: bounds checked by ptr_at.
+    let inner = unsafe { (*vlan).ether_type };
+    if inner == ETH_P_8021Q || inner == ETH_P_8021AD {
+        return Err(EthError::Stacked);
+    }
+    Ok(EthInfo { l3_off: ETH_LEN + VLAN_LEN, tpid: ethertype, ethertype: inner })
 }
 
 /// Whether `len` bytes from `off` are inside the packet.

@@ -9,8 +9,7 @@ use std::path::PathBuf;
 use lb_common::{SETTINGS_F_HAS_GATEWAY, Settings, addr_words};
 use serde::{Deserialize, Serialize};
 
-use crate::control::Mode;
-use crate::model::{Mac, ServiceDef};
+use crate::model::{Key, Mac, NodeEnv, ServiceDef};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -24,6 +23,10 @@ pub enum XdpModeCfg {
 
 fn default_mtu() -> u32 {
     1500
+}
+
+fn default_max_new_flows() -> u32 {
+    lb_common::DEFAULT_MAX_NEW_FLOWS
 }
 
 #[derive(Debug, Deserialize)]
@@ -40,6 +43,8 @@ struct Raw {
     mtu: u32,
     #[serde(default)]
     reply_rate: u32,
+    #[serde(default = "default_max_new_flows")]
+    max_new_flows_per_cpu: u32,
     state_dir: Option<PathBuf>,
     socket: Option<PathBuf>,
     #[serde(default, rename = "service")]
@@ -60,6 +65,9 @@ pub struct Config {
     /// Replies the datapath builds itself (RST, port unreachable, echo, too big) per
     /// second per CPU; 0 = the datapath's default.
     pub reply_rate: u32,
+    /// Flood mode: new flows per second per CPU recorded in the flow table; beyond it
+    /// new flows are steered by Maglev alone, unrecorded. 0 = no limit.
+    pub max_new_flows_per_cpu: u32,
     pub state_dir: PathBuf,
     pub socket: PathBuf,
     pub services: Vec<ServiceDef>,
@@ -74,6 +82,172 @@ pub struct ConfigErrors(pub Vec<String>);
 
 fn line_of(src: &str, offset: usize) -> usize {
     src[..offset.min(src.len())].bytes().filter(|&b| b == b'\n').count() + 1
+}
+
+fn with_line(src: &str, span: Option<std::ops::Range<usize>>, msg: &str) -> String {
+    let at = span.map(|s| format!("line {}: ", line_of(src, s.start))).unwrap_or_default();
+    format!("{at}{}", msg.trim_end())
+}
+
+/// One step of a path into the document: a key, or an array index.
+enum Seg<'p> {
+    K(&'p str),
+    I(usize),
+}
+use Seg::{I, K};
+
+/// Where each key of the file is, to print a problem at its key's own line.
+struct Spans<'a> {
+    src: &'a str,
+    doc: &'a toml::de::DeTable<'a>,
+}
+
+type DeItem<'a> = toml::Spanned<toml::de::DeValue<'a>>;
+
+fn table_get<'a>(t: &'a toml::de::DeTable<'a>, k: &str) -> Option<(&'a toml::Spanned<toml::de::DeString<'a>>, &'a DeItem<'a>)> {
+    t.iter().find(|(key, _)| &**key.get_ref() == k)
+}
+
+impl<'a> Spans<'a> {
+    /// The start of the deepest item of `path` present in the file: the key itself
+    /// when the path ends at a key, else the table or array holding it.
+    fn offset(&self, path: &[Seg]) -> Option<usize> {
+        let mut best = None;
+        let mut table = Some(self.doc);
+        let mut array: Option<&toml::de::DeArray<'a>> = None;
+        for seg in path {
+            let item = match (seg, table, array) {
+                (K(k), Some(t), _) => table_get(t, k).map(|(key, v)| {
+                    best = Some(key.span().start);
+                    v
+                }),
+                (I(i), _, Some(a)) => a.get(*i).inspect(|v| best = Some(v.span().start)),
+                _ => None,
+            };
+            let Some(item) = item else { break };
+            (table, array) = match item.get_ref() {
+                toml::de::DeValue::Table(t) => (Some(t), None),
+                toml::de::DeValue::Array(a) => (None, Some(a)),
+                _ => (None, None),
+            };
+        }
+        best
+    }
+
+    /// `msg` prefixed with the line of `path` (or of the nearest enclosing item).
+    fn at(&self, path: &[Seg], msg: impl std::fmt::Display) -> String {
+        match self.offset(path) {
+            Some(o) => format!("line {}: {msg}", line_of(self.src, o)),
+            None => msg.to_string(),
+        }
+    }
+
+    /// At `path` if the file has that key, else at `fallback`.
+    fn at_or(&self, path: &[Seg], fallback: &[Seg], msg: impl std::fmt::Display) -> String {
+        let has = matches!(path, [K(k)] if table_get(self.doc, k).is_some());
+        if has { self.at(path, msg) } else { self.at(fallback, msg) }
+    }
+
+    /// A type error: its line and the dotted key it is about (serde's message does
+    /// not name it).
+    fn type_error(&self, e: &toml::de::Error) -> String {
+        let Some(span) = e.span() else {
+            return e.message().trim_end().to_string();
+        };
+        let mut path = Vec::new();
+        let mut best = String::new();
+        walk(self.doc, span.start, &mut path, &mut best);
+        let msg = e.message().trim_end();
+        if best.is_empty() || msg.contains(&format!("`{}`", best.rsplit('.').next().unwrap_or(""))) {
+            with_line(self.src, Some(span), msg)
+        } else {
+            with_line(self.src, Some(span), &format!("{best}: {msg}"))
+        }
+    }
+}
+
+/// Required keys and a value of their type, to look past a type error in one.
+const REQUIRED: [(&str, &str); 9] = [
+    ("instance", "\"x\""),
+    ("interfaces", "[\"x\"]"),
+    ("name", "\"x\""),
+    ("vip", "\"192.0.2.1:1/tcp\""),
+    ("address", "\"192.0.2.1\""),
+    ("node_id", "1"),
+    ("peer", "\"192.0.2.1:1\""),
+    ("listen", "\"192.0.2.1:1\""),
+    ("secret_file", "\"/x\""),
+];
+
+/// Every type error, not only the first serde stops at: the offending `key = value`
+/// line is commented out (a required key: given a value of its type) and the file
+/// parsed again (line numbers stay), until it parses or the next error is not about a
+/// single key line (a table header, a value spanning lines).
+fn type_errors(src: &str, first_msg: String, first: toml::de::Error) -> Vec<String> {
+    let mut out = vec![first_msg];
+    let mut text = src.to_string();
+    let mut removed: Vec<String> = Vec::new();
+    let mut e = first;
+    for _ in 0..64 {
+        let Some(span) = e.span() else { break };
+        let start = text[..span.start.min(text.len())].rfind('\n').map_or(0, |i| i + 1);
+        let line = text[start..].lines().next().unwrap_or("");
+        let Some((key, _)) = line.split_once('=') else { break };
+        let key = key.trim().trim_matches('"').to_string();
+        if key.is_empty() || key.starts_with('[') || key.starts_with('#') {
+            break;
+        }
+        // A required key gets a value of the right type (only types are checked
+        // here); any other is commented out, so its default applies.
+        let end = start + line.len();
+        match REQUIRED.iter().find(|(k, _)| *k == key) {
+            Some((_, v)) => text.replace_range(start..end, &format!("{key} = {v}")),
+            None => text.insert(start, '#'),
+        }
+        removed.push(key);
+        let Ok(doc) = toml::de::DeTable::parse(&text) else { break };
+        match toml::from_str::<Raw>(&text) {
+            Ok(_) => break,
+            Err(next) => {
+                if removed.iter().any(|k| next.message().starts_with(&format!("missing field `{k}`"))) {
+                    break;
+                }
+                out.push(Spans { src: &text, doc: doc.get_ref() }.type_error(&next));
+                e = next;
+            }
+        }
+    }
+    // In file order (serde visits keys in its own order).
+    out.sort_by_key(|l| l.strip_prefix("line ").and_then(|r| r.split(':').next()).and_then(|n| n.parse::<usize>().ok()).unwrap_or(usize::MAX));
+    out
+}
+
+/// The dotted name of the deepest key whose key or value contains `at`.
+fn walk<'a>(t: &'a toml::de::DeTable<'a>, at: usize, path: &mut Vec<String>, best: &mut String) {
+    for (k, v) in t.iter() {
+        let inside = |s: std::ops::Range<usize>| s.start <= at && at < s.end.max(s.start + 1);
+        if !(inside(k.span()) || inside(v.span()) || matches!(v.get_ref(), toml::de::DeValue::Table(_) | toml::de::DeValue::Array(_))) {
+            continue;
+        }
+        path.push(k.get_ref().to_string());
+        if inside(k.span()) || inside(v.span()) {
+            *best = path.join(".");
+        }
+        match v.get_ref() {
+            toml::de::DeValue::Table(t) => walk(t, at, path, best),
+            toml::de::DeValue::Array(a) => {
+                for e in a.iter() {
+                    if let toml::de::DeValue::Table(t) = e.get_ref() {
+                        walk(t, at, path, best);
+                    } else if inside(e.span()) {
+                        *best = path.join(".");
+                    }
+                }
+            }
+            _ => {}
+        }
+        path.pop();
+    }
 }
 
 pub fn check_instance_name(s: &str) -> Result<(), String> {
@@ -93,73 +267,69 @@ pub fn check_interface_name(s: &str) -> Result<(), String> {
 }
 
 impl Config {
-    /// Parses and checks `src` (the file's text).
+    /// Parses and checks `src` (the file's text). Every syntax error, or every type
+    /// error naming its key, or every semantic problem, each at the line of the key it
+    /// is about.
     pub fn parse(src: &str) -> Result<Config, ConfigErrors> {
-        let raw: Raw = toml::from_str(src).map_err(|e| {
-            let at = e.span().map(|s| format!("line {}: ", line_of(src, s.start))).unwrap_or_default();
-            ConfigErrors(vec![format!("{at}{}", e.message())])
-        })?;
+        let (doc, syntax) = toml::de::DeTable::parse_recoverable(src);
+        if !syntax.is_empty() {
+            return Err(ConfigErrors(syntax.iter().map(|e| with_line(src, e.span(), e.message())).collect()));
+        }
+        let spans = Spans { src, doc: doc.get_ref() };
+        let raw: Raw = toml::from_str(src).map_err(|e| ConfigErrors(type_errors(src, spans.type_error(&e), e)))?;
         let mut errs = Vec::new();
         if let Err(e) = check_instance_name(&raw.instance) {
-            errs.push(e);
+            errs.push(spans.at(&[K("instance")], e));
         }
         if raw.interfaces.is_empty() {
-            errs.push("interfaces: at least one interface is required".into());
+            errs.push(spans.at(&[K("interfaces")], "interfaces: at least one interface is required"));
         }
         let mut seen = BTreeSet::new();
-        for i in &raw.interfaces {
+        for (n, i) in raw.interfaces.iter().enumerate() {
             if let Err(e) = check_interface_name(i) {
-                errs.push(e);
+                errs.push(spans.at(&[K("interfaces"), I(n)], e));
             }
             if !seen.insert(i) {
-                errs.push(format!("interfaces: {i:?} listed twice"));
+                errs.push(spans.at(&[K("interfaces"), I(n)], format!("interfaces: {i:?} listed twice")));
             }
         }
         if raw.reply_rate > 1_000_000 {
-            errs.push(format!("reply_rate {}: at most 1000000 per second per CPU (0 = default)", raw.reply_rate));
+            errs.push(spans.at(&[K("reply_rate")], format!("reply_rate {}: at most 1000000 per second per CPU (0 = default)", raw.reply_rate)));
         }
         if !(576..=9216).contains(&raw.mtu) {
-            errs.push(format!("mtu {}: out of range 576..=9216", raw.mtu));
+            errs.push(spans.at(&[K("mtu")], format!("mtu {}: out of range 576..=9216", raw.mtu)));
         }
-        // Per service, with the line of its [[service]] table.
-        let mut services = Vec::new();
-        for s in &raw.services {
-            let line = line_of(src, s.span().start);
-            let d = s.get_ref();
-            for e in crate::core::validate_set(std::slice::from_ref(d)) {
-                errs.push(format!("line {line}: {e}"));
+        // Per service: every problem, at its own key (the same rules as the CLI and
+        // peer sync apply).
+        let env = NodeEnv { encap_v4: raw.encap_source_v4.is_some(), encap_v6: raw.encap_source_v6.is_some(), mtu: raw.mtu };
+        let services: Vec<ServiceDef> = raw.services.iter().map(|s| s.get_ref().clone()).collect();
+        for (i, d) in services.iter().enumerate() {
+            for (key, e) in d.problems(&env) {
+                let msg = format!("service {:?}: {e}", d.name);
+                errs.push(match key {
+                    Key::Service(k) => spans.at(&[K("service"), I(i), K(k)], msg),
+                    Key::Backend(j, k) => spans.at(&[K("service"), I(i), K("backend"), I(j), K(k)], msg),
+                    Key::Mtu => spans.at_or(&[K("mtu")], &[K("service"), I(i), K("vip")], msg),
+                });
             }
-            for b in &d.backends {
-                let v4 = b.address.is_ipv4();
-                if d.mode == Mode::Ipip && v4 && raw.encap_source_v4.is_none() {
-                    errs.push(format!(
-                        "line {line}: service {:?}: backend {} is IPv4 in ipip mode: set encap_source_v4",
-                        d.name, b.address
-                    ));
-                }
-                if d.mode == Mode::Ipip && !v4 && raw.encap_source_v6.is_none() {
-                    errs.push(format!(
-                        "line {line}: service {:?}: backend {} is IPv6 in ipip mode: set encap_source_v6",
-                        d.name, b.address
-                    ));
-                }
-            }
-            services.push(d.clone());
+        }
+        for (i, key, e) in crate::core::validate_across(&services) {
+            errs.push(match i {
+                Some(i) => spans.at(&[K("service"), I(i), K(key)], e),
+                None => e,
+            });
         }
         if let Some(c) = &raw.cluster {
-            let line = line_of(src, c.span().start);
             for e in c.get_ref().validate() {
-                errs.push(format!("line {line}: {e}"));
+                let key = match &e {
+                    crate::cluster::ClusterConfigError::Invalid { key, .. } => key,
+                    crate::cluster::ClusterConfigError::Secret { .. } => "secret_file",
+                };
+                errs.push(spans.at(&[K("cluster"), K(key)], e.to_string()));
             }
             // The key is checked here too, so `lbd --check` catches a readable secret.
             if let Err(e) = crate::cluster::load_secret(&c.get_ref().secret_file) {
-                errs.push(format!("line {line}: {e}"));
-            }
-        }
-        // Across services: names, VIPs, capacity (per-service problems reported above).
-        for e in crate::core::validate_set(&services) {
-            if !errs.iter().any(|x| x.ends_with(&e)) {
-                errs.push(e);
+                errs.push(spans.at(&[K("cluster"), K("secret_file")], e.to_string()));
             }
         }
         if !errs.is_empty() {
@@ -177,6 +347,7 @@ impl Config {
             gateway_mac: raw.gateway_mac,
             mtu: raw.mtu,
             reply_rate: raw.reply_rate,
+            max_new_flows_per_cpu: raw.max_new_flows_per_cpu,
             services,
             cluster: raw.cluster.map(|c| c.into_inner()),
         })
@@ -190,7 +361,12 @@ impl Config {
 
     /// The datapath's settings entry.
     pub fn settings(&self) -> Settings {
-        let mut s = Settings { mtu: self.mtu, reply_rate: self.reply_rate, ..Settings::default() };
+        let mut s = Settings {
+            mtu: self.mtu,
+            reply_rate: self.reply_rate,
+            max_new_flows: self.max_new_flows_per_cpu,
+            ..Settings::default()
+        };
         if let Some(a) = self.encap_source_v4 {
             s.encap_src_v4 = u32::from_ne_bytes(a.octets());
         }
@@ -202,6 +378,25 @@ impl Config {
             s.flags |= SETTINGS_F_HAS_GATEWAY;
         }
         s
+    }
+
+    /// What a reload of `new` over the running `self` may not change: what lbd binds
+    /// at start (instance lock, socket, state directory, the cluster socket, peer and
+    /// secret). Each refusal says a restart is needed.
+    pub fn check_reload(&self, new: &Config) -> Result<(), String> {
+        if new.instance != self.instance || new.socket != self.socket || new.state_dir != self.state_dir {
+            return Err("instance, socket and state_dir cannot change on reload: restart lbd".into());
+        }
+        if new.cluster != self.cluster {
+            let keys = match (&self.cluster, &new.cluster) {
+                (Some(a), Some(b)) => cluster_diff(a, b).join(", "),
+                (None, Some(_)) => "section added".into(),
+                (Some(_), None) => "section removed".into(),
+                (None, None) => String::new(),
+            };
+            return Err(format!("[cluster] changed ({keys}): lbd reads [cluster] only at start, restart needed"));
+        }
+        Ok(())
     }
 
     pub fn state_file(&self) -> PathBuf {
@@ -242,6 +437,26 @@ impl Config {
     }
 }
 
+/// The `[cluster]` keys that differ between `a` and `b`.
+fn cluster_diff(a: &crate::cluster::ClusterConfig, b: &crate::cluster::ClusterConfig) -> Vec<&'static str> {
+    let mut d = Vec::new();
+    let mut cmp = |k, same: bool| {
+        if !same {
+            d.push(k)
+        }
+    };
+    cmp("node_id", a.node_id == b.node_id);
+    cmp("peer_id", a.peer_id == b.peer_id);
+    cmp("priority", a.priority == b.priority);
+    cmp("peer", a.peer == b.peer);
+    cmp("listen", a.listen == b.listen);
+    cmp("secret_file", a.secret_file == b.secret_file);
+    cmp("heartbeat_ms", a.heartbeat_ms == b.heartbeat_ms);
+    cmp("dead_after", a.dead_after == b.dead_after);
+    cmp("preempt", a.preempt == b.preempt);
+    d
+}
+
 /// FNV-1a of the file's text: tells whether the file changed since the state was saved.
 pub fn content_hash(src: &str) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -255,6 +470,7 @@ pub fn content_hash(src: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::control::Mode;
 
     const GOOD: &str = r#"
 instance = "lb0"
@@ -309,6 +525,9 @@ mac = "02:00:00:00:03:11"
         assert_eq!((h.interval_ms, h.rise, h.fall, h.port), (2000, 2, 3, Some(8080)), "health defaults");
         let s = c.settings();
         assert_eq!(s.flags & SETTINGS_F_HAS_GATEWAY, SETTINGS_F_HAS_GATEWAY);
+        assert_eq!(s.max_new_flows, lb_common::DEFAULT_MAX_NEW_FLOWS, "flood mode on by default");
+        let off = Config::parse(&GOOD.replacen("instance", "max_new_flows_per_cpu = 0\ninstance", 1)).unwrap();
+        assert_eq!(off.settings().max_new_flows, 0, "0 turns flood mode off");
         assert!(c.describe().contains("backend 10.0.1.12 weight 1 mac neighbour table"));
     }
 
@@ -337,7 +556,37 @@ mac = "02:00:00:00:03:11"
             assert!(all.contains(want), "missing {want:?} in:\n{all}");
         }
         assert!(e.0.len() >= 5, "{all}");
-        assert!(e.0.iter().any(|l| l.starts_with("line 7:") && l.contains("prime")), "{all}");
+        // At the key's own line (table_size), not the [[service]] line.
+        assert!(e.0.iter().any(|l| l.starts_with("line 11:") && l.contains("prime")), "{all}");
+    }
+
+    #[test]
+    fn reload_refuses_cluster_changes_with_restart_needed() {
+        let dir = std::env::temp_dir().join(format!("lb-cfg-reload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret = dir.join("secret");
+        std::fs::write(&secret, "0123456789abcdef0123").unwrap();
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        let cl = format!("\n[cluster]\nnode_id = 1\npeer = \"10.0.0.6:7946\"\nlisten = \"10.0.0.5:7946\"\nsecret_file = {secret:?}\n");
+        let old = Config::parse(&format!("{GOOD}{cl}")).unwrap();
+        // Services and settings may change.
+        let new = Config::parse(&format!("{}{cl}", GOOD.replace("weight = 100", "weight = 7").replace("gateway_mac = \"02:00:00:00:00:01\"\n", ""))).unwrap();
+        old.check_reload(&new).unwrap();
+        for (to, key) in [
+            (cl.replace("node_id = 1", "node_id = 3"), "node_id"),
+            (cl.replace("10.0.0.6:7946", "10.0.0.7:7946"), "peer"),
+            (format!("{cl}priority = 7\n"), "priority"),
+            (String::new(), "section removed"),
+        ] {
+            let new = Config::parse(&format!("{GOOD}{to}")).unwrap();
+            let e = old.check_reload(&new).unwrap_err();
+            assert!(e.contains("restart needed") && e.contains(key), "{key}: {e}");
+        }
+        let e = Config::parse(GOOD).unwrap().check_reload(&old).unwrap_err();
+        assert!(e.contains("section added") && e.contains("restart needed"), "{e}");
+        let e = old.check_reload(&Config::parse(&format!("{}{cl}", GOOD.replace("\"lb0\"", "\"lb1\""))).unwrap()).unwrap_err();
+        assert!(e.contains("restart lbd"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -353,5 +602,163 @@ mac = "02:00:00:00:03:11"
             let e = Config::parse(&GOOD.replace(from, to)).unwrap_err().to_string();
             assert!(e.contains(want) && e.contains("line "), "{from} -> {to}: {e}");
         }
+    }
+}
+
+/// Issue 11 items 3, 8 and 9: one list of refusals, the same from the config file
+/// (`lbd --check`), the CLI and the peer's sync; each problem at its own key's line.
+#[cfg(test)]
+mod validation_tests {
+    use super::*;
+    use crate::control::{ControlPlane, Mode};
+    use crate::core::{Change, Core};
+    use crate::maps::MemMaps;
+    use crate::model::{BackendDef, FlowPolicy};
+
+    const HEAD: &str = "instance = \"lb0\"\ninterfaces = [\"eth0\"]\nencap_source_v4 = \"10.0.0.5\"\n";
+
+    fn def(vip: &str, backends: &[&str]) -> ServiceDef {
+        ServiceDef {
+            name: "svc".into(),
+            vip: vip.parse().unwrap(),
+            mode: Mode::Ipip,
+            table_size: 251,
+            health: None,
+            unhealthy: FlowPolicy::Keep,
+            backends: backends.iter().map(|a| BackendDef { address: a.parse().unwrap(), weight: 1, mac: None, drained: false }).collect(),
+        }
+    }
+
+    fn toml_of(head: &str, defs: &[ServiceDef]) -> String {
+        #[derive(serde::Serialize)]
+        struct Doc<'a> {
+            service: &'a [ServiceDef],
+        }
+        format!("{head}{}", toml::to_string(&Doc { service: defs }).unwrap())
+    }
+
+    /// The refusal of `defs` by the file, by the CLI (adding the last one to a node
+    /// holding the others) and by a peer's sync (`replace_all`).
+    fn refusals(head: &str, defs: &[ServiceDef]) -> (String, String, String) {
+        let file = Config::parse(&toml_of(head, defs)).map(|_| ()).unwrap_err().to_string();
+        // The node runs with the file's settings (and no services).
+        let settings = Config::parse(head).unwrap().settings();
+        let node = || {
+            let mut c = Core::new(ControlPlane::new(MemMaps::default()));
+            c.set_settings(settings).unwrap();
+            c
+        };
+        let mut c = node();
+        let (last, others) = defs.split_last().unwrap();
+        let cli = match c.replace_all(others.to_vec()) {
+            Ok(_) => c.apply(Change::AddService(last.clone())).unwrap_err().to_string(),
+            Err(e) => e.to_string(),
+        };
+        let writes = c.control().writer().writes;
+        let sync = node().replace_all(defs.to_vec()).unwrap_err().to_string();
+        assert_eq!(c.control().writer().writes, writes, "a refused change writes nothing");
+        (file, cli, sync)
+    }
+
+    #[test]
+    fn the_same_refusals_in_the_file_the_cli_and_peer_sync() {
+        let v6 = "instance = \"lb0\"\ninterfaces = [\"eth0\"]\nencap_source_v4 = \"10.0.0.5\"\nencap_source_v6 = \"2001:db8::5\"\n";
+        let (v6_1300, v6_1299) = (format!("{v6}mtu = 1300\n"), format!("{v6}mtu = 1299\n"));
+        let cases: Vec<(&str, Vec<ServiceDef>, &str)> = vec![
+            (HEAD, vec![def("0.0.0.0:80/tcp", &["10.0.1.1"])], "the unspecified address cannot be a VIP"),
+            (HEAD, vec![def("255.255.255.255:80/udp", &["10.0.1.1"])], "the broadcast address cannot be a VIP"),
+            (HEAD, vec![def("224.0.0.5:80/udp", &["10.0.1.1"])], "a multicast address cannot be a VIP"),
+            (HEAD, vec![def("127.0.0.1:80/tcp", &["10.0.1.1"])], "a loopback address cannot be a VIP"),
+            (v6, vec![def("[::1]:80/tcp", &["10.0.1.1"])], "a loopback address cannot be a VIP"),
+            (v6, vec![def("[ff02::1]:80/udp", &["10.0.1.1"])], "a multicast address cannot be a VIP"),
+            (v6, vec![def("[::]:80/tcp", &["10.0.1.1"])], "the unspecified address cannot be a VIP"),
+            (HEAD, vec![def("10.0.0.100:80/tcp", &["0.0.0.0"])], "the unspecified address cannot be a backend"),
+            (HEAD, vec![def("10.0.0.100:80/tcp", &["239.1.1.1"])], "a multicast address cannot be a backend"),
+            (HEAD, vec![def("10.0.0.100:80/tcp", &["255.255.255.255"])], "the broadcast address cannot be a backend"),
+            (HEAD, vec![def("10.0.0.100:80/tcp", &["10.0.1.1", "10.0.0.100"])], "the VIP's own address cannot be a backend"),
+            // Aliases: a mapped VIP beside its IPv4 twin, a mapped backend beside its twin.
+            (
+                v6,
+                vec![def("10.0.0.100:80/tcp", &["10.0.1.1"]), ServiceDef { name: "twin".into(), ..def("[::ffff:10.0.0.100]:80/tcp", &["10.0.1.1"]) }],
+                "IPv4-mapped",
+            ),
+            (v6, vec![def("10.0.0.100:80/tcp", &["10.0.1.1", "::ffff:10.0.1.1"])], "IPv4-mapped"),
+            // An ipip IPv6 backend without encap_source_v6 (the datapath would drop it).
+            (HEAD, vec![def("10.0.0.100:80/tcp", &["2001:db8::11"])], "is IPv6 in ipip mode: set encap_source_v6"),
+            // IPv6 VIP, IPv6 backend: 1300 - 40 leaves 1260 < 1280.
+            (&v6_1300, vec![def("[2001:db8::100]:80/tcp", &["2001:db8::11"])], "set mtu to at least 1320"),
+            (&v6_1299, vec![def("[2001:db8::100]:80/tcp", &["10.0.1.1"])], "set mtu to at least 1300"),
+        ];
+        for (head, defs, want) in &cases {
+            let (file, cli, sync) = refusals(head, defs);
+            for (path, e) in [("file", &file), ("cli", &cli), ("sync", &sync)] {
+                assert!(e.contains(want), "{want:?} via {path}: {e}");
+            }
+        }
+        // The same settings with room enough, and the IPv4 twin alone, are fine.
+        let v6_1320 = format!("{v6}mtu = 1320\n");
+        Config::parse(&toml_of(&v6_1320, &[def("[2001:db8::100]:80/tcp", &["2001:db8::11", "10.0.1.1"])])).unwrap();
+        Config::parse(&toml_of(&v6_1300, &[def("[2001:db8::100]:80/tcp", &["10.0.1.1"])])).unwrap();
+        Config::parse(&toml_of(HEAD, &[def("10.0.0.100:80/tcp", &["10.0.1.1"])])).unwrap();
+    }
+
+    #[test]
+    fn check_reports_every_error_at_its_own_keys_line() {
+        let src = "instance = \"lb0\"
+interfaces = [\"eth0\"]
+encap_source_v4 = \"10.0.0.5\"
+mtu = 1300
+
+[[service]]
+name = \"web\"
+vip = \"224.0.0.1:80/tcp\"
+table_size = 100
+
+[[service.backend]]
+address = \"10.0.1.11\"
+weight = 70000
+
+[[service.backend]]
+address = \"239.0.0.1\"
+
+[[service]]
+name = \"v6\"
+vip = \"[2001:db8::1]:80/tcp\"
+
+[[service.backend]]
+address = \"2001:db8::11\"
+";
+        let e = Config::parse(src).unwrap_err();
+        let all = e.to_string();
+        for (line, what) in [
+            (8, "multicast address cannot be a VIP"),
+            (9, "must be a prime"),
+            (13, "weight 70000"),
+            (16, "multicast address cannot be a backend"),
+            (23, "set encap_source_v6"),
+            (4, "set mtu to at least 1320"),
+        ] {
+            assert!(e.0.iter().any(|l| l.starts_with(&format!("line {line}: ")) && l.contains(what)), "line {line} {what:?} in:\n{all}");
+        }
+        assert_eq!(e.0.len(), 6, "{all}");
+    }
+
+    #[test]
+    fn type_errors_name_their_key() {
+        let src =
+            format!("{HEAD}\n[[service]]\nname = \"web\"\nvip = \"10.0.0.100:80/tcp\"\n\n[[service.backend]]\naddress = \"10.0.1.11\"\nweight = \"heavy\"\n");
+        let e = Config::parse(&src).unwrap_err().to_string();
+        assert!(e.starts_with("line 11: service.backend.weight: ") && e.contains("invalid type"), "{e}");
+        let e = Config::parse(&format!("{HEAD}mtu = \"big\"\n")).unwrap_err().to_string();
+        assert!(e.starts_with("line 4: mtu: "), "{e}");
+        // Every type error, not only the first.
+        let src = format!("{HEAD}mtu = \"big\"\nreply_rate = -1\n\n[[service]]\nname = \"web\"\nvip = \"10.0.0.100:80/tcp\"\ntable_size = \"x\"\n\n[[service.backend]]\naddress = \"10.0.1.300\"\nweight = 2\n");
+        let e = Config::parse(&src).unwrap_err();
+        let lines: Vec<&str> = e.0.iter().map(|l| l.split(':').next().unwrap()).collect();
+        assert_eq!(lines, ["line 4", "line 5", "line 10", "line 13"], "{e}");
+        assert!(e.0[2].contains("table_size") && e.0[3].contains("address") && e.0[3].contains("invalid IP address"), "{e}");
+        // Syntax errors: every one, each at its line.
+        let e = Config::parse("instance = \"lb0\"\ninterfaces = [\"eth0\"\nmtu = = 3\n").unwrap_err();
+        assert!(!e.0.is_empty() && e.0.iter().all(|l| l.starts_with("line ")), "{e}");
     }
 }

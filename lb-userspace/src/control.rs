@@ -6,7 +6,14 @@
 //! 3. flip the VIP's active slot (one map update: the commit point),
 //! 4. invalidate removed backends' entries, so flows pinned to them re-steer.
 //!
-//! A failure before step 3 leaves the datapath and this model as they were.
+//! A failure at any step leaves the datapath and this model as they were: before step
+//! 3 the written entries are put back; in step 4 the flip is undone (the old table is
+//! still intact in the other slot) after re-validating what step 4 invalidated. Only
+//! if an undo write fails too does the change go forward instead, to the state the
+//! datapath then has; writes still owed (an entry to invalidate, the VIP address
+//! maps) are kept and retried before the next change, and an id owed an
+//! invalidation is not reused before it succeeds. Either way the live table only
+//! ever names valid entries of its own service.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
@@ -114,11 +121,48 @@ impl FromStr for Vip {
         let proto = match proto {
             "tcp" => PROTO_TCP,
             "udp" => PROTO_UDP,
-            p => return Err(format!("VIP {s:?}: unknown protocol {p:?} (expected tcp or udp)")),
+            p => {
+                return Err(format!("VIP {s:?}: unknown protocol {p:?} (expected tcp or udp)"));
+            }
         };
         let sa: std::net::SocketAddr = sock.parse().map_err(|_| format!("VIP {s:?}: bad address:port {sock:?}"))?;
         Ok(Vip { addr: sa.ip(), port: sa.port(), proto })
     }
+}
+
+/// An IPv4 address written as IPv4-mapped IPv6 (`::ffff:a.b.c.d`). The maps store
+/// IPv4 in exactly that form, so such an address would alias its IPv4 twin: it is
+/// refused everywhere (config, CLI, peer sync) rather than silently rewritten.
+fn is_v4_mapped(a: IpAddr) -> bool {
+    matches!(a, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some())
+}
+
+const MAPPED: &str = "an IPv4-mapped IPv6 address (write it as plain IPv4)";
+
+/// Addresses no VIP may have: traffic to them is not the balancer's to take.
+pub fn check_vip_addr(vip: &Vip) -> Result<(), ControlError> {
+    let why = match vip.addr {
+        a if a.is_unspecified() => "the unspecified address",
+        IpAddr::V4(a) if a.is_broadcast() => "the broadcast address",
+        a if a.is_multicast() => "a multicast address",
+        a if a.is_loopback() => "a loopback address",
+        a if is_v4_mapped(a) => MAPPED,
+        _ => return Ok(()),
+    };
+    Err(ControlError::BadVip(*vip, why))
+}
+
+/// Addresses no backend may have: nothing could answer, or the packet would loop.
+pub fn check_backend_addr(vip: &Vip, addr: IpAddr) -> Result<(), ControlError> {
+    let why = match addr {
+        a if a.is_unspecified() => "the unspecified address cannot be a backend",
+        IpAddr::V4(a) if a.is_broadcast() => "the broadcast address cannot be a backend",
+        a if a.is_multicast() => "a multicast address cannot be a backend",
+        a if is_v4_mapped(a) => "an IPv4-mapped IPv6 address cannot be a backend (write it as plain IPv4)",
+        a if a == vip.addr => "the VIP's own address cannot be a backend (the packet would come back to the balancer)",
+        _ => return Ok(()),
+    };
+    Err(ControlError::BadBackendAddr(addr, why))
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -161,6 +205,10 @@ pub enum ControlError {
     MacRequired(IpAddr, String),
     #[error("backend {0} is not of the VIP's address family: dsr-l2 forwards the packet unchanged")]
     FamilyMismatch(IpAddr),
+    #[error("VIP {0}: {1} cannot be a VIP")]
+    BadVip(Vip, &'static str),
+    #[error("backend {0}: {1}")]
+    BadBackendAddr(IpAddr, &'static str),
     #[error("too many services (at most {MAX_SERVICES})")]
     TooManyServices,
     #[error("backend table full (at most {MAX_BACKENDS} backends over all services)")]
@@ -213,6 +261,12 @@ pub struct ControlPlane<W: MapWriter> {
     /// FIFO so a freed id is reused as late as possible (flows may still name it).
     free_backend_ids: VecDeque<u32>,
     settings: Settings,
+    /// Backend ids no live table names whose invalidation failed: retried by
+    /// `settle`, reused only after it succeeds.
+    pending_invalid: Vec<u32>,
+    /// The VIP address maps may not match the services (a failed write): rewritten
+    /// by `settle`.
+    addr_maps_dirty: bool,
 }
 
 impl<W: MapWriter> ControlPlane<W> {
@@ -224,6 +278,27 @@ impl<W: MapWriter> ControlPlane<W> {
             free_service_ids: (0..MAX_SERVICES).collect(),
             free_backend_ids: (0..MAX_BACKENDS).collect(),
             settings: Settings::default(),
+            pending_invalid: Vec::new(),
+            addr_maps_dirty: false,
+        }
+    }
+
+    /// Writes still owed from an earlier failure (see the module doc): (backend
+    /// entries to invalidate, whether the VIP address maps need a rewrite).
+    pub fn owed(&self) -> (usize, bool) {
+        (self.pending_invalid.len(), self.addr_maps_dirty)
+    }
+
+    /// Retries the writes owed from earlier failures. Run before every change.
+    pub fn settle(&mut self) {
+        if self.addr_maps_dirty && self.write_bloom().is_ok() {
+            self.addr_maps_dirty = false;
+        }
+        for id in std::mem::take(&mut self.pending_invalid) {
+            match self.w.put_backend(id, &BackendValue::default()) {
+                Ok(()) => self.free_backend_ids.push_back(id),
+                Err(_) => self.pending_invalid.push(id),
+            }
         }
     }
 
@@ -297,13 +372,22 @@ impl<W: MapWriter> ControlPlane<W> {
 
     /// Checks of a service spec that do not depend on other services.
     pub fn check_service_alone(spec: &ServiceSpec) -> Result<(), ControlError> {
-        let name_ok = (1..=32).contains(&spec.name.len())
-            && spec.name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_');
+        Self::check_name(&spec.name)?;
+        check_vip_addr(&spec.vip)?;
+        Self::check_table_size(spec.table_size)
+    }
+
+    pub fn check_name(name: &str) -> Result<(), ControlError> {
+        let name_ok = (1..=32).contains(&name.len()) && name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_');
         if !name_ok {
-            return Err(ControlError::BadName(spec.name.clone()));
+            return Err(ControlError::BadName(name.to_string()));
         }
-        if spec.table_size < 3 || spec.table_size > MAX_TABLE_SIZE || !maglev::is_prime(spec.table_size) {
-            return Err(ControlError::BadTableSize(spec.table_size));
+        Ok(())
+    }
+
+    pub fn check_table_size(m: u32) -> Result<(), ControlError> {
+        if !(3..=MAX_TABLE_SIZE).contains(&m) || !maglev::is_prime(m) {
+            return Err(ControlError::BadTableSize(m));
         }
         Ok(())
     }
@@ -326,16 +410,23 @@ impl<W: MapWriter> ControlPlane<W> {
             if !seen.insert(b.addr) {
                 return Err(ControlError::DuplicateBackend(b.addr, spec.name.clone()));
             }
-            if b.weight > MAX_WEIGHT {
-                return Err(ControlError::BadWeight(b.weight));
+            Self::check_backend(spec, b)?;
+        }
+        Ok(())
+    }
+
+    /// One backend of `spec` on its own (duplicates are `check_backends`'s).
+    pub fn check_backend(spec: &ServiceSpec, b: &BackendSpec) -> Result<(), ControlError> {
+        check_backend_addr(&spec.vip, b.addr)?;
+        if b.weight > MAX_WEIGHT {
+            return Err(ControlError::BadWeight(b.weight));
+        }
+        if spec.mode == Mode::DsrL2 {
+            if b.mac.is_none() {
+                return Err(ControlError::MacRequired(b.addr, spec.name.clone()));
             }
-            if spec.mode == Mode::DsrL2 {
-                if b.mac.is_none() {
-                    return Err(ControlError::MacRequired(b.addr, spec.name.clone()));
-                }
-                if b.addr.is_ipv4() != spec.vip.addr.is_ipv4() {
-                    return Err(ControlError::FamilyMismatch(b.addr));
-                }
+            if b.addr.is_ipv4() != spec.vip.addr.is_ipv4() {
+                return Err(ControlError::FamilyMismatch(b.addr));
             }
         }
         Ok(())
@@ -346,44 +437,62 @@ impl<W: MapWriter> ControlPlane<W> {
         self.check_service_spec(&spec)?;
         Self::check_backends(&spec, &backends)?;
         let id = *self.free_service_ids.iter().next().ok_or(ControlError::TooManyServices)?;
+        self.settle();
+        // The address maps first: a bloom bit without its VIP costs one lookup
+        // (pass_no_service); a VIP without its bit would have its traffic passed.
+        if let Err(e) = self.write_addr_maps(None, Some(spec.vip.addr)) {
+            self.restore_addr_maps();
+            return Err(e.into());
+        }
         let mut svc = Service { id, spec: spec.clone(), backends: Vec::new(), active_slot: 1 };
         // Slot 1 is "active" but unreferenced until the VIP exists; the first commit
         // writes slot 0 and creates the VIP pointing at it.
-        self.commit_backends(&mut svc, backends, true)?;
-        self.free_service_ids.remove(&id);
-        self.services.insert(spec.name.clone(), svc);
-        if let Err(e) = self.write_bloom() {
-            // Without the bloom bit the datapath passes the VIP's traffic: undo.
-            let _ = self.remove_service(&spec.name);
+        if let Err(e) = self.commit_backends(&mut svc, backends, true) {
+            self.restore_addr_maps();
             return Err(e);
         }
+        self.free_service_ids.remove(&id);
+        self.services.insert(spec.name.clone(), svc);
         Ok(())
     }
 
     pub fn remove_service(&mut self, name: &str) -> Result<(), ControlError> {
-        let svc = self.services.get(name).ok_or_else(|| ControlError::UnknownService(name.to_string()))?;
-        self.w.delete_vip(&svc.spec.vip.key())?;
-        let svc = self.services.remove(name).expect("checked above");
+        let svc = self.services.get(name).ok_or_else(|| ControlError::UnknownService(name.to_string()))?.clone();
+        self.settle();
+        // The address maps without it first (its traffic passes from here on, as it
+        // will once the VIP is gone); on failure put them back.
+        if let Err(e) = self.write_addr_maps(Some(name), None) {
+            self.restore_addr_maps();
+            return Err(e.into());
+        }
+        // The commit point.
+        if let Err(e) = self.w.delete_vip(&svc.spec.vip.key()) {
+            self.restore_addr_maps();
+            return Err(e.into());
+        }
+        self.services.remove(name);
         self.free_service_ids.insert(svc.id);
-        // Best effort from here on: the VIP is gone, so the datapath no longer reaches
-        // these entries; a failure only delays reclaiming them.
-        let mut first_err = self.write_bloom().err();
+        // The VIP is gone, so no lookup reaches these entries any more: a failed
+        // invalidation is owed (retried by `settle`), not a failed removal.
         for b in svc.backends {
             match self.w.put_backend(b.id, &BackendValue::default()) {
                 Ok(()) => self.free_backend_ids.push_back(b.id),
-                Err(e) => first_err = first_err.or(Some(e.into())),
+                Err(_) => self.pending_invalid.push(b.id),
             }
         }
-        first_err.map_or(Ok(()), Err)
+        Ok(())
     }
 
     /// Replaces a service's backend set atomically.
     pub fn set_backends(&mut self, name: &str, backends: Vec<BackendSpec>) -> Result<(), ControlError> {
         let mut svc = self.services.get(name).ok_or_else(|| ControlError::UnknownService(name.to_string()))?.clone();
         Self::check_backends(&svc.spec, &backends)?;
-        self.commit_backends(&mut svc, backends, false)?;
+        self.settle();
+        let r = self.commit_backends(&mut svc, backends, false);
+        // On error `svc` holds what the datapath has (unchanged, or gone forward
+        // when an undo failed): the model follows it either way.
         self.services.insert(name.to_string(), svc);
-        Ok(())
+        r
     }
 
     pub fn add_backend(&mut self, name: &str, b: BackendSpec) -> Result<(), ControlError> {
@@ -429,7 +538,9 @@ impl<W: MapWriter> ControlPlane<W> {
         BackendValue { addr: addr_words(b.addr), flags, service_id: svc.id, mac: b.mac.unwrap_or_default(), _pad: [0; 2] }
     }
 
-    /// Steps 1-4 of the commit protocol for `svc` (updated in place on success).
+    /// Steps 1-4 of the commit protocol for `svc` (updated in place on success). On
+    /// error `svc` and the datapath are as before, or, if an undo write failed too,
+    /// `svc` is what the datapath now has (see the module doc).
     fn commit_backends(&mut self, svc: &mut Service, specs: Vec<BackendSpec>, create_vip: bool) -> Result<(), ControlError> {
         // Ids: keep a backend's id across changes (its flows stay valid), allocate new.
         let mut ids = self.free_backend_ids.clone();
@@ -458,7 +569,11 @@ impl<W: MapWriter> ControlPlane<W> {
         })?;
         let idle = 1 - svc.active_slot;
         let vip = VipValue { service_id: svc.id, mode: svc.spec.mode.datapath(), active_slot: idle, table_size: svc.spec.table_size };
+        let old_vip = VipValue { active_slot: svc.active_slot, ..vip };
+        // What each entry held before (None: a fresh id, unreferenced).
+        let before = |id: u32| svc.backends.iter().find(|b| b.id == id).map(|b| Self::backend_value(svc, &b.spec));
 
+        let mut written: Vec<u32> = Vec::new();
         let prepared = (|| -> Result<(), MapWriteError> {
             if create_vip {
                 self.w.clear_service_stats(svc.id)?;
@@ -468,46 +583,97 @@ impl<W: MapWriter> ControlPlane<W> {
             }
             for b in &next {
                 self.w.put_backend(b.id, &Self::backend_value(svc, &b.spec))?;
+                written.push(b.id);
             }
             self.w.put_table(svc.id, idle, &table)?;
             self.w.put_vip(&svc.spec.vip.key(), &vip)
         })();
         if let Err(e) = prepared {
-            // Nothing references the fresh entries (the flip did not happen): clear them.
-            for id in fresh {
-                let _ = self.w.put_backend(id, &BackendValue::default());
-            }
-            if create_vip {
-                let _ = self.w.delete_vip(&svc.spec.vip.key());
-            }
+            // The flip did not happen: the live table still names the old entries.
+            self.restore_entries(&written, &before);
             return Err(e.into());
         }
-        // Committed: the datapath uses the new table.
-        let removed: Vec<u32> = svc.backends.iter().filter(|b| !next.iter().any(|n| n.id == b.id)).map(|b| b.id).collect();
+        // Committed: the datapath uses the new table. Removed backends' entries are
+        // invalidated so their flows re-steer.
+        let removed: Vec<Backend> = svc.backends.iter().filter(|b| !next.iter().any(|n| n.id == b.id)).cloned().collect();
+        let mut invalidated = Vec::new();
+        let mut failed = None;
+        for b in &removed {
+            match self.w.put_backend(b.id, &BackendValue::default()) {
+                Ok(()) => invalidated.push(b.id),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        let Some(e) = failed else {
+            svc.backends = next;
+            svc.active_slot = idle;
+            self.free_backend_ids.retain(|id| !fresh.contains(id));
+            self.free_backend_ids.extend(invalidated);
+            return Ok(());
+        };
+        // Undo: the old table (intact in the old slot) may only go live again once
+        // every entry it names is valid again.
+        let revalidated = invalidated.iter().all(|&id| before(id).is_some_and(|v| self.w.put_backend(id, &v).is_ok()));
+        if revalidated && self.w.put_vip(&svc.spec.vip.key(), &old_vip).is_ok() {
+            self.restore_entries(&written, &before);
+            return Err(e.into());
+        }
+        // An undo write failed too: go forward to what the datapath has, the new
+        // table live; what is left to invalidate is owed.
         svc.backends = next;
         svc.active_slot = idle;
         self.free_backend_ids.retain(|id| !fresh.contains(id));
-        let mut first_err = None;
-        for id in removed {
-            match self.w.put_backend(id, &BackendValue::default()) {
-                Ok(()) => self.free_backend_ids.push_back(id),
-                Err(e) => first_err = first_err.or(Some(e)),
+        for b in removed {
+            self.pending_invalid.push(b.id);
+        }
+        Err(e.into())
+    }
+
+    /// After a flip that did not happen (or was undone): fresh entries cleared, kept
+    /// ones back to their old value. A fresh entry that cannot be cleared is owed an
+    /// invalidation and not reused until then.
+    fn restore_entries(&mut self, written: &[u32], before: &dyn Fn(u32) -> Option<BackendValue>) {
+        for &id in written {
+            match before(id) {
+                Some(v) => {
+                    let _ = self.w.put_backend(id, &v);
+                }
+                None => {
+                    if self.w.put_backend(id, &BackendValue::default()).is_err() {
+                        self.free_backend_ids.retain(|&x| x != id);
+                        self.pending_invalid.push(id);
+                    }
+                }
             }
         }
-        first_err.map_or(Ok(()), |e| Err(e.into()))
+    }
+
+    /// The VIP address maps for the services, without `skip`, with `add`.
+    fn write_addr_maps(&mut self, skip: Option<&str>, add: Option<IpAddr>) -> Result<(), MapWriteError> {
+        let mut bloom = VipBloom::default();
+        let mut addrs = BTreeMap::new();
+        let vips = self.services.iter().filter(|(n, _)| Some(n.as_str()) != skip).map(|(_, s)| s.spec.vip.addr);
+        for a in vips.chain(add) {
+            bloom.set(a);
+            *addrs.entry(addr_words(a)).or_insert(0u32) += 1;
+        }
+        self.w.put_bloom(&bloom)?;
+        self.w.put_vip_addrs(&addrs)
+    }
+
+    /// The address maps back to the services as they are; if that fails too, owed.
+    fn restore_addr_maps(&mut self) {
+        if self.write_bloom().is_err() {
+            self.addr_maps_dirty = true;
+        }
     }
 
     /// The VIP address maps: the bloom prefilter and the exact set (echo replies).
-    fn write_bloom(&mut self) -> Result<(), ControlError> {
-        let mut bloom = VipBloom::default();
-        let mut addrs = BTreeMap::new();
-        for s in self.services.values() {
-            bloom.set(s.spec.vip.addr);
-            *addrs.entry(addr_words(s.spec.vip.addr)).or_insert(0u32) += 1;
-        }
-        self.w.put_bloom(&bloom)?;
-        self.w.put_vip_addrs(&addrs)?;
-        Ok(())
+    fn write_bloom(&mut self) -> Result<(), MapWriteError> {
+        self.write_addr_maps(None, None)
     }
 }
 
@@ -515,7 +681,7 @@ impl<W: MapWriter> ControlPlane<W> {
 mod tests {
     use super::*;
     use crate::maps::MemMaps;
-    use lb_common::{FlowKey, NO_BACKEND, flow_hash};
+    use lb_common::{FlowKey, NO_BACKEND};
 
     fn svc(name: &str, vip: &str, mode: Mode) -> ServiceSpec {
         ServiceSpec { name: name.into(), vip: vip.parse().unwrap(), mode, table_size: 251 }
@@ -630,7 +796,7 @@ mod tests {
         c.set_weight("web", "10.1.0.1".parse().unwrap(), 0).unwrap();
         let key = VipKey::new("10.0.0.100".parse().unwrap(), 80, PROTO_TCP);
         let flow = FlowKey::new("192.0.2.1".parse().unwrap(), 1000, "10.0.0.100".parse().unwrap(), 80, PROTO_TCP);
-        assert_eq!(c.writer().lookup(&key, flow_hash(&flow)), Some(NO_BACKEND));
+        assert_eq!(c.writer().pick(&key, &flow), Some(NO_BACKEND));
         let id = c.backend_id("web", "10.1.0.1".parse().unwrap()).unwrap();
         assert!(c.writer().backends[&id].flags & BACKEND_F_VALID != 0, "drained backend stays valid");
     }

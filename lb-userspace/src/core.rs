@@ -23,7 +23,7 @@ use crate::api::{BackendStatsView, BackendView, ReasonView, ServiceStatsView, Se
 use crate::control::{BackendSpec, ControlError, ControlPlane, MAX_WEIGHT};
 use crate::health::{Target, Tracker};
 use crate::maps::{MapWriteError, MapWriter};
-use crate::model::{BackendDef, FlowPolicy, Mac, ServiceDef};
+use crate::model::{BackendDef, FlowPolicy, Mac, NodeEnv, ServiceDef};
 
 #[derive(Clone, Debug)]
 pub struct HealthState {
@@ -93,28 +93,38 @@ pub struct Core<W: MapWriter> {
 }
 
 /// Every problem with a whole set of services, each naming the service and key.
-pub fn validate_set(defs: &[ServiceDef]) -> Vec<String> {
+pub fn validate_set(defs: &[ServiceDef], env: &NodeEnv) -> Vec<String> {
+    let mut errs = Vec::new();
+    for d in defs {
+        for (_, e) in d.problems(env) {
+            errs.push(format!("service {:?}: {e}", d.name));
+        }
+    }
+    errs.extend(validate_across(defs).into_iter().map(|(_, _, e)| e));
+    errs
+}
+
+/// The problems between services of a set (names, VIPs, capacity), each with the
+/// index of the service and the key it is about, if one.
+pub fn validate_across(defs: &[ServiceDef]) -> Vec<(Option<usize>, &'static str, String)> {
     let mut errs = Vec::new();
     let mut names = BTreeSet::new();
     let mut vips = BTreeMap::new();
     let mut total = 0usize;
-    for d in defs {
-        if let Err(e) = d.validate() {
-            errs.push(format!("service {:?}: {e}", d.name));
-        }
+    for (i, d) in defs.iter().enumerate() {
         if !names.insert(d.name.clone()) {
-            errs.push(format!("service {:?}: defined twice", d.name));
+            errs.push((Some(i), "name", format!("service {:?}: defined twice", d.name)));
         }
         if let Some(other) = vips.insert(d.vip, d.name.clone()) {
-            errs.push(format!("service {:?}: VIP {} is already used by service {other:?}", d.name, d.vip));
+            errs.push((Some(i), "vip", format!("service {:?}: VIP {} is already used by service {other:?}", d.name, d.vip)));
         }
         total += d.backends.len();
     }
     if defs.len() > MAX_SERVICES as usize {
-        errs.push(format!("{} services: at most {MAX_SERVICES}", defs.len()));
+        errs.push((None, "", format!("{} services: at most {MAX_SERVICES}", defs.len())));
     }
     if total > MAX_BACKENDS as usize {
-        errs.push(format!("{total} backends over all services: the backend table holds {MAX_BACKENDS}"));
+        errs.push((None, "", format!("{total} backends over all services: the backend table holds {MAX_BACKENDS}")));
     }
     errs
 }
@@ -138,6 +148,11 @@ impl<W: MapWriter> Core<W> {
 
     pub fn service(&self, name: &str) -> Option<&ServiceDef> {
         self.services.get(name)
+    }
+
+    /// What validation needs to know about this node (encap sources, MTU).
+    pub fn env(&self) -> NodeEnv {
+        NodeEnv::from_settings(self.cp.settings())
     }
 
     pub fn set_settings(&mut self, s: Settings) -> Result<(), ControlError> {
@@ -219,10 +234,14 @@ impl<W: MapWriter> Core<W> {
     /// (idle neighbour entries expire while XDP traffic flows past the kernel).
     /// Rewrites the services whose backends changed; returns their names.
     pub fn set_resolved(&mut self, found: BTreeMap<IpAddr, Mac>) -> Result<Vec<String>, ControlError> {
+        // Runs every second: the map writes an earlier failure still owes are retried
+        // here too, not only before the next change.
+        self.cp.settle();
         let mut changed_addrs = Vec::new();
         for (a, m) in found {
-            if self.resolved.insert(a, m) != Some(m) {
-                changed_addrs.push(a);
+            let prev = self.resolved.insert(a, m);
+            if prev != Some(m) {
+                changed_addrs.push((a, prev));
             }
         }
         let mut changed = Vec::new();
@@ -230,12 +249,27 @@ impl<W: MapWriter> Core<W> {
             return Ok(changed);
         }
         for d in self.services.values().cloned().collect::<Vec<_>>() {
-            if !d.backends.iter().any(|b| b.mac.is_none() && changed_addrs.contains(&b.address)) {
+            if !d.backends.iter().any(|b| b.mac.is_none() && changed_addrs.iter().any(|(a, _)| *a == b.address)) {
                 continue;
             }
             let eff = self.effective(&d);
             if self.current(&d.name) != Some(sorted(eff.clone())) {
-                self.cp.set_backends(&d.name, eff)?;
+                if let Err(e) = self.cp.set_backends(&d.name, eff) {
+                    // Not applied: forget these results, so the next round finds them
+                    // new and tries again, and put back the services already rewritten.
+                    for (a, prev) in changed_addrs {
+                        match prev {
+                            Some(m) => self.resolved.insert(a, m),
+                            None => self.resolved.remove(&a),
+                        };
+                    }
+                    for name in changed {
+                        if let Some(d) = self.services.get(&name).cloned() {
+                            let _ = self.cp.set_backends(&name, self.effective(&d));
+                        }
+                    }
+                    return Err(e);
+                }
                 changed.push(d.name.clone());
             }
         }
@@ -296,7 +330,7 @@ impl<W: MapWriter> Core<W> {
     }
 
     fn replace_all_inner(&mut self, desired: Vec<ServiceDef>, force: bool) -> Result<Vec<String>, ControlError> {
-        let errs = validate_set(&desired);
+        let errs = validate_set(&desired, &self.env());
         if !errs.is_empty() {
             return Err(ControlError::Invalid(errs.join("; ")));
         }
@@ -304,8 +338,10 @@ impl<W: MapWriter> Core<W> {
         self.services = desired.into_iter().map(|d| (d.name.clone(), d)).collect();
         match self.sync_all(force) {
             Ok(mut changed) => {
-                // A service whose definition changed is changed even when its datapath
-                // set is not yet (a new backend waiting for its next hop or check).
+                // A service whose definition changed without touching the datapath
+                // (health settings, the unhealthy policy while all are up, a new backend
+                // waiting for its next hop or check) is a change too: reported,
+                // versioned, and so replicated to the peer.
                 for (name, d) in &self.services {
                     if old.get(name) != Some(d) && !changed.contains(name) {
                         changed.push(name.clone());
@@ -374,7 +410,7 @@ impl<W: MapWriter> Core<W> {
                 if self.services.contains_key(&def.name) {
                     return Err(ControlError::ServiceExists(def.name));
                 }
-                def.validate()?;
+                def.validate(&self.env())?;
                 let eff = self.effective(&def);
                 self.cp.add_service(def.spec(), eff)?;
                 self.services.insert(def.name.clone(), def);
@@ -425,7 +461,7 @@ impl<W: MapWriter> Core<W> {
     fn change_service(&mut self, name: &str, f: impl FnOnce(&mut ServiceDef) -> Result<(), ControlError>) -> Result<(), ControlError> {
         let mut def = self.services.get(name).cloned().ok_or_else(|| ControlError::UnknownService(name.to_string()))?;
         f(&mut def)?;
-        def.validate()?;
+        def.validate(&self.env())?;
         let eff = self.effective(&def);
         if self.current(name) != Some(sorted(eff.clone())) {
             self.cp.set_backends(name, eff)?;
@@ -695,7 +731,7 @@ mod tests {
     use crate::control::Mode;
     use crate::health::{HealthKind, HealthSpec};
     use crate::maps::MemMaps;
-    use lb_common::{FlowKey, NO_BACKEND, PROTO_TCP, VipKey, flow_hash};
+    use lb_common::{FlowKey, NO_BACKEND, PROTO_TCP, VipKey};
 
     fn def(name: &str, vip: &str, backends: &[(&str, u32)]) -> ServiceDef {
         ServiceDef {
@@ -712,7 +748,15 @@ mod tests {
     /// With a gateway MAC: ipip backends without one of their own are reachable.
     fn core() -> Core<MemMaps> {
         let mut c = Core::new(ControlPlane::new(MemMaps::default()));
-        c.set_settings(Settings { gateway_mac: [2, 0, 0, 0, 0, 0xfe], flags: lb_common::SETTINGS_F_HAS_GATEWAY, ..Settings::default() }).unwrap();
+        c.set_settings(Settings {
+            gateway_mac: [2, 0, 0, 0, 0, 0xfe],
+            flags: lb_common::SETTINGS_F_HAS_GATEWAY,
+            encap_src_v4: 0x0500_000a,
+            encap_src_v6: [0x20, 0, 0, 0x500],
+            mtu: 1500,
+            ..Settings::default()
+        })
+        .unwrap();
         c
     }
 
@@ -872,6 +916,28 @@ mod tests {
     }
 
     #[test]
+    fn a_health_settings_only_change_is_a_change() {
+        let mut c = core();
+        let web = with_health(def("web", "10.0.0.100:80/tcp", &[("10.0.1.1", 1)]), FlowPolicy::Keep);
+        let db = def("db", "10.0.0.102:3306/tcp", &[("10.0.3.1", 1)]);
+        c.replace_all(vec![web.clone(), db.clone()]).unwrap();
+        let (v, writes) = (c.version, c.control().writer().writes);
+        let mut web2 = web.clone();
+        web2.health.as_mut().unwrap().interval_ms = 250;
+        assert_eq!(c.replace_all(vec![web2.clone(), db.clone()]).unwrap(), vec!["web".to_string()], "reported");
+        assert_eq!(c.version, v + 1, "versioned, so the cluster replicates it");
+        assert_eq!(c.control().writer().writes, writes, "the datapath had nothing to change");
+        assert_eq!(c.health_targets()[0].spec.interval_ms, 250, "the checker gets the new settings");
+        // The policy alone, and health removed, likewise.
+        let mut web3 = web2.clone();
+        web3.unhealthy = FlowPolicy::Reset;
+        assert_eq!(c.replace_all(vec![web3.clone(), db.clone()]).unwrap(), vec!["web".to_string()]);
+        web3.health = None;
+        assert_eq!(c.replace_all(vec![web3, db]).unwrap(), vec!["web".to_string()]);
+        assert!(c.health_targets().is_empty());
+    }
+
+    #[test]
     fn restored_health_applies_at_start() {
         let mut c = core();
         let d = with_health(def("web", "10.0.0.100:80/tcp", &[("10.0.1.1", 1), ("10.0.1.2", 1)]), FlowPolicy::Keep);
@@ -905,6 +971,7 @@ mod tests {
     fn a_backend_is_pending_until_reachable_and_checked() {
         // No gateway: an ipip backend needs its own next hop.
         let mut c = Core::new(ControlPlane::new(MemMaps::default()));
+        c.set_settings(Settings { encap_src_v4: 0x0500_000a, mtu: 1500, ..Settings::default() }).unwrap();
         c.replace_all(vec![with_health(
             def("web", "10.0.0.100:80/tcp", &[]),
             FlowPolicy::Keep,
@@ -976,6 +1043,258 @@ mod tests {
         c.health_result(&t, Err("x".into())).unwrap();
         let key = VipKey::new(ip("10.0.0.100"), 80, PROTO_TCP);
         let f = FlowKey::new(ip("192.0.2.1"), 1000, ip("10.0.0.100"), 80, PROTO_TCP);
-        assert_eq!(c.control().writer().lookup(&key, flow_hash(&f)), Some(NO_BACKEND));
+        assert_eq!(c.control().writer().pick(&key, &f), Some(NO_BACKEND));
+    }
+}
+
+/// Issue 11 item 4: a map write that fails at any point of any change leaves the
+/// datapath and the model as before (or, when the change reports success, as the
+/// change wants them), and the live table never names an invalid or foreign entry.
+#[cfg(test)]
+mod fault_tests {
+    use super::*;
+    use crate::control::Mode;
+    use crate::health::{HealthKind, HealthSpec};
+    use crate::maps::MemMaps;
+    use lb_common::{BACKEND_F_VALID, BackendValue, NO_BACKEND, VipBloom, VipKey, VipValue};
+
+    /// MemMaps failing exactly one write, the `n`th from when it is armed, once.
+    #[derive(Clone, Debug, Default)]
+    struct FailOnce {
+        m: MemMaps,
+        countdown: Option<usize>,
+        fired: bool,
+    }
+
+    impl FailOnce {
+        fn tick(&mut self, map: &'static str) -> Result<(), MapWriteError> {
+            if let Some(n) = self.countdown {
+                if n == 0 {
+                    self.countdown = None;
+                    self.fired = true;
+                    return Err(MapWriteError { map, detail: "injected failure".into() });
+                }
+                self.countdown = Some(n - 1);
+            }
+            Ok(())
+        }
+    }
+
+    impl MapWriter for FailOnce {
+        fn put_vip(&mut self, key: &VipKey, value: &VipValue) -> Result<(), MapWriteError> {
+            self.tick("VIPS")?;
+            self.m.put_vip(key, value)
+        }
+        fn delete_vip(&mut self, key: &VipKey) -> Result<(), MapWriteError> {
+            self.tick("VIPS")?;
+            self.m.delete_vip(key)
+        }
+        fn put_bloom(&mut self, bloom: &VipBloom) -> Result<(), MapWriteError> {
+            self.tick("VIP_BLOOM")?;
+            self.m.put_bloom(bloom)
+        }
+        fn put_vip_addrs(&mut self, addrs: &BTreeMap<[u32; 4], u32>) -> Result<(), MapWriteError> {
+            self.tick("VIP_ADDRS")?;
+            self.m.put_vip_addrs(addrs)
+        }
+        fn put_table(&mut self, service_id: u32, slot: u32, entries: &[u32]) -> Result<(), MapWriteError> {
+            self.tick("TABLES")?;
+            self.m.put_table(service_id, slot, entries)
+        }
+        fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapWriteError> {
+            self.tick("BACKENDS")?;
+            self.m.put_backend(id, value)
+        }
+        fn put_settings(&mut self, settings: &Settings) -> Result<(), MapWriteError> {
+            self.tick("SETTINGS")?;
+            self.m.put_settings(settings)
+        }
+        fn clear_service_stats(&mut self, id: u32) -> Result<(), MapWriteError> {
+            self.tick("SERVICE_STATS")?;
+            self.m.clear_service_stats(id)
+        }
+        fn clear_backend_stats(&mut self, id: u32) -> Result<(), MapWriteError> {
+            self.tick("BACKEND_STATS")?;
+            self.m.clear_backend_stats(id)
+        }
+    }
+
+    /// What the datapath sees, by address (ids may differ after an undo and redo):
+    /// per VIP its mode, size and live table as backend addresses; every valid
+    /// backend entry with the VIP of its service; the address maps.
+    /// (mode, table size, live table as backend addresses).
+    type VipView = (u32, u32, Vec<Option<[u32; 4]>>);
+    /// (VIP of its service, address, flags, MAC).
+    type EntryView = (Option<String>, [u32; 4], u32, [u8; 6]);
+
+    #[derive(Debug, PartialEq)]
+    struct View {
+        vips: BTreeMap<String, VipView>,
+        valid: BTreeSet<EntryView>,
+        addrs: BTreeMap<[u32; 4], u32>,
+        bloom: VipBloom,
+    }
+
+    fn view(m: &MemMaps) -> View {
+        let vip_of = |sid: u32| m.vips.iter().find(|(_, v)| v.service_id == sid).map(|(k, _)| format!("{k:?}"));
+        let mut vips = BTreeMap::new();
+        for (k, v) in &m.vips {
+            let t = m.tables.get(&(v.service_id, v.active_slot)).unwrap_or_else(|| panic!("{k:?}: live slot never written"));
+            assert_eq!(t.len(), v.table_size as usize);
+            let named = t
+                .iter()
+                .map(|&id| {
+                    if id == NO_BACKEND {
+                        return None;
+                    }
+                    let b = m.backends.get(&id).copied().unwrap_or_default();
+                    // The invariant: the live table names valid entries of its service.
+                    assert!(b.flags & BACKEND_F_VALID != 0, "{k:?}: live slot names invalid backend {id}");
+                    assert_eq!(b.service_id, v.service_id, "{k:?}: live slot names backend {id} of another service");
+                    Some(b.addr)
+                })
+                .collect();
+            vips.insert(format!("{k:?}"), (v.mode, v.table_size, named));
+        }
+        let valid = m.backends.values().filter(|b| b.flags & BACKEND_F_VALID != 0).map(|b| (vip_of(b.service_id), b.addr, b.flags, b.mac)).collect();
+        View { vips, valid, addrs: m.vip_addrs.clone(), bloom: m.bloom }
+    }
+
+    fn def(name: &str, vip: &str, backends: &[&str]) -> ServiceDef {
+        ServiceDef {
+            name: name.into(),
+            vip: vip.parse().unwrap(),
+            mode: Mode::Ipip,
+            table_size: 251,
+            health: None,
+            unhealthy: FlowPolicy::Keep,
+            backends: backends.iter().map(|a| BackendDef { address: a.parse().unwrap(), weight: 1, mac: None, drained: false }).collect(),
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn base() -> Core<FailOnce> {
+        let mut c = Core::new(ControlPlane::new(FailOnce::default()));
+        // A gateway, so ipip backends are reachable without a neighbour of their own.
+        c.set_settings(Settings {
+            encap_src_v4: 0x0500_000a,
+            mtu: 1500,
+            gateway_mac: [2, 0, 0, 0, 0, 0xfe],
+            flags: lb_common::SETTINGS_F_HAS_GATEWAY,
+            ..Settings::default()
+        })
+        .unwrap();
+        let mut web = def("web", "10.0.0.100:80/tcp", &["10.0.1.1", "10.0.1.2", "10.0.1.3", "10.0.1.4"]);
+        web.backends[3].drained = true;
+        web.health = Some(HealthSpec { kind: HealthKind::Tcp, interval_ms: 100, timeout_ms: 50, rise: 1, fall: 1, path: None, port: None, host: None, expect: None });
+        web.unhealthy = FlowPolicy::Reset;
+        let mut db = def("db", "10.0.0.102:3306/tcp", &["10.0.3.1", "10.0.3.2"]);
+        db.backends[0].mac = Some("02:00:00:00:03:01".parse().unwrap());
+        c.replace_all(vec![web, db]).unwrap();
+        // Every backend past its first check (new backends start pending).
+        for t in c.health_targets() {
+            c.health_result(&t, Ok(())).unwrap();
+        }
+        c
+    }
+
+    type Op = Box<dyn Fn(&mut Core<FailOnce>) -> Result<(), ControlError>>;
+
+    fn ops() -> Vec<(&'static str, Op)> {
+        let apply = |ch: Change| -> Op { Box::new(move |c: &mut Core<FailOnce>| c.apply(ch.clone())) };
+        let w = || "web".to_string();
+        vec![
+            ("add service", apply(Change::AddService(def("app", "10.0.0.101:8080/tcp", &["10.0.2.1", "10.0.2.2"])))),
+            ("remove service", apply(Change::RemoveService("db".into()))),
+            // To db: no health checks, so reachable (the gateway) is enough to enter the table.
+            ("add backend", apply(Change::AddBackend { service: "db".into(), address: ip("10.0.3.9"), weight: 2, mac: None })),
+            ("remove backend", apply(Change::RemoveBackend { service: w(), address: ip("10.0.1.1") })),
+            ("set weight", apply(Change::SetWeight { service: w(), address: ip("10.0.1.2"), weight: 7 })),
+            ("drain", apply(Change::Drain { service: w(), address: ip("10.0.1.3") })),
+            ("enable", apply(Change::Enable { service: w(), address: ip("10.0.1.4") })),
+            (
+                "reload",
+                Box::new(|c: &mut Core<FailOnce>| {
+                    // db removed, its VIP moved to a new service, web changed, app added.
+                    let mut web = c.service("web").unwrap().clone();
+                    web.backends.remove(0);
+                    web.backends.push(BackendDef { address: ip("10.0.1.8"), weight: 3, mac: Some("02:00:00:00:01:08".parse().unwrap()), drained: false });
+                    let moved = def("db2", "10.0.0.102:3306/tcp", &["10.0.3.2", "10.0.3.7"]);
+                    c.replace_all(vec![web, moved, def("app", "10.0.0.101:8080/tcp", &["10.0.2.1"])]).map(|_| ())
+                }),
+            ),
+            (
+                "neighbour resolution",
+                Box::new(|c: &mut Core<FailOnce>| {
+                    let m: Mac = "02:00:00:00:01:02".parse().unwrap();
+                    c.set_resolved(BTreeMap::from([(ip("10.0.1.2"), m), (ip("10.0.3.2"), m)])).map(|_| ())
+                }),
+            ),
+            (
+                "health down (reset)",
+                Box::new(|c: &mut Core<FailOnce>| {
+                    let t = c.health_targets().into_iter().find(|t| t.addr == ip("10.0.1.2")).unwrap();
+                    c.health_result(&t, Err("refused".into())).map(|_| ())
+                }),
+            ),
+        ]
+    }
+
+    #[test]
+    fn a_write_owed_after_a_removal_is_paid_within_a_resolution_round() {
+        let mut c = base();
+        let db_ids: Vec<u32> = c.control().service("db").unwrap().backends.iter().map(|(_, id)| *id).collect();
+        // Writes of a removal: bloom, addresses, the VIP delete, then one per backend.
+        c.control_mut().writer_mut().countdown = Some(3);
+        c.apply(Change::RemoveService("db".into())).unwrap();
+        assert!(c.control().writer().fired);
+        assert_eq!(c.control().owed(), (1, false), "one invalidation owed");
+        assert!(c.service("db").is_none() && c.control().writer().m.vips.len() == 1, "the removal itself is done");
+        c.set_resolved(BTreeMap::new()).unwrap();
+        assert_eq!(c.control().owed(), (0, false));
+        assert!(db_ids.iter().all(|id| c.control().writer().m.backends[id].flags & BACKEND_F_VALID == 0));
+    }
+
+    #[test]
+    fn a_failed_write_anywhere_in_any_change_applies_fully_or_rolls_back() {
+        let mut cases = 0;
+        for (name, op) in ops() {
+            let mut want = base();
+            let start = want.control().writer().m.writes;
+            op(&mut want).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let writes = want.control().writer().m.writes - start;
+            assert!(writes > 0, "{name}");
+            let (want_view, want_model) = (view(&want.control().writer().m), want.services());
+            for n in 0..=writes {
+                let mut c = base();
+                let (before_view, before_model) = (view(&c.control().writer().m), c.services());
+                c.control_mut().writer_mut().countdown = Some(n);
+                let r = op(&mut c);
+                let fired = c.control().writer().fired;
+                c.control_mut().writer_mut().countdown = None;
+                match r {
+                    Err(e) => {
+                        assert!(fired && e.to_string().contains("injected"), "{name} at write {n}: {e}");
+                        assert_eq!(view(&c.control().writer().m), before_view, "{name}, write {n} failed: the datapath changed");
+                        assert_eq!(c.services(), before_model, "{name}, write {n} failed: the model changed");
+                        assert_eq!(c.control().owed(), (0, false), "{name}, write {n}: one failure, every undo succeeds");
+                        // The same change, retried, now goes through.
+                        op(&mut c).unwrap_or_else(|e| panic!("{name} retried after write {n}: {e}"));
+                    }
+                    Ok(()) => {
+                        // Reported done with a write owed (invalidating entries no VIP
+                        // reaches): paid before the next change.
+                        c.control_mut().settle();
+                    }
+                }
+                assert_eq!(view(&c.control().writer().m), want_view, "{name}, write {n} ({})", if fired { "failed" } else { "no failure" });
+                assert_eq!(c.services(), want_model, "{name}, write {n}");
+                cases += 1;
+            }
+        }
+        assert!(cases > 60, "{cases}");
     }
 }

@@ -104,6 +104,15 @@ pub struct AyaMaps {
     backend_stats: PerCpuArray<MapData, TrafficCounter>,
 }
 
+/// Checks an opened map against lb_common::contract.
+fn check_contract(name: &'static str, m: &MapData) -> Result<(), MapWriteError> {
+    let spec = lb_common::contract::balancer_map(name).ok_or_else(|| MapWriteError::new(name, "not in the map contract"))?;
+    let i = m.info().map_err(|e| MapWriteError::new(name, e))?;
+    let ty = i.map_type().map_or(u32::MAX, |t| t as u32);
+    let d = spec.differences(ty, i.key_size(), i.value_size(), i.max_entries(), i.map_flags());
+    if d.is_empty() { Ok(()) } else { Err(MapWriteError::new(name, d.join("; "))) }
+}
+
 /// A second handle on a map of `ebpf` (the stats maps are read by `Stats` too).
 fn dup_map(ebpf: &aya::Ebpf, name: &'static str) -> Result<MapData, MapWriteError> {
     let m = match ebpf.map(name) {
@@ -138,9 +147,15 @@ impl AyaMaps {
         )
     }
 
-    /// Opens the maps pinned under `dir` (a running instance).
+    /// Opens the maps pinned under `dir` (a running instance). Each must match the map
+    /// contract (type, sizes, max_entries, flags): a running datapath of another build
+    /// is refused here rather than misread.
     pub fn from_pins(dir: &Path) -> Result<Self, MapWriteError> {
-        let open = |name: &'static str| MapData::from_pin(dir.join(name)).map_err(|e| MapWriteError::new(name, e));
+        let open = |name: &'static str| -> Result<MapData, MapWriteError> {
+            let m = MapData::from_pin(dir.join(name)).map_err(|e| MapWriteError::new(name, e))?;
+            check_contract(name, &m)?;
+            Ok(m)
+        };
         Self::from_data(
             [
                 open(map_names::VIPS)?,
@@ -273,11 +288,12 @@ impl MemMaps {
         Ok(())
     }
 
-    /// The backend id the datapath would pick for a new flow, as the kernel does it.
-    pub fn lookup(&self, key: &VipKey, hash: u32) -> Option<u32> {
+    /// The backend id the datapath picks for `flow` without a flow-table entry, from the
+    /// live table slot of the service `key` names (lb_common::maglev::pick).
+    pub fn pick(&self, key: &VipKey, flow: &lb_common::FlowKey) -> Option<u32> {
         let v = self.vips.get(key)?;
         let t = self.tables.get(&(v.service_id, v.active_slot))?;
-        Some(t[(hash % v.table_size) as usize])
+        Some(lb_common::maglev::pick(t, flow))
     }
 }
 

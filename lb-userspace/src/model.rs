@@ -8,7 +8,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::control::{BackendSpec, ControlError, ControlPlane, MAX_WEIGHT, Mode, ServiceSpec, Vip};
+use crate::control::{BackendSpec, ControlError, ControlPlane, Mode, ServiceSpec, Vip};
 use crate::health::HealthSpec;
 
 /// A MAC address, written `02:00:00:00:01:11`.
@@ -127,25 +127,103 @@ impl ServiceDef {
         self.backends.iter().find(|b| b.address == addr)
     }
 
-    /// Everything that can be checked about one service on its own.
-    pub fn validate(&self) -> Result<(), ControlError> {
-        // A backend without `mac` gets one from the neighbour table at run time, so a
-        // placeholder stands in for the MAC check here.
-        let specs: Vec<BackendSpec> = self
-            .backends
-            .iter()
-            .map(|b| BackendSpec { addr: b.address, weight: b.weight, mac: Some(b.mac.map_or([2, 0, 0, 0, 0, 0], |m| m.0)) })
-            .collect();
-        ControlPlane::<crate::maps::MemMaps>::check_service_alone(&self.spec())?;
-        ControlPlane::<crate::maps::MemMaps>::check_backends(&self.spec(), &specs)?;
-        if let Some(h) = &self.health {
-            h.validate(self.vip.port).map_err(|e| ControlError::Invalid(format!("service {:?}: {e}", self.name)))?;
+    /// Everything that can be checked about one service on its own, given the node's
+    /// settings: the first problem. See `problems` for all of them.
+    pub fn validate(&self, env: &NodeEnv) -> Result<(), ControlError> {
+        match self.problems(env).into_iter().next() {
+            Some((_, e)) => Err(e),
+            None => Ok(()),
         }
-        for b in &self.backends {
-            if b.weight > MAX_WEIGHT {
-                return Err(ControlError::BadWeight(b.weight));
+    }
+
+    /// Every problem with this service on its own, each with the key it is about. The
+    /// one list of rules, applied alike to the config file (`lbd --check`, start,
+    /// reload), the CLI and configs synced from the peer.
+    pub fn problems(&self, env: &NodeEnv) -> Vec<(Key, ControlError)> {
+        type Cp = ControlPlane<crate::maps::MemMaps>;
+        let mut out = Vec::new();
+        let mut push = |k: Key, r: Result<(), ControlError>| {
+            if let Err(e) = r {
+                out.push((k, e));
+            }
+        };
+        push(Key::Service("name"), Cp::check_name(&self.name));
+        push(Key::Service("vip"), crate::control::check_vip_addr(&self.vip));
+        push(Key::Service("table_size"), Cp::check_table_size(self.table_size));
+        if let Some(h) = &self.health {
+            push(Key::Service("health"), h.validate(self.vip.port).map_err(ControlError::Invalid));
+        }
+        let spec = self.spec();
+        let mut seen = std::collections::BTreeSet::new();
+        let mut widest_outer = None;
+        for (i, b) in self.backends.iter().enumerate() {
+            if !seen.insert(b.address) {
+                push(Key::Backend(i, "address"), Err(ControlError::DuplicateBackend(b.address, self.name.clone())));
+            }
+            // A backend without `mac` gets one from the neighbour table at run time,
+            // so a placeholder stands in for the MAC check here.
+            let bs = BackendSpec { addr: b.address, weight: b.weight, mac: Some(b.mac.map_or([2, 0, 0, 0, 0, 0], |m| m.0)) };
+            let key = match Cp::check_backend(&spec, &bs) {
+                Err(ControlError::BadWeight(_)) => "weight",
+                Err(ControlError::MacRequired(..)) => "mac",
+                _ => "address",
+            };
+            push(Key::Backend(i, key), Cp::check_backend(&spec, &bs));
+            if self.mode == Mode::Ipip {
+                let (v4, have, name) = if b.address.is_ipv4() { (true, env.encap_v4, "encap_source_v4") } else { (false, env.encap_v6, "encap_source_v6") };
+                if !have {
+                    let fam = if v4 { "IPv4" } else { "IPv6" };
+                    push(Key::Backend(i, "address"), Err(ControlError::Invalid(format!("backend {} is {fam} in ipip mode: set {name}", b.address))));
+                }
+                let outer = if v4 { 20 } else { 40 };
+                widest_outer = widest_outer.max(Some(outer));
             }
         }
-        Ok(())
+        // IPv6 never fragments in flight: every link must carry 1280-byte packets, so
+        // the encapsulated room must hold them (else they are answered with a packet
+        // too big of 1280 that the client cannot go below, and never forwarded).
+        if let (Some(outer), true) = (widest_outer, self.vip.addr.is_ipv6())
+            && env.mtu < IPV6_MIN_MTU + outer
+        {
+            push(
+                Key::Mtu,
+                Err(ControlError::Invalid(format!(
+                    "mtu {} leaves {} bytes for IPv6 packets after the {outer}-byte outer header; IPv6 needs {IPV6_MIN_MTU}: set mtu to at least {}",
+                    env.mtu,
+                    env.mtu.saturating_sub(outer),
+                    IPV6_MIN_MTU + outer
+                ))),
+            );
+        }
+        out
     }
+}
+
+/// The smallest MTU an IPv6 link may have (RFC 8200).
+pub const IPV6_MIN_MTU: u32 = 1280;
+
+/// What validating a service needs to know about the node it runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeEnv {
+    /// `encap_source_v4` / `encap_source_v6` are set.
+    pub encap_v4: bool,
+    pub encap_v6: bool,
+    pub mtu: u32,
+}
+
+impl NodeEnv {
+    /// From the datapath settings lbd runs with (CLI changes, peer sync).
+    pub fn from_settings(s: &lb_common::Settings) -> Self {
+        Self { encap_v4: s.encap_src_v4 != 0, encap_v6: s.encap_src_v6 != [0; 4], mtu: if s.mtu == 0 { 1500 } else { s.mtu } }
+    }
+}
+
+/// Which key of a service a problem is about (`lbd --check` prints that key's line).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Key {
+    Service(&'static str),
+    /// (index of the backend in the service, key).
+    Backend(usize, &'static str),
+    /// The top-level `mtu`.
+    Mtu,
 }

@@ -71,7 +71,14 @@ pub fn load(path: &Path) -> Loaded {
         Err(e) => return Loaded::Corrupt(path.to_path_buf(), e.to_string()),
     };
     let why = match serde_json::from_slice::<State>(&data) {
-        Ok(s) if s.format == FORMAT => return Loaded::Found(s),
+        Ok(mut s) if s.format == FORMAT => {
+            // A position past the range (saved by an older lbd from a peer announcing
+            // it) would freeze replication: forget it, so the node syncs from its peer.
+            if s.cluster_config.is_some_and(|(v, _)| v > crate::cluster::config_sync::MAX_CONFIG_VERSION) {
+                s.cluster_config = None;
+            }
+            return Loaded::Found(s);
+        }
         Ok(s) => format!("format {} (this lbd reads {FORMAT})", s.format),
         Err(e) => e.to_string(),
     };
@@ -105,6 +112,30 @@ mod tests {
         }
         let names: Vec<_> = std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 1, "{names:?}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_config_position_past_the_range_is_forgotten() {
+        let d = tmpdir("pos");
+        let p = d.join("state.json");
+        let s = State {
+            format: FORMAT,
+            config_hash: "abc".into(),
+            version: 7,
+            services: vec![],
+            health: vec![],
+            interfaces: BTreeMap::new(),
+            cluster_config: Some((u64::MAX, 2)),
+            cluster_epoch: None,
+        };
+        save(&p, &s).unwrap();
+        match load(&p) {
+            Loaded::Found(x) => assert_eq!(x.cluster_config, None),
+            _ => panic!("state not found"),
+        }
+        save(&p, &State { cluster_config: Some((9, 2)), ..s }).unwrap();
+        assert!(matches!(load(&p), Loaded::Found(x) if x.cluster_config == Some((9, 2))));
         std::fs::remove_dir_all(&d).unwrap();
     }
 

@@ -15,10 +15,8 @@ use anyhow::{Context as _, bail};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::xdp::XdpLink;
 use aya::programs::{Xdp, XdpMode};
-use lb_common::{
-    BACKEND_F_HAS_MAC, BackendValue, Counter, FlowKey, FlowValue, MODE_DSR_L2, PROTO_TCP, Settings, TrafficCounter, VipBloom,
-    VipKey, VipValue, addr_from_words, map_names, prog_names, reason,
-};
+use lb_common::contract::{self, Keep, MapSpec};
+use lb_common::{BACKEND_F_HAS_MAC, MODE_DSR_L2, PROTO_TCP, VipKey, addr_from_words, map_names, prog_names};
 use tracing::{info, warn};
 
 use crate::config::XdpModeCfg;
@@ -36,53 +34,128 @@ fn link_pin(dir: &Path, interface: &str) -> PathBuf {
     dir.join(format!("link_{interface}"))
 }
 
-/// (key size, value size) each pinned map must have for this build, and whether its
-/// content may be dropped when it does not (counters: yes; state: no).
-fn expected(name: &str) -> Option<(u32, u32, bool)> {
-    use std::mem::size_of;
-    let s = |k: usize, v: usize, counters: bool| Some((k as u32, v as u32, counters));
-    match name {
-        map_names::VIPS => s(size_of::<VipKey>(), size_of::<VipValue>(), false),
-        map_names::VIP_BLOOM => s(4, size_of::<VipBloom>(), false),
-        map_names::VIP_ADDRS => s(16, 4, false),
-        map_names::TABLES => s(4, 4, false),
-        map_names::BACKENDS => s(4, size_of::<BackendValue>(), false),
-        map_names::FLOWS => s(size_of::<FlowKey>(), size_of::<FlowValue>(), false),
-        map_names::SETTINGS => s(4, size_of::<Settings>(), false),
-        map_names::REASON_STATS => s(4, size_of::<Counter>(), true),
-        map_names::SERVICE_STATS | map_names::BACKEND_STATS => s(4, size_of::<TrafficCounter>(), true),
-        _ => None,
+/// A pinned map's shape as the kernel reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PinnedShape {
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
+}
+
+impl PinnedShape {
+    fn of(info: &aya::maps::MapInfo) -> Self {
+        Self {
+            map_type: info.map_type().map_or(u32::MAX, |t| t as u32),
+            key_size: info.key_size(),
+            value_size: info.value_size(),
+            max_entries: info.max_entries(),
+            flags: info.map_flags(),
+        }
     }
 }
 
-/// Checks pinned maps against this build before reusing them. A counters map of
-/// another shape (an upgrade added a drop reason) is replaced; a state map of another
-/// shape stops the start: reusing it would misread every entry.
-fn check_pinned_maps(dir: &Path) -> anyhow::Result<()> {
-    for name in map_names::PINNED {
-        let path = dir.join(name);
-        if !path.exists() {
+/// Every way a pinned map differs from the contract (`MapSpec::differences`).
+pub fn shape_differences(spec: &MapSpec, got: &PinnedShape) -> Vec<String> {
+    spec.differences(got.map_type, got.key_size, got.value_size, got.max_entries, got.flags)
+}
+
+/// What to do with pins found under the instance's directory.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Adoption {
+    /// Every pinned map fits: adopt them. `replace`: counters maps of another layout,
+    /// to be removed and created afresh.
+    Adopt { replace: Vec<&'static str> },
+    /// A state map (or the layout version) differs: refuse, with this message.
+    Refuse(String),
+}
+
+/// The decision of the adoption check, from each pinned map's shape (None: not pinned)
+/// and the layout version read from the pinned LAYOUT map (None: none pinned).
+pub fn decide_adoption(shapes: &[(&'static str, Option<PinnedShape>)], layout: Option<u32>) -> Adoption {
+    let mut replace = Vec::new();
+    let mut problems = Vec::new();
+    let any_state = shapes.iter().any(|(n, s)| s.is_some() && contract::balancer_map(n).is_some_and(|m| m.keep == Keep::State));
+    for (name, shape) in shapes {
+        let (Some(shape), Some(spec)) = (shape, contract::balancer_map(name)) else { continue };
+        let diff = shape_differences(spec, shape);
+        if diff.is_empty() {
             continue;
         }
-        let info = aya::maps::MapInfo::from_pin(&path).with_context(|| format!("reading {}", path.display()))?;
-        let Some((k, v, counters)) = expected(name) else { continue };
-        let entries_ok = *name != map_names::REASON_STATS || info.max_entries() == reason::COUNT;
-        if info.key_size() == k && info.value_size() == v && entries_ok {
-            continue;
-        }
-        if counters {
-            warn!(map = name, "pinned counters map has another layout (upgrade): starting it from zero");
-            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
-        } else {
-            bail!(
-                "pinned map {} has key/value size {}/{}, this lbd needs {k}/{v}: the running datapath is from an \
-                 incompatible build; detach it first (lbd --detach --config FILE), which drops its flows",
-                path.display(),
-                info.key_size(),
-                info.value_size()
-            );
+        match spec.keep {
+            Keep::Counters => replace.push(*name),
+            _ => problems.push(format!("  {name}: {}", diff.join("; "))),
         }
     }
+    if any_state && layout != Some(contract::MAP_LAYOUT_VERSION) {
+        problems.push(match layout {
+            Some(v) => format!("  layout version: pinned {v}, this lbd {}", contract::MAP_LAYOUT_VERSION),
+            None => format!("  layout version: none pinned (a build before layout versions), this lbd {}", contract::MAP_LAYOUT_VERSION),
+        });
+    }
+    if problems.is_empty() {
+        return Adoption::Adopt { replace };
+    }
+    Adoption::Refuse(format!(
+        "the pinned datapath maps were created by an incompatible build and cannot be adopted:\n{}\n\
+         to proceed, detach the running datapath first (lbd --detach --config FILE: it stops forwarding and drops \
+         its flows until lbd starts again), then start this lbd; or start the lbd build that created them",
+        problems.join("\n")
+    ))
+}
+
+/// Checks pinned maps against the map contract before reusing them. A counters map of
+/// another shape (an upgrade added a drop reason) is replaced; a state map of another
+/// shape, or pins of another layout version, stop the start: reusing them would misread
+/// every entry.
+fn check_pinned_maps(dir: &Path) -> anyhow::Result<()> {
+    let mut shapes = Vec::new();
+    for name in map_names::PINNED {
+        let path = dir.join(name);
+        let shape = if path.exists() {
+            let info = aya::maps::MapInfo::from_pin(&path).with_context(|| format!("reading {}", path.display()))?;
+            Some(PinnedShape::of(&info))
+        } else {
+            None
+        };
+        shapes.push((*name, shape));
+    }
+    let layout = read_layout(dir)?;
+    match decide_adoption(&shapes, layout) {
+        Adoption::Adopt { replace } => {
+            for name in replace {
+                let path = dir.join(name);
+                warn!(map = name, "pinned counters map has another layout (upgrade): starting it from zero");
+                std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            }
+            Ok(())
+        }
+        Adoption::Refuse(msg) => bail!("{msg}"),
+    }
+}
+
+/// The layout version in the pinned LAYOUT map, if one is pinned.
+fn read_layout(dir: &Path) -> anyhow::Result<Option<u32>> {
+    let path = dir.join(map_names::LAYOUT);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let spec = contract::balancer_map(map_names::LAYOUT).context("LAYOUT in the contract")?;
+    let info = aya::maps::MapInfo::from_pin(&path).with_context(|| format!("reading {}", path.display()))?;
+    if !shape_differences(spec, &PinnedShape::of(&info)).is_empty() {
+        return Ok(None);
+    }
+    let data = aya::maps::MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    let arr: aya::maps::Array<_, u32> = aya::maps::Array::try_from(aya::maps::Map::Array(data))?;
+    Ok(Some(arr.get(&0, 0).with_context(|| format!("reading {}", path.display()))?))
+}
+
+/// Records this build's layout version in the (pinned) LAYOUT map.
+fn write_layout(ebpf: &mut aya::Ebpf) -> anyhow::Result<()> {
+    let m = ebpf.map_mut(map_names::LAYOUT).context("LAYOUT missing from the object")?;
+    let mut arr: aya::maps::Array<_, u32> = aya::maps::Array::try_from(m)?;
+    arr.set(0, contract::MAP_LAYOUT_VERSION, 0).context("writing LAYOUT")?;
     Ok(())
 }
 
@@ -106,6 +179,7 @@ pub fn load(instance: &str) -> anyhow::Result<Loaded> {
         loader.map_pin_path(n, p.as_path());
     }
     let mut ebpf = loader.load(crate::objects::BALANCER).context("loading the balancer object (maps pinned under the instance)")?;
+    write_layout(&mut ebpf)?;
     let prog: &mut Xdp = ebpf.program_mut(prog_names::BALANCER).context("lb_xdp missing")?.try_into()?;
     prog.load().context("loading lb_xdp into the kernel (verifier)")?;
     Ok(Loaded { ebpf, adopted, dir })
@@ -242,4 +316,68 @@ pub fn adopt_control(maps: AyaMaps, known: &[ServiceDef]) -> anyhow::Result<Cont
         services.push(Adopted { spec, id: val.service_id, active_slot: val.active_slot, backends: bs });
     }
     Ok(ControlPlane::adopt(maps, settings, services)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fits(name: &str) -> PinnedShape {
+        let m = contract::balancer_map(name).unwrap();
+        PinnedShape { map_type: m.map_type, key_size: m.key_size, value_size: m.value_size, max_entries: m.max_entries, flags: m.flags }
+    }
+
+    fn all_fitting() -> Vec<(&'static str, Option<PinnedShape>)> {
+        map_names::PINNED.iter().map(|n| (*n, Some(fits(n)))).collect()
+    }
+
+    #[test]
+    fn matching_pins_are_adopted() {
+        assert_eq!(decide_adoption(&all_fitting(), Some(contract::MAP_LAYOUT_VERSION)), Adoption::Adopt { replace: vec![] });
+        // Nothing pinned: a first start.
+        let none: Vec<_> = map_names::PINNED.iter().map(|n| (*n, None)).collect();
+        assert_eq!(decide_adoption(&none, None), Adoption::Adopt { replace: vec![] });
+    }
+
+    /// Issue 11 item 7: each field of a state map is compared (type, key, value,
+    /// max_entries, flags), and the message says what differs and how to proceed.
+    #[test]
+    fn every_field_of_a_state_map_is_compared() {
+        type Change = (&'static str, fn(&mut PinnedShape));
+        let changes: [Change; 5] = [
+            ("type: pinned hash (1), this lbd lru_hash (9)", |s| s.map_type = contract::BPF_MAP_TYPE_HASH),
+            ("key size: pinned 36, this lbd 40", |s| s.key_size = 36),
+            ("value size: pinned 8, this lbd 16", |s| s.value_size = 8),
+            ("max_entries: pinned 65536, this lbd 1048576", |s| s.max_entries = 65536),
+            ("flags: pinned 0x0, this lbd 0x2 (BPF_F_NO_COMMON_LRU)", |s| s.flags = 0),
+        ];
+        for (want, change) in changes {
+            let mut shapes = all_fitting();
+            let flows = shapes.iter_mut().find(|(n, _)| *n == map_names::FLOWS).unwrap();
+            change(flows.1.as_mut().unwrap());
+            let Adoption::Refuse(msg) = decide_adoption(&shapes, Some(contract::MAP_LAYOUT_VERSION)) else {
+                panic!("{want}: adopted")
+            };
+            assert!(msg.contains(&format!("FLOWS: {want}")), "{msg}");
+            assert!(msg.contains("lbd --detach --config FILE"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn another_layout_version_is_refused() {
+        let Adoption::Refuse(msg) = decide_adoption(&all_fitting(), Some(1)) else { panic!("adopted") };
+        assert!(msg.contains(&format!("layout version: pinned 1, this lbd {}", contract::MAP_LAYOUT_VERSION)), "{msg}");
+        let Adoption::Refuse(msg) = decide_adoption(&all_fitting(), None) else { panic!("adopted") };
+        assert!(msg.contains("none pinned"), "{msg}");
+    }
+
+    #[test]
+    fn counters_of_another_layout_are_replaced_not_refused() {
+        let mut shapes = all_fitting();
+        shapes.iter_mut().find(|(n, _)| *n == map_names::REASON_STATS).unwrap().1.as_mut().unwrap().max_entries = 23;
+        assert_eq!(
+            decide_adoption(&shapes, Some(contract::MAP_LAYOUT_VERSION)),
+            Adoption::Adopt { replace: vec![map_names::REASON_STATS] }
+        );
+    }
 }

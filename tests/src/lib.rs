@@ -103,15 +103,14 @@ impl Datapath {
     /// The backend the service's Maglev table holds for `key`, computed in userspace
     /// (lb_common::maglev and flow_hash), independently of the datapath.
     pub fn predict(&self, service: &str, key: &FlowKey) -> IpAddr {
-        use lb_common::maglev::{MaglevBackend, build};
+        use lb_common::maglev::{MaglevBackend, predict};
         let view = self.control.service(service).expect("service");
         let bes: Vec<_> = view
             .backends
             .iter()
             .map(|(b, id)| MaglevBackend { addr: lb_common::addr_bytes(b.addr), weight: b.weight, id: *id })
             .collect();
-        let table = build(&bes, view.spec.table_size).expect("maglev table");
-        let id = table[(lb_common::flow_hash(key) % view.spec.table_size) as usize];
+        let id = predict(&bes, view.spec.table_size, key).expect("maglev table");
         view.backends.iter().find(|(_, i)| *i == id).expect("backend of the table").0.addr
     }
 }
@@ -143,6 +142,23 @@ impl Decap {
     pub fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
         let prog: &Xdp = self.ebpf.program(prog_names::DECAP).expect("lb_decap").try_into().expect("xdp");
         run_prog(prog, frame)
+    }
+
+    /// Sets the balancers decap accepts IPIP from (`DECAP_ALLOW`).
+    pub fn allow(&mut self, addrs: &[&str]) {
+        self.write_set(map_names::DECAP_ALLOW, addrs);
+    }
+
+    /// Sets "this host's addresses" (`DECAP_LOCAL`).
+    pub fn local(&mut self, addrs: &[&str]) {
+        self.write_set(map_names::DECAP_LOCAL, addrs);
+    }
+
+    fn write_set(&mut self, name: &str, addrs: &[&str]) {
+        let addrs: Vec<IpAddr> = addrs.iter().map(|a| a.parse().expect("address")).collect();
+        let m = self.ebpf.map_mut(name).expect("decap address set");
+        let mut set = lb_userspace::decap::AddrSet::try_from(m).expect("hash of addresses");
+        lb_userspace::decap::write_set(&mut set, &addrs).expect("write address set");
     }
 
     /// Packets per decap reason, summed over CPUs.
@@ -281,5 +297,6 @@ pub fn settings(encap_v4: &str, encap_v6: &str, gateway: Option<[u8; 6]>, mtu: u
         flags: if gateway.is_some() { lb_common::SETTINGS_F_HAS_GATEWAY } else { 0 },
         mtu,
         reply_rate: 0,
+        ..Settings::default()
     }
 }

@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use aya::programs::{Xdp, XdpMode};
 use lb_common::maglev::{MaglevBackend, build};
-use lb_common::{FlowKey, PROTO_TCP, addr_bytes, flow_hash, prog_names};
+use lb_common::{FlowKey, PROTO_TCP, addr_bytes, prog_names};
 use lb_userspace::{AyaMaps, BackendSpec, ControlPlane, decap};
 
 use crate::Datapath;
@@ -372,9 +372,12 @@ impl Topology {
             in_ns(sw, || decap::attach_pass(&lb.peer, XdpMode::Driver))
                 .unwrap_or_else(|e| panic!("attaching lb_pass to {} in {sw}: {e:#}", lb.peer));
         }
+        // Backends decapsulate only from the balancers (their node addresses are the
+        // encap sources the tests configure).
+        let balancers: Vec<IpAddr> = self.lbs.iter().flat_map(|l| [IpAddr::V4(l.v4), IpAddr::V6(l.v6)]).collect();
         for b in &self.backends {
             self.pins.lock().unwrap().push(b.ifname.clone());
-            in_ns(&b.ns, || decap::attach(&b.ifname, XdpMode::Driver))
+            in_ns(&b.ns, || decap::attach(&b.ifname, XdpMode::Driver, &balancers))
                 .unwrap_or_else(|e| panic!("attaching lb_decap to {} in {}: {e:#}", b.ifname, b.ns));
         }
         self.set_client_route(0);
@@ -591,8 +594,7 @@ pub fn maglev_table(backends: &[(BackendSpec, u32)], table_size: u32) -> Vec<u32
 
 /// The table slot index of a TCP flow client → vip.
 pub fn flow_slot(client: SocketAddr, vip: SocketAddr, table_size: u32) -> usize {
-    let key = tcp_flow_key(client, vip);
-    (flow_hash(&key) % table_size) as usize
+    lb_common::maglev::slot(&tcp_flow_key(client, vip), table_size)
 }
 
 pub fn tcp_flow_key(client: SocketAddr, vip: SocketAddr) -> FlowKey {

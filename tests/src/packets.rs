@@ -434,3 +434,18 @@ pub fn v6_fragments(frame: &[u8], split: usize, id: u32) -> (Vec<u8>, Vec<u8>) {
     };
     (make(&payload[..split], 0, true), make(&payload[split..], split, false))
 }
+
+/// The same frame with the IP packet's TOS / traffic class set to `tos` (DSCP and ECN):
+/// the balancer copies it into the outer header.
+pub fn with_tos(frame: &[u8], tos: u8) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    let l3 = l3_offset(&f);
+    if f[l3] >> 4 == 4 {
+        f[l3 + 1] = tos;
+        fix_ipv4_checksum(&mut f, l3);
+    } else {
+        f[l3] = 0x60 | (tos >> 4);
+        f[l3 + 1] = (tos << 4) | (f[l3 + 1] & 0x0f);
+    }
+    f
+}

@@ -101,7 +101,8 @@ fn forged_replayed_and_truncated_datagrams_change_nothing() {
         // Forged: the right format, the wrong key.
         let mut forger = Sealer::new(Key::new(b"not the shared secret at all").unwrap(), 1, u64::MAX / 2);
         let forged = forger.seal(&Message::Heartbeat(hb)).unwrap();
-        // Replayed: the right key, an epoch older than node 1's current one.
+        // Replayed: the right key, sealed outside node 2's current session (it cannot
+        // echo node 2's session nonce), as anything recorded earlier would be.
         let mut old = Sealer::new(Key::new(SECRET.trim_ascii_end()).unwrap(), 1, 1);
         let replayed = old.seal(&Message::Heartbeat(hb)).unwrap();
         let mut n = 0;
@@ -119,7 +120,7 @@ fn forged_replayed_and_truncated_datagrams_change_nothing() {
     let rejected: u64 = st["datagrams_rejected"].as_array().unwrap().iter().map(|r| r[1].as_u64().unwrap()).sum();
     assert!(rejected >= 100, "every bad datagram counted: {st}");
     let reasons: Vec<&str> = st["datagrams_rejected"].as_array().unwrap().iter().map(|r| r[0].as_str().unwrap()).collect();
-    for want in ["bad_tag", "replay", "truncated"] {
+    for want in ["bad_tag", "stale_session", "truncated"] {
         assert!(reasons.contains(&want), "{want} counted: {st}");
     }
     assert_eq!(role(&p.n[0]), "active");
@@ -159,7 +160,7 @@ fn partition_heals_to_one_active_and_failover_hands_over() {
     };
     assert!(!ok && err.contains("not active"), "failover runs on the active node: {err}");
     let (ok, _, err) = p.n[0].lbctl(&["cluster", "failover"]);
-    assert!(ok, "{err}");
+    assert!(ok, "{err}\n{}\n{}\n{}\n{}", cluster(&p.n[0]), cluster(&p.n[1]), p.n[0].log(), p.n[1].log());
     wait_roles(&p, ["backup", "active"], Duration::from_secs(3));
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(role(&p.n[0]), "backup", "the node that handed over does not take it back");
@@ -195,4 +196,81 @@ fn kill_alone_and_interface_deletion_alone_both_fail_over() {
         echo_all(&mut s, case);
         drop(p.t.connect(web(), 80).unwrap_or_else(|e| panic!("{case}: new connection: {e}")));
     }
+}
+
+/// Node 1's cluster datagrams as they reach node 2 (UDP payloads), captured for
+/// `secs` seconds inside node 2's namespace with a packet socket.
+fn capture_from(ns: &str, from: std::net::Ipv4Addr, secs: u64) -> Vec<Vec<u8>> {
+    in_ns(ns, move || {
+        // SAFETY: a packet socket owned here and closed below; reads into our buffer.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, (libc::ETH_P_IP as u16).to_be() as i32) };
+        assert!(fd >= 0, "packet socket: {}", std::io::Error::last_os_error());
+        let tv = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
+        // SAFETY: setting a timeval option on our socket.
+        unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), size_of::<libc::timeval>() as u32) };
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        let end = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < end {
+            // SAFETY: recv into a buffer of buf.len() bytes.
+            let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            let Ok(n) = usize::try_from(n) else { continue };
+            let Ok(ip) = etherparse::SlicedPacket::from_ip(&buf[..n]) else { continue };
+            let (Some(etherparse::NetSlice::Ipv4(v4)), Some(etherparse::TransportSlice::Udp(udp))) = (&ip.net, &ip.transport) else { continue };
+            if v4.header().source_addr() == from && udp.destination_port() == PORT {
+                out.push(udp.payload().to_vec());
+            }
+        }
+        // SAFETY: closing the socket opened above.
+        unsafe { libc::close(fd) };
+        out
+    })
+}
+
+/// Issue 11 item 1 end to end: node 1's "active" heartbeats captured on the wire, node
+/// 1 dead, node 2 restarted while the capture is replayed to it. Nothing recorded in
+/// the earlier session is accepted, so node 2 takes the VIPs as if alone. (Before
+/// session nonces, the restarted node accepted the replays and stayed backup with no
+/// VIP while its peer was dead.)
+#[test]
+fn hd_replays_of_an_earlier_session_are_refused_after_restarts() {
+    let mut p = pair("hd-a-", &[0, 1]);
+    p.n[0].start();
+    p.n[1].start();
+    wait_roles(&p, ["active", "backup"], Duration::from_secs(5));
+    let captured = capture_from(&p.t.lbs[1].ns, p.t.lbs[0].v4, 2);
+    assert!(captured.len() >= 15, "captured {} datagrams", captured.len());
+    p.n[0].kill();
+    p.n[1].kill();
+    let target = std::net::SocketAddr::new(IpAddr::V4(p.t.lbs[1].v4), PORT);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let replayer = {
+        let (ns, stop) = (p.t.client.ns.clone(), stop.clone());
+        std::thread::spawn(move || {
+            in_ns(&ns, move || {
+                let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                let mut sent = 0u64;
+                // Bounded: at most 20 s of replays, one every 10 ms.
+                for d in captured.iter().cycle().take(2000) {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    sent += sock.send_to(d, target).is_ok() as u64;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                sent
+            })
+        })
+    };
+    p.n[1].start();
+    let took = wait_for(Duration::from_secs(3), || role(&p.n[1]) == "active");
+    let st = cluster(&p.n[1]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = replayer.join().unwrap();
+    assert!(took.is_some(), "node 2 stayed {} under {sent} replayed datagrams: {st}\n{}", role(&p.n[1]), p.n[1].log());
+    assert_eq!(st["datagrams_accepted"], 0, "nothing of the earlier session accepted: {st}");
+    let stale: u64 = st["datagrams_rejected"].as_array().unwrap().iter().filter(|r| r[0] == "stale_session").map(|r| r[1].as_u64().unwrap()).sum();
+    assert!(stale >= 20, "replays refused as stale_session: {st}");
+    let holds = || !cluster(&p.n[1])["vips_held"].as_array().unwrap().is_empty();
+    assert!(wait_for(Duration::from_secs(2), holds).is_some(), "node 2 holds the VIP: {}", cluster(&p.n[1]));
 }

@@ -9,7 +9,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use lb_common::maglev::{self, MaglevBackend};
-use lb_common::{FlowKey, PROTO_TCP, addr_bytes, flow_hash};
+use lb_common::{FlowKey, PROTO_TCP, addr_bytes};
 use lb_tests::lbd::{Lbd, bin, wait_for};
 use lb_tests::netns::{Conn, ServerMode, TopoSpec, Topology, vip_v4};
 use serde_json::Value;
@@ -77,7 +77,7 @@ impl Predictor {
 
     fn predict(&self, port: u16) -> String {
         let k = FlowKey::new(self.client, port, self.vip, 80, PROTO_TCP);
-        let id = self.table[(flow_hash(&k) % self.table.len() as u32) as usize];
+        let id = maglev::pick(&self.table, &k);
         self.names.get(&id).cloned().unwrap_or_else(|| format!("none({id})"))
     }
 }
@@ -349,7 +349,7 @@ fn invalid_input_gets_a_clear_error_and_changes_nothing() {
     assert!(wait_for(Duration::from_secs(3), || n() == 1).is_some(), "SIGHUP applied the file");
 
     // lbctl detach removes everything and stops lbd.
-    let (ok, _, err) = l.lbctl(&["detach"]);
+    let (ok, _, err) = l.lbctl(&["detach", "--yes"]);
     assert!(ok, "{err}");
     assert!(!lb_userspace::pins::pin_dir(INSTANCE).exists(), "pins removed");
     assert!(wait_for(Duration::from_secs(3), || !l.socket().exists()).is_some(), "lbd stopped");
@@ -374,7 +374,8 @@ fn check_validates_without_touching_the_system() {
     let out = std::process::Command::new(bin("lbd")).args(["--check", "--config"]).arg(&bad).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    for want in ["interfaces", "mtu", "line 4", "prime", "3 error(s)"] {
+    // Each at its own key's line (table_size, not the [[service]] line).
+    for want in ["line 2: interfaces", "line 3: mtu", "line 7: service \"web\": table size 4 must be a prime", "3 error(s)"] {
         assert!(err.contains(want), "{want:?} in {err}");
     }
     assert!(!std::path::Path::new("/sys/fs/bpf/chk").exists() && !std::path::Path::new("/run/lb/chk.sock").exists(), "no side effects");

@@ -146,7 +146,16 @@ fn balancer_fixtures() {
     let sticky_f_ack = v4(CLIENT, "10.0.0.105", L4::Tcp(41000, 80, Tcp::Ack), b"more");
     let sticky_g = v4(CLIENT, "10.0.0.105", L4::Tcp(41001, 80, Tcp::Syn), b"");
 
+    // DSCP EF + ECT(0) / DSCP AF41 + CE: copied into the outer header.
+    let tos4 = with_tos(&v4(CLIENT, "10.0.0.100", L4::Tcp(40013, 80, Tcp::Syn), b""), 0xba);
+    let tos6 = with_tos(&v6(CLIENT6, "2001:db8::100", L4::Udp(40014, 80), b""), 0x8b);
+    let tos6_tcp = with_tos(&v6(CLIENT6, "2001:db8::100", L4::Tcp(40015, 80, Tcp::Syn), b""), 0x8b);
+    let tos_4in6 = with_tos(&v4(CLIENT, "10.0.0.104", L4::Tcp(40016, 80, Tcp::Syn), b""), 0x2e);
     let cases = vec![
+        row("tcp4 SYN with TOS 0xba: outer IPv4 header carries it", tos4.clone(), XDP_TX, ipip4(&tos4, "10.1.0.11", GW_MAC), fwd("web4", "10.1.0.11", true)),
+        row("udp6 with traffic class 0x8b to a tcp VIP: passed untouched", tos6, XDP_PASS, Expect::Unchanged, counted(reason::PASS_NO_SERVICE)),
+        row("tcp6 SYN with traffic class 0x8b: outer IPv6 header carries it", tos6_tcp.clone(), XDP_TX, ipip6(&tos6_tcp, "2001:db8:1::11", GW_MAC), fwd("web6", "2001:db8:1::11", true)),
+        row("tcp4 with TOS 0x2e to an IPv6 backend: outer traffic class 0x2e", tos_4in6.clone(), XDP_TX, ipip6(&tos_4in6, "2001:db8:1::51", GW_MAC), fwd("mixed", "2001:db8:1::51", true)),
         row("tcp4 SYN to VIP: ipip to the only backend via the gateway", syn.clone(), XDP_TX, ipip4(&syn, "10.1.0.11", GW_MAC), fwd("web4", "10.1.0.11", true)),
         row("tcp4 ACK of the same flow: flow-table hit, no new flow", ack.clone(), XDP_TX, ipip4(&ack, "10.1.0.11", GW_MAC), fwd("web4", "10.1.0.11", false)),
         row("udp4 to VIP: ipip to an on-link backend's own MAC", udp.clone(), XDP_TX, ipip4(&udp, "10.1.0.21", BE_MAC), fwd("dns4", "10.1.0.21", true)),
@@ -176,7 +185,7 @@ fn balancer_fixtures() {
         row("IPIP to another address: passed", ipip_to_other, XDP_PASS, Expect::Unchanged, counted(reason::PASS_NOT_VIP)),
         row("ICMP echo to VIP: answered", ping.clone(), XDP_TX, Expect::Frame(echo_reply_expected(&ping)), counted(reason::TX_ECHO_REPLY)),
         row("IPv4 first fragment to an exact-port VIP: forwarded", frag.clone(), XDP_TX, ipip4(&frag, "10.1.0.21", BE_MAC), fwd_frag("dns4", "10.1.0.21")),
-        row("IPv6 hop-by-hop header to VIP: walked, forwarded", hbh.clone(), XDP_TX, ipip6(&hbh, "2001:db8:1::11", GW_MAC), fwd("web6", "2001:db8:1::11", false)),
+        row("IPv6 hop-by-hop header to VIP: walked, forwarded (a SYN: Maglev pick, re-recorded)", hbh.clone(), XDP_TX, ipip6(&hbh, "2001:db8:1::11", GW_MAC), fwd("web6", "2001:db8:1::11", true)),
         row("IPv6 first fragment to VIP: forwarded by the port-less hash", frag6.clone(), XDP_TX, ipip6(&frag6, "2001:db8:1::11", GW_MAC), fwd_frag("web6", "2001:db8:1::11")),
         row("two VLAN tags: passed, counted", qinq, XDP_PASS, Expect::Unchanged, counted(reason::PASS_VLAN_STACKED)),
         row("truncated 802.1Q header: dropped", truncated_vlan, XDP_DROP, Expect::Unchanged, counted(reason::DROP_MALFORMED)),
@@ -261,6 +270,7 @@ fn completeness_fixtures() {
 
     // --- Echo. ---
     let ping6 = v6_echo(CLIENT6, "2001:db8::100", b"ping6");
+    let ping_zero = v4_icmp(CLIENT, "10.0.0.100", etherparse::Icmpv4Type::EchoRequest(echo(0, 0)), b"");
     let ping_vlan = vlan(&v4(CLIENT, "10.0.0.107", L4::IcmpEcho, b"tagged"), 42);
     let ping_opts = {
         let mut h = etherparse::Ipv4Header::new(0, 64, etherparse::IpNumber::ICMP, [192, 0, 2, 10], [10, 0, 0, 100]).unwrap();
@@ -280,7 +290,22 @@ fn completeness_fixtures() {
     // --- Fragments. ---
     let dgram = v4("192.0.2.77", "10.0.0.108", L4::Udp(1111, 2222), &[7u8; 40]);
     let (frag1, frag2) = v4_fragments(&dgram, 24, 0x4242);
-    let be_frag = predict(&dp, "frag", key("192.0.2.77", 0, "10.0.0.108", 0, PROTO_UDP));
+    // Fragments hash with the datagram's ports (kept from the first fragment).
+    let be_frag = predict(&dp, "frag", key("192.0.2.77", 1111, "10.0.0.108", 2222, PROTO_UDP));
+    // Issue 11 item 5: a UDP flow whose port-less pick differs from its full pick. Its
+    // whole datagrams and its fragments must reach the same backend.
+    let split_port = (20000..21000)
+        .find(|p| predict(&dp, "frag", key(CLIENT, *p, "10.0.0.108", 4444, PROTO_UDP)) != predict(&dp, "frag", key(CLIENT, 0, "10.0.0.108", 0, PROTO_UDP)))
+        .unwrap();
+    let be_split = predict(&dp, "frag", key(CLIENT, split_port, "10.0.0.108", 4444, PROTO_UDP));
+    let be_portless = predict(&dp, "frag", key(CLIENT, 0, "10.0.0.108", 0, PROTO_UDP));
+    let whole = v4(CLIENT, "10.0.0.108", L4::Udp(split_port, 4444), &[1u8; 40]);
+    let (split1, split2) = v4_fragments(&whole, 24, 0x7171);
+    // Issue 11 item 11: a later fragment whose first was never seen.
+    let (_, orphan_any) = v4_fragments(&v4(CLIENT, "10.0.0.108", L4::Udp(split_port, 4444), &[2u8; 40]), 24, 0x7272);
+    // A datagram to a VIP port without service: its first fragment passes, and so must
+    // its later ones (the stack reassembles them).
+    let (nosvc1, nosvc2) = v4_fragments(&v4(CLIENT, "10.0.0.100", L4::Udp(5353, 99), &[3u8; 40]), 16, 0x7373);
     let exact = v4(CLIENT, "10.0.0.100", L4::Udp(5353, 53), &[9u8; 40]);
     let (exact1, exact2) = v4_fragments(&exact, 16, 0x5151);
     let (_, orphan) = v4_fragments(&v4(CLIENT, "10.0.0.100", L4::Udp(5353, 53), &[9u8; 40]), 16, 0x6161);
@@ -302,6 +327,20 @@ fn completeness_fixtures() {
         f
     };
     let ext_then_frag = with_ipv6_ext(&with_ipv6_ext(&syn6_data, 44), 0);
+    // Katran's case: next header 44, but a UDP header follows (source port 31337 reads
+    // as a reserved byte 0x69, destination port 80 as fragment offset 10).
+    let bogus_frag6 = {
+        let mut f = v6(CLIENT6, "2001:db8::100", L4::Udp(31337, 80), b"katran");
+        f[14 + 6] = 44;
+        f
+    };
+    let frag6_beyond = {
+        let mut f = with_ipv6_ext(&syn6_data, 44);
+        for t in [60, 60, 43, 0] {
+            f = with_ipv6_ext(&f, t);
+        }
+        f
+    };
 
     // --- Too big. ---
     let big6 = v6(CLIENT6, "2001:db8::100", L4::Tcp(40300, 80, Tcp::Ack), &[0u8; 1500 - 40 - 20 - 39]);
@@ -355,13 +394,23 @@ fn completeness_fixtures() {
         row("ICMP echo reply to VIP: passed", echo_reply_in, XDP_PASS, Expect::Unchanged, counted(reason::PASS_ICMP)),
         row("ICMPv6 echo to VIP: answered", ping6.clone(), XDP_TX, Expect::Frame(echo_reply_expected(&ping6)), counted(reason::TX_ECHO_REPLY)),
         row("tagged ICMP echo to VIP: answered with the tag", ping_vlan.clone(), XDP_TX, Expect::Frame(echo_reply_expected(&ping_vlan)), counted(reason::TX_ECHO_REPLY)),
+        row("ICMP echo id 0 seq 0, no payload: reply checksum 0xffff, not 0x0000", ping_zero.clone(), XDP_TX, Expect::Frame(echo_reply_expected(&ping_zero)), counted(reason::TX_ECHO_REPLY)),
         row("ICMP echo with IPv4 options: passed", ping_opts, XDP_PASS, Expect::Unchanged, counted(reason::PASS_ICMP)),
         row("ICMP echo to a non-VIP sharing a VIP's bloom bit: passed", ping_collider, XDP_PASS, Expect::Unchanged, counted(reason::PASS_ICMP)),
         row("port-0 udp VIP, first fragment: port-less hash", frag1.clone(), XDP_TX, ipip4(&frag1, &be_frag, GW_MAC), fwd_frag("frag", &be_frag)),
         row("port-0 udp VIP, second fragment: same backend", frag2.clone(), XDP_TX, ipip4(&frag2, &be_frag, GW_MAC), fwd_frag("frag", &be_frag)),
         row("exact-port VIP, first fragment", exact1.clone(), XDP_TX, ipip4(&exact1, "10.1.0.21", BE_MAC), fwd_frag("dns4", "10.1.0.21")),
         row("exact-port VIP, second fragment: port remembered", exact2.clone(), XDP_TX, ipip4(&exact2, "10.1.0.21", BE_MAC), fwd_frag("dns4", "10.1.0.21")),
-        row("exact-port VIP, later fragment of an unseen datagram: passed", orphan, XDP_PASS, Expect::Unchanged, counted(reason::PASS_FRAGMENT)),
+        row("exact-port VIP, later fragment of an unseen datagram: dropped as an orphan", orphan, XDP_DROP, Expect::Unchanged, counted(reason::DROP_FRAGMENT_ORPHAN)),
+        row("udp flow: whole datagram, full 5-tuple pick", whole.clone(), XDP_TX, ipip4(&whole, &be_split, GW_MAC), fwd("frag", &be_split, true)),
+        row("udp flow: its first fragment reaches the same backend", split1.clone(), XDP_TX, ipip4(&split1, &be_split, GW_MAC), fwd_frag("frag", &be_split)),
+        row("udp flow: its later fragment too (ports kept from the first)", split2.clone(), XDP_TX, ipip4(&split2, &be_split, GW_MAC), fwd_frag("frag", &be_split)),
+        row("port-0 VIP, later fragment before its first: port-less hash, counted", orphan_any.clone(), XDP_TX, ipip4(&orphan_any, &be_portless, GW_MAC),
+            { let mut v = fwd_frag("frag", &be_portless); v.push((Reason(reason::FWD_FRAGMENT_PORTLESS), 1)); v }),
+        row("first fragment to a VIP port without service: passed", nosvc1, XDP_PASS, Expect::Unchanged, counted(reason::PASS_FRAGMENT)),
+        row("its later fragment: passed too", nosvc2, XDP_PASS, Expect::Unchanged, counted(reason::PASS_FRAGMENT)),
+        row("IPv6 next header 44 over a UDP header (no fragment header): dropped, not a later fragment", bogus_frag6, XDP_DROP, Expect::Unchanged, counted(reason::DROP_MALFORMED)),
+        row("IPv6 fragment header beyond the extension-header walk: dropped", frag6_beyond, XDP_DROP, Expect::Unchanged, counted(reason::DROP_FRAGMENT_ORPHAN)),
         row("IPv6 first fragment", f6a.clone(), XDP_TX, ipip6(&f6a, "2001:db8:1::11", GW_MAC), fwd_frag("web6", "2001:db8:1::11")),
         row("IPv6 second fragment: same backend", f6b.clone(), XDP_TX, ipip6(&f6b, "2001:db8:1::11", GW_MAC), fwd_frag("web6", "2001:db8:1::11")),
         row("IPv6 hop-by-hop then fragment header", ext_then_frag.clone(), XDP_TX, ipip6(&ext_then_frag, "2001:db8:1::11", GW_MAC), fwd_frag("web6", "2001:db8:1::11")),
@@ -373,7 +422,7 @@ fn completeness_fixtures() {
         row("IPv6 truncated extension header: dropped", ext_truncated, XDP_DROP, Expect::Unchanged, counted(reason::DROP_MALFORMED)),
         row("IPv6 over the MTU: packet too big (MTU 1460)", big6.clone(), XDP_TX, Expect::Frame(too_big_expected(&big6, 1460)), counted(reason::TX_TOO_BIG)),
         row("IPv6 exactly at the MTU: forwarded", fits6.clone(), XDP_TX, ipip6(&fits6, "2001:db8:1::11", GW_MAC), fwd("web6", "2001:db8:1::11", true)),
-        row("IPv4 over the MTU without DF: dropped", big_no_df, XDP_DROP, Expect::Unchanged, counted(reason::DROP_TOO_BIG)),
+        row("IPv4 over the MTU without DF: frag-needed too (MTU 1480)", big_no_df.clone(), XDP_TX, Expect::Frame(too_big_expected(&big_no_df, 1480)), counted(reason::TX_TOO_BIG)),
         row("IPv4 VIP, IPv6 backend, over the MTU: frag-needed (MTU 1460)", big_4in6.clone(), XDP_TX, Expect::Frame(too_big_expected(&big_4in6, 1460)), counted(reason::TX_TOO_BIG)),
         row("tagged udp4 over the MTU: frag-needed with the tag", big_vlan.clone(), XDP_TX, Expect::Frame(too_big_expected(&big_vlan, 1480)), counted(reason::TX_TOO_BIG)),
         row("ICMP error over the MTU: dropped, never answered", big_icmp_error, XDP_DROP, Expect::Unchanged, counted(reason::DROP_TOO_BIG)),
@@ -440,6 +489,47 @@ fn replies_are_rate_limited() {
     );
 }
 
+/// Flood mode: above `max_new_flows` new flows per second on this CPU, a new flow is
+/// forwarded to its Maglev pick without being recorded (counted as
+/// fwd_flood_unrecorded); flows recorded before keep their entries. The thread is
+/// pinned so every run uses the same CPU's meter.
+#[test]
+fn flood_mode_steers_new_flows_unrecorded() {
+    use lb_common::{FlowKey, PROTO_TCP};
+    // SAFETY: plain affinity syscall on this thread with a zeroed, then filled, set.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set), 0, "pin to CPU 0");
+    }
+    let mut dp = setup();
+    let mut s = settings(ENCAP4, ENCAP6, Some(GW_MAC), 1500);
+    s.max_new_flows = 2;
+    dp.control.set_settings(s).unwrap();
+    let key = |p: u16| FlowKey::new(ip(CLIENT), p, ip("10.0.0.107"), 80, PROTO_TCP);
+    let be = |p: u16| dp.predict("multi", &key(p)).to_string();
+    let (b1, b2, b3) = (be(43001), be(43002), be(43003));
+    let syn = |p: u16| v4(CLIENT, "10.0.0.107", L4::Tcp(p, 80, Tcp::Syn), b"");
+    let ack = |p: u16| v4(CLIENT, "10.0.0.107", L4::Tcp(p, 80, Tcp::Ack), b"x");
+    let flood = |b: &str| {
+        let mut v = fwd("multi", b, false);
+        v.push((Reason(reason::FWD_FLOOD_UNRECORDED), 1));
+        v
+    };
+    run_cases(
+        &mut dp,
+        vec![
+            row("1st new flow this second: recorded", syn(43001), XDP_TX, ipip4(&syn(43001), &b1, GW_MAC), fwd("multi", &b1, true)),
+            row("2nd new flow: recorded (at the limit)", syn(43002), XDP_TX, ipip4(&syn(43002), &b2, GW_MAC), fwd("multi", &b2, true)),
+            row("3rd new flow: over the limit, Maglev pick, unrecorded", syn(43003), XDP_TX, ipip4(&syn(43003), &b3, GW_MAC), flood(&b3)),
+            row("3rd flow's next packet: still unrecorded, same backend", ack(43003), XDP_TX, ipip4(&ack(43003), &b3, GW_MAC), flood(&b3)),
+            row("1st flow's next packet: its entry, no new flow", ack(43001), XDP_TX, ipip4(&ack(43001), &b1, GW_MAC), fwd("multi", &b1, false)),
+        ],
+    );
+    assert!(dp.flow(&key(43001)).is_some() && dp.flow(&key(43002)).is_some(), "flows within the limit are recorded");
+    assert!(dp.flow(&key(43003)).is_none(), "a flow over the limit is not recorded");
+}
+
 /// A frame whose IHL is too small cannot be parsed by etherparse: checksum by hand.
 fn fix_ipv4_checksum_unchecked(frame: &mut [u8]) {
     frame[24] = 0;
@@ -477,7 +567,9 @@ fn missing_next_hop_and_encap_source_are_counted_drops() {
 #[test]
 fn decap_fixtures() {
     let dp = setup();
-    let decap = Decap::load();
+    let mut decap = Decap::load();
+    decap.allow(&[ENCAP4, ENCAP6]);
+    decap.local(&["10.1.0.11", "2001:db8:1::11", "2001:db8:1::51"]);
     let syn = v4(CLIENT, "10.0.0.100", L4::Tcp(40000, 80, Tcp::Syn), b"payload");
     let syn6 = v6(CLIENT6, "2001:db8::100", L4::Tcp(40000, 80, Tcp::Syn), b"");
     let mixed = v4(CLIENT, "10.0.0.104", L4::Tcp(40009, 80, Tcp::Syn), b"");
@@ -529,7 +621,7 @@ fn decap_fixtures() {
 #[test]
 fn datapath_picks_what_userspace_predicts_and_honours_weights() {
     use lb_common::maglev::{MaglevBackend, build};
-    use lb_common::{FlowKey, PROTO_TCP, addr_bytes, flow_hash};
+    use lb_common::{FlowKey, PROTO_TCP, addr_bytes};
     let mut dp = Datapath::load();
     dp.control.set_settings(settings(ENCAP4, ENCAP6, Some(GW_MAC), 1500)).unwrap();
     let bes = [("10.2.0.1", 300), ("10.2.0.2", 100), ("10.2.0.3", 100)];
@@ -552,7 +644,7 @@ fn datapath_picks_what_userspace_predicts_and_honours_weights() {
         let outer_dst = std::net::Ipv4Addr::new(out[30], out[31], out[32], out[33]);
         let id = dp.control.backend_id("w", outer_dst.into()).expect("known backend");
         let key = FlowKey::new(ip("198.51.100.7"), sport, ip("10.0.0.110"), 80, PROTO_TCP);
-        assert_eq!(id, table[(flow_hash(&key) % 65537) as usize], "flow {sport}: datapath and userspace Maglev agree");
+        assert_eq!(id, lb_common::maglev::pick(&table, &key), "flow {sport}: datapath and userspace Maglev agree");
         *per.entry(id).or_default() += 1;
     }
     let heavy = dp.control.backend_id("w", ip("10.2.0.1")).unwrap();
@@ -562,4 +654,41 @@ fn datapath_picks_what_userspace_predicts_and_honours_weights() {
         let s = per[&dp.control.backend_id("w", ip(a)).unwrap()] as f64 / n as f64;
         assert!((0.15..0.25).contains(&s), "{a}: weight 100 of 500 should get ~20%, got {:.1}%", s * 100.0);
     }
+}
+
+/// The map contract (lb_common::contract) is what the built object declares: every map
+/// with its type, key and value size, max_entries and flags, as the kernel created it.
+#[test]
+fn map_contract_matches_the_object() {
+    use aya::maps::Map;
+    use lb_common::contract::{BALANCER_MAPS, balancer_map};
+    require_root();
+    let ebpf = aya::Ebpf::load(lb_userspace::objects::BALANCER).expect("load balancer object");
+    let mut seen = Vec::new();
+    let mut errs = Vec::new();
+    for (name, map) in ebpf.maps() {
+        if name.starts_with("AYA_") || name.starts_with('.') {
+            continue; // aya-log's own map, data sections (.rodata: log strings)
+        }
+        let info = match map {
+            Map::HashMap(m) | Map::Array(m) | Map::PerCpuArray(m) | Map::LruHashMap(m) | Map::RingBuf(m) => m.info().expect("map info"),
+            other => panic!("{name}: map kind {other:?} not in the contract"),
+        };
+        let Some(spec) = balancer_map(name) else {
+            errs.push(format!("{name}: in the object, not in lb_common::contract"));
+            continue;
+        };
+        seen.push(spec.name);
+        let got = (info.map_type().expect("map type") as u32, info.key_size(), info.value_size(), info.max_entries(), info.map_flags());
+        let want = (spec.map_type, spec.key_size, spec.value_size, spec.max_entries, spec.flags);
+        if got != want {
+            errs.push(format!("{name}: object (type, key, value, max_entries, flags) {got:?}, contract {want:?}"));
+        }
+    }
+    for m in BALANCER_MAPS {
+        if !seen.contains(&m.name) {
+            errs.push(format!("{}: in the contract, not in the object", m.name));
+        }
+    }
+    assert!(errs.is_empty(), "map contract and object disagree:\n{}", errs.join("\n"));
 }

@@ -1,6 +1,8 @@
 //! Flow sync source: with SETTINGS_F_FLOW_SYNC, every flow the datapath pins to a
-//! backend is reported once on FLOW_EVENTS (what lbd streams to the peer balancer);
-//! without it, nothing is reported. Root (BPF_PROG_TEST_RUN).
+//! backend is reported once on FLOW_EVENTS (what lbd streams to the peer balancer), on
+//! its second packet, once it proves real; without it, nothing is reported. Flows synced
+//! in from the peer and flows left unrecorded in flood mode are never reported. Root
+//! (BPF_PROG_TEST_RUN).
 
 use aya::maps::{Map, RingBuf};
 use lb_common::{FlowEvent, FlowKey, PROTO_TCP, PROTO_UDP, SETTINGS_F_FLOW_SYNC, map_names};
@@ -36,7 +38,9 @@ fn new_flows_are_reported_once_when_sync_is_on() {
     let syn2 = v4("192.0.2.10", "10.0.0.100", L4::Tcp(40001, 80, Tcp::Syn), b"");
     let ack2 = v4("192.0.2.10", "10.0.0.100", L4::Tcp(40001, 80, Tcp::Ack), b"data");
     let udp = v4("192.0.2.11", "10.0.0.100", L4::Udp(5353, 53), b"q");
-    for f in [&syn2, &ack2, &ack2, &udp, &udp] {
+    assert_eq!(dp.run(&syn2).0, XDP_TX);
+    assert!(events(&mut rb).is_empty(), "a flow's first packet is not reported (a SYN flood costs sync nothing)");
+    for f in [&ack2, &ack2, &udp, &udp] {
         assert_eq!(dp.run(f).0, XDP_TX);
     }
     let ev = events(&mut rb);
@@ -54,5 +58,43 @@ fn new_flows_are_reported_once_when_sync_is_on() {
             service_id: dp.control.service("dns").unwrap().id,
         },
     ];
-    assert_eq!(ev, want, "one event per new flow, none for established packets");
+    assert_eq!(ev, want, "one event per flow, on its second packet, none after");
+
+    // The flow recorded while sync was off is reported on its next packet.
+    let ack1 = v4("192.0.2.10", "10.0.0.100", L4::Tcp(40000, 80, Tcp::Ack), b"x");
+    assert_eq!(dp.run(&ack1).0, XDP_TX);
+    let ev = events(&mut rb);
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert_eq!(ev[0].key, FlowKey::new("192.0.2.10".parse().unwrap(), 40000, "10.0.0.100".parse().unwrap(), 80, PROTO_TCP));
+
+    // A flow synced in from the peer (lbd writes its clock into created_ns) is never
+    // reported back.
+    let peer = FlowKey::new("192.0.2.12".parse().unwrap(), 40002, "10.0.0.100".parse().unwrap(), 80, PROTO_TCP);
+    dp.flows.insert(peer, lb_common::FlowValue { backend_id: web_id, _pad: 0, created_ns: 12345 }, 0).unwrap();
+    let peer_ack = v4("192.0.2.12", "10.0.0.100", L4::Tcp(40002, 80, Tcp::Ack), b"x");
+    for _ in 0..2 {
+        assert_eq!(dp.run(&peer_ack).0, XDP_TX);
+    }
+    assert!(events(&mut rb).is_empty(), "a synced-in flow is not reported back");
+
+    // Flood mode: an unrecorded flow is never reported. The thread is pinned so the
+    // meter counted is this CPU's.
+    // SAFETY: plain affinity syscall on this thread with a zeroed, then filled, set.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set), 0);
+    }
+    s.max_new_flows = 1;
+    dp.control.set_settings(s).unwrap();
+    for p in [41000u16, 41001, 41002] {
+        for t in [Tcp::Syn, Tcp::Ack] {
+            assert_eq!(dp.run(&v4("192.0.2.13", "10.0.0.100", L4::Tcp(p, 80, t), b"")).0, XDP_TX);
+        }
+    }
+    // The first flow is within the limit (recorded, reported on its ACK); the others
+    // are over it (steered unrecorded) and never reported.
+    let ev = events(&mut rb);
+    let first = FlowKey::new("192.0.2.13".parse().unwrap(), 41000, "10.0.0.100".parse().unwrap(), 80, PROTO_TCP);
+    assert_eq!(ev.iter().map(|e| e.key).collect::<Vec<_>>(), vec![first], "only the flow within the limit is reported");
 }

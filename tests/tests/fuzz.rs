@@ -4,7 +4,8 @@
 //! - the action is XDP_PASS, XDP_DROP or XDP_TX;
 //! - PASS and DROP leave the frame byte for byte untouched;
 //! - every XDP_TX output is one of: the input encapsulated (outer header well-formed,
-//!   IPv4 checksum right, inner = the input's IP packet), the input with MACs rewritten
+//!   IPv4 checksum right, TOS / traffic class copied from the input, TTL 64, DF and id
+//!   0 on IPv4, inner = the input's IP packet), the input with MACs rewritten
 //!   (dsr-l2), or a reply (echo reply, TCP RST, ICMP error) that parses with etherparse
 //!   with right IPv4/ICMP/TCP checksums and, for ICMP errors, quotes the input.
 //!
@@ -140,6 +141,11 @@ fn corpus() -> Vec<Vec<u8>> {
         v.push(f);
     }
     v.push(with_ipv6_ext(&v6(c6, "2001:db8::103", L4::Udp(1, 53), b"x"), 60));
+    // Non-zero TOS / traffic class (DSCP + ECN), copied into the outer header.
+    v.push(with_tos(&v4(c, "10.0.0.100", L4::Tcp(40002, 80, Tcp::Syn), b"tos"), 0xba));
+    v.push(with_tos(&v4(c, "10.0.0.104", L4::Tcp(40002, 80, Tcp::Ack), b"tos"), 0x2e));
+    v.push(with_tos(&v6(c6, "2001:db8::100", L4::Tcp(40002, 80, Tcp::Syn), b"tc"), 0x8b));
+    v.push(with_tos(&v4(c, "10.0.0.100", L4::Udp(40002, 53), b"tos"), 0x01));
     // Others.
     v.push(v4_with_options(c, "10.0.0.100", 3, 80, &[0x94, 4, 0, 0]));
     v.push(v4_with_options(c, "10.0.0.103", 3, 80, &[1, 1, 1, 0]));
@@ -375,6 +381,24 @@ fn check_tx(input: &[u8], out: &[u8]) -> Result<Tx, String> {
         }
         if n.l4.len() + outer_len > 1500 {
             return Err("encapsulated packet over the MTU".into());
+        }
+        // The outer header: the inner packet's TOS / traffic class, TTL 64, and (IPv4)
+        // DF with id 0: we never fragment.
+        let ip_in = &input[l3_in..];
+        let tos_in = if ip_in[0] >> 4 == 4 { ip_in[1] } else { (ip_in[0] << 4) | (ip_in[1] >> 4) };
+        let o = &out[l3_out..];
+        let (tos_out, ttl) = if outer_len == 20 { (o[1], o[8]) } else { ((o[0] << 4) | (o[1] >> 4), o[7]) };
+        if tos_out != tos_in {
+            return Err(format!("outer TOS {tos_out:#04x}, inner {tos_in:#04x}"));
+        }
+        if ttl != 64 {
+            return Err(format!("outer TTL {ttl}"));
+        }
+        if outer_len == 20 && (o[6..8] != [0x40, 0] || o[4..6] != [0, 0]) {
+            return Err("outer IPv4 header without DF (or with an id)".into());
+        }
+        if outer_len == 40 && (o[1] & 0x0f != 0 || o[2..4] != [0, 0]) {
+            return Err("outer IPv6 flow label not zero".into());
         }
         return Ok(Tx::Forwarded);
     }

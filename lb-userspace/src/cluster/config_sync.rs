@@ -41,11 +41,24 @@ impl std::fmt::Display for ConfigPos {
     }
 }
 
+/// The highest config version either node may hold. One change per nanosecond would
+/// take 146 years to get there, so only a corrupt or buggy peer announces more; the
+/// wire refuses such positions (`bad_payload`). Without the bound a peer announcing
+/// `u64::MAX` would pin the pair there: `+ 1` saturates, and every later change of
+/// the node with the higher id would lose the tie, so replication from it stopped.
+pub const MAX_CONFIG_VERSION: u64 = 1 << 62;
+
 impl ConfigPos {
     /// The position of a change made on node `me`, knowing the peer's last position.
+    /// Never above `MAX_CONFIG_VERSION` (positions we hold never exceed it).
     pub fn next(self, peer_seen: Option<ConfigPos>, me: u32) -> ConfigPos {
         let v = self.version.max(peer_seen.map_or(0, |p| p.version));
-        ConfigPos { version: v.saturating_add(1), origin: me }
+        ConfigPos { version: v.saturating_add(1).min(MAX_CONFIG_VERSION), origin: me }
+    }
+
+    /// Within the range a node may hold (see `MAX_CONFIG_VERSION`).
+    pub fn in_range(&self) -> bool {
+        self.version <= MAX_CONFIG_VERSION
     }
 }
 
@@ -224,6 +237,19 @@ mod tests {
         assert!(a.next(Some(a), 2) > a && a.next(Some(a), 2) > b);
         // A node behind that changes locally still lands after what it has seen.
         assert_eq!(p(2, 2).next(Some(p(9, 1)), 2), p(10, 2));
+    }
+
+    #[test]
+    fn a_peer_at_the_top_of_the_range_cannot_freeze_replication() {
+        // Positions stop at MAX_CONFIG_VERSION; the wire refuses anything above it.
+        let top = p(MAX_CONFIG_VERSION, 1);
+        assert!(top.in_range() && !p(MAX_CONFIG_VERSION + 1, 1).in_range() && !p(u64::MAX, 1).in_range());
+        assert_eq!(top.next(Some(top), 2), p(MAX_CONFIG_VERSION, 2), "never past the bound");
+        // Anything a peer may announce still leaves room for our change to win.
+        let peer = p(MAX_CONFIG_VERSION - 1, 1);
+        let mine = p(3, 2).next(Some(peer), 2);
+        assert!(mine > peer && mine.in_range(), "{mine} vs {peer}");
+        assert_eq!(incoming(peer, mine), Incoming::Apply, "the peer applies our change");
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod config_sync;
 pub mod election;
 pub mod flow_sync;
 pub mod node;
+pub mod session;
 pub mod wire;
 
 use std::io::Read as _;
@@ -253,7 +254,7 @@ secret_file = "/etc/lb/cluster.key"
     #[test]
     fn heartbeats_through_the_codec_elect_and_replays_do_not_revive_a_dead_peer() {
         use election::Election;
-        use wire::{Message, PeerGuard, Role, Sealer};
+        use wire::{Message, Role};
         let key = wire::Key::new(b"0123456789abcdef0123").unwrap();
         let cfg = |id, prio| ClusterConfig {
             node_id: id,
@@ -268,8 +269,8 @@ secret_file = "/etc/lb/cluster.key"
         };
         let (c1, c2) = (cfg(1, 200), cfg(2, 100));
         let mut e = [Election::new(c1.params(), Default::default(), 0), Election::new(c2.params(), Default::default(), 0)];
-        let mut tx = [Sealer::new(key.clone(), 1, 1_000), Sealer::new(key.clone(), 2, 2_000)];
-        let mut rx = [PeerGuard::new(key.clone(), 1, Some(2)), PeerGuard::new(key.clone(), 2, Some(1))];
+        let ((t1, r1), (t2, r2)) = (wire::endpoint(key.clone(), 1, Some(2), 1_000), wire::endpoint(key.clone(), 2, Some(1), 2_000));
+        let (mut tx, mut rx) = ([t1, t2], [r1, r2]);
         let mut captured = Vec::new();
         for now in (0..1000).step_by(50) {
             let i = (now / 50 % 2) as usize;
@@ -279,7 +280,11 @@ secret_file = "/etc/lb/cluster.key"
             if i == 0 {
                 captured.push(d.clone());
             }
-            let (h, m) = rx[j].accept(now, &d).unwrap();
+            // The very first one is the session handshake.
+            let Ok((h, m)) = rx[j].accept(now, &d) else {
+                assert_eq!(now, 0);
+                continue;
+            };
             let Message::Heartbeat(hb) = m else { panic!("{m:?}") };
             e[j].on_heartbeat(now, h.node_id, hb);
         }
@@ -287,10 +292,68 @@ secret_file = "/etc/lb/cluster.key"
         // Node 1 dies; an attacker replays its captured heartbeats to node 2.
         for (k, now) in (1000..2000).step_by(100).enumerate() {
             let r = rx[1].accept(now, &captured[k % captured.len()]).unwrap_err();
-            assert!(matches!(r.error, wire::WireError::Replay { .. }));
+            assert!(matches!(r.error, wire::WireError::Replay { .. } | wire::WireError::StaleSession), "{r:?}");
             e[1].on_tick(now);
         }
         assert_eq!(e[1].role(), Role::Active);
-        assert_eq!(rx[1].counters().get(wire::Reason::Replay), 10);
+        let c = rx[1].counters();
+        assert_eq!(c.get(wire::Reason::Replay) + c.get(wire::Reason::StaleSession), 11, "10 replays and the handshake");
+    }
+
+    /// Issue 11 item 1: heartbeats captured in an earlier session are replayed after
+    /// a restart of the victim, of its peer, or of both (the peer then dead). None is
+    /// accepted, and the victim, hearing nothing, becomes active.
+    #[test]
+    fn datagrams_of_an_earlier_session_are_refused_whatever_restarted() {
+        use election::Election;
+        use wire::{Message, Role, endpoint};
+        let key = wire::Key::new(b"0123456789abcdef0123").unwrap();
+        let hb = |role| Message::Heartbeat(wire::Heartbeat { priority: 200, role, preempt: false, config: Default::default(), synced: true, yielding: false });
+        for (victim_restarts, peer_restarts) in [(true, true), (true, false), (false, true)] {
+            // Session 1: node 1 active, node 2 listening; 100 heartbeats captured.
+            let (mut tx1, mut rx1) = endpoint(key.clone(), 1, Some(2), 1_000);
+            let (mut tx2, mut rx2) = endpoint(key.clone(), 2, Some(1), 2_000);
+            let mut captured = Vec::new();
+            for now in 0..200 {
+                if captured.len() == 100 {
+                    break;
+                }
+                let d = tx1.seal(&hb(Role::Active)).unwrap();
+                let ok = rx2.accept(now, &d).is_ok();
+                let _ = rx1.accept(now, &tx2.seal(&hb(Role::Backup)).unwrap());
+                if ok {
+                    captured.push(d);
+                }
+            }
+            assert_eq!(captured.len(), 100, "the session ran");
+            if victim_restarts {
+                (tx2, rx2) = endpoint(key.clone(), 2, Some(1), 3_000);
+            }
+            if peer_restarts {
+                // Node 1 comes back as a new process, talks a while, then dies.
+                (tx1, rx1) = endpoint(key.clone(), 1, Some(2), 4_000);
+                for now in 200..210 {
+                    let _ = rx2.accept(now, &tx1.seal(&hb(Role::Backup)).unwrap());
+                    let _ = rx1.accept(now, &tx2.seal(&hb(Role::Backup)).unwrap());
+                }
+                assert!(rx2.in_session(), "the new session established");
+            } else {
+                // Node 1 dies without restarting; the victim keeps talking to nobody.
+                let _ = tx2.seal(&hb(Role::Backup));
+            }
+            let mut victim =
+                Election::new(election::Params { node_id: 2, priority: 100, heartbeat_ms: 100, dead_after: 3, preempt: false }, Default::default(), 300);
+            let mut accepted = 0;
+            for (i, d) in captured.iter().enumerate() {
+                let now = 300 + i as u64 * 10;
+                if let Ok((h, Message::Heartbeat(b))) = rx2.accept(now, d) {
+                    accepted += 1;
+                    victim.on_heartbeat(now, h.node_id, b);
+                }
+                victim.on_tick(now);
+            }
+            assert_eq!(accepted, 0, "victim restarted {victim_restarts}, peer restarted {peer_restarts}");
+            assert_eq!(victim.role(), Role::Active, "the victim serves the VIPs");
+        }
     }
 }

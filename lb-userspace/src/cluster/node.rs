@@ -196,10 +196,11 @@ impl ClusterTask {
             }
         };
         let peer = self.cfg.peer;
+        let (sealer, guard) = super::wire::endpoint(self.key.clone(), self.cfg.node_id, self.cfg.peer_id, self.epoch);
         let mut r = Run {
             election: Election::new(self.cfg.params(), self.pos, 0),
-            sealer: Sealer::new(self.key.clone(), self.cfg.node_id, self.epoch),
-            guard: PeerGuard::new(self.key.clone(), self.cfg.node_id, self.cfg.peer_id),
+            sealer,
+            guard,
             replicator: Replicator::new(self.cfg.heartbeat_ms as u64 * 10),
             assembler: Assembler::default(),
             started: Instant::now(),
@@ -332,6 +333,10 @@ impl Run {
                 if r.log {
                     warn!(error = %r.error, suppressed = r.suppressed, "cluster: datagram refused");
                 }
+                if r.hello {
+                    // Session handshake: answer now, not at the next heartbeat.
+                    self.send_heartbeat().await;
+                }
                 return;
             }
         };
@@ -343,6 +348,10 @@ impl Run {
                 }
                 if let Some(t) = self.election.on_heartbeat(now, h.node_id, hb) {
                     self.transition(t).await;
+                }
+                // A new session: the peer may have missed the config; send now.
+                if self.guard.take_session_started() {
+                    self.on_tick().await;
                 }
             }
             Message::ConfigSync(chunk) => match self.assembler.push(chunk) {

@@ -7,14 +7,18 @@
 //! | off | len | field |
 //! |---|---|---|
 //! | 0 | 4 | magic `LBCL` |
-//! | 4 | 1 | format version (1) |
+//! | 4 | 1 | format version (2) |
 //! | 5 | 1 | kind |
 //! | 6 | 2 | payload length |
 //! | 8 | 4 | sender node id |
-//! | 12 | 8 | sender boot epoch |
+//! | 12 | 8 | sender boot epoch (diagnostics only) |
 //! | 20 | 8 | sequence |
-//! | 28 | n | payload |
-//! | 28+n | 32 | HMAC-SHA256(secret, bytes 0..28+n) |
+//! | 28 | 16 | sender's session nonce |
+//! | 44 | 16 | receiver's session nonce, as the sender knows it (zeros: unknown) |
+//! | 60 | n | payload |
+//! | 60+n | 32 | HMAC-SHA256(secret, bytes 0..60+n) |
+//!
+//! The two nonces bind every datagram to one session of both nodes: see `session`.
 //!
 //! Order of checks on receipt: size, magic, version, length, then the tag (constant
 //! time), and only then the kind and payload: the payload parser never sees bytes an
@@ -26,10 +30,12 @@ use hmac::{Hmac, Mac as _};
 use sha2::Sha256;
 
 use super::config_sync::ConfigPos;
+use super::session::{NONCE_LEN, Nonce, SharedSession, Verdict};
 
 pub const MAGIC: [u8; 4] = *b"LBCL";
-pub const VERSION: u8 = 1;
-pub const HEADER_LEN: usize = 28;
+/// 2: session nonces in the header (1 had none: replays across restarts).
+pub const VERSION: u8 = 2;
+pub const HEADER_LEN: usize = 28 + 2 * NONCE_LEN;
 pub const TAG_LEN: usize = 32;
 /// Largest datagram we send or accept. Below the 65507-byte UDP limit with room to spare.
 pub const MAX_DATAGRAM: usize = 60 * 1024;
@@ -185,6 +191,10 @@ pub struct Header {
     pub node_id: u32,
     pub epoch: u64,
     pub seq: u64,
+    /// The sender's session nonce.
+    pub nonce: Nonce,
+    /// Our nonce as the sender knew it.
+    pub echo: Nonce,
 }
 
 /// Why a datagram was refused. One variant per counter in `Counters`.
@@ -211,6 +221,10 @@ pub enum WireError {
     WrongNode { got: u32, want: Option<u32> },
     #[error("replay: epoch {epoch} seq {seq} is not after the last accepted")]
     Replay { epoch: u64, seq: u64 },
+    /// Not sealed for our current session nonce: recorded in an earlier session, or
+    /// the peer has not learnt our nonce yet (handshake).
+    #[error("not of the current session (recorded earlier, or handshake in progress)")]
+    StaleSession,
 }
 
 /// Counter index of a `WireError`.
@@ -226,10 +240,11 @@ pub enum Reason {
     BadPayload,
     WrongNode,
     Replay,
+    StaleSession,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 10] = [
+    pub const ALL: [Reason; 11] = [
         Reason::Truncated,
         Reason::Oversize,
         Reason::BadMagic,
@@ -240,6 +255,7 @@ impl Reason {
         Reason::BadPayload,
         Reason::WrongNode,
         Reason::Replay,
+        Reason::StaleSession,
     ];
 
     pub fn name(self) -> &'static str {
@@ -254,6 +270,7 @@ impl Reason {
             Reason::BadPayload => "bad_payload",
             Reason::WrongNode => "wrong_node",
             Reason::Replay => "replay",
+            Reason::StaleSession => "stale_session",
         }
     }
 }
@@ -271,6 +288,7 @@ impl WireError {
             WireError::BadPayload(_) => Reason::BadPayload,
             WireError::WrongNode { .. } => Reason::WrongNode,
             WireError::Replay { .. } => Reason::Replay,
+            WireError::StaleSession => Reason::StaleSession,
         }
     }
 }
@@ -371,14 +389,27 @@ fn encode_payload(msg: &Message) -> Result<Vec<u8>, EncodeError> {
     Ok(p)
 }
 
-/// Numbers and signs outgoing datagrams. One per process: `epoch` must grow across
-/// restarts (see `next_epoch`), `seq` grows within one.
+/// Numbers and signs outgoing datagrams, stamped with the session's nonces. One per
+/// process; `seq` grows within it. `epoch` only tells restarts apart in logs.
 #[derive(Debug)]
 pub struct Sealer {
     key: Key,
     node_id: u32,
     epoch: u64,
     seq: u64,
+    session: SharedSession,
+}
+
+/// The sending and receiving halves of one node's peer link, sharing one session:
+/// what the node must use (a `Sealer` and a `PeerGuard` made apart never agree on a
+/// session, so the peer refuses everything they seal).
+pub fn endpoint(key: Key, node_id: u32, peer_id: Option<u32>, epoch: u64) -> (Sealer, PeerGuard) {
+    let session = SharedSession::default();
+    let mut sealer = Sealer::new(key.clone(), node_id, epoch);
+    sealer.session = session.clone();
+    let mut guard = PeerGuard::new(key, node_id, peer_id);
+    guard.session = session;
+    (sealer, guard)
 }
 
 /// The boot epoch for a new process: the wall clock in ms, but never at or below the
@@ -393,7 +424,7 @@ pub fn next_epoch(now_ms: u64, last: Option<u64>) -> u64 {
 
 impl Sealer {
     pub fn new(key: Key, node_id: u32, epoch: u64) -> Self {
-        Self { key, node_id, epoch, seq: 0 }
+        Self { key, node_id, epoch, seq: 0, session: SharedSession::default() }
     }
 
     pub fn seq(&self) -> u64 {
@@ -413,6 +444,11 @@ impl Sealer {
         d.extend_from_slice(&self.node_id.to_be_bytes());
         d.extend_from_slice(&self.epoch.to_be_bytes());
         d.extend_from_slice(&self.seq.to_be_bytes());
+        {
+            let s = self.session.lock();
+            d.extend_from_slice(&s.local());
+            d.extend_from_slice(&s.echo());
+        }
         d.extend_from_slice(&payload);
         let mut mac = self.key.0.clone();
         mac.update(&d);
@@ -514,8 +550,15 @@ impl<'a> Reader<'a> {
     fn u64(&mut self, what: &'static str) -> Result<u64, WireError> {
         Ok(u64::from_be_bytes(self.arr(what)?))
     }
+    fn nonce(&mut self, what: &'static str) -> Result<Nonce, WireError> {
+        self.arr(what)
+    }
     fn pos(&mut self) -> Result<ConfigPos, WireError> {
-        Ok(ConfigPos { version: self.u64("config version")?, origin: self.u32("config origin")? })
+        let p = ConfigPos { version: self.u64("config version")?, origin: self.u32("config origin")? };
+        if !p.in_range() {
+            return Err(WireError::BadPayload("config version out of range"));
+        }
+        Ok(p)
     }
     fn ip(&mut self, v6: bool, what: &'static str) -> Result<IpAddr, WireError> {
         Ok(if v6 { IpAddr::V6(Ipv6Addr::from(self.arr::<16>(what)?)) } else { IpAddr::V4(Ipv4Addr::from(self.arr::<4>(what)?)) })
@@ -626,7 +669,7 @@ pub fn open(key: &Key, d: &[u8]) -> Result<(Header, Message), WireError> {
     // verify_slice compares in constant time.
     mac.verify_slice(tag).map_err(|_| WireError::BadTag)?;
     let mut r = Reader { b: &body[8..HEADER_LEN] };
-    let header = Header { node_id: r.u32("node id")?, epoch: r.u64("epoch")?, seq: r.u64("seq")? };
+    let header = Header { node_id: r.u32("node id")?, epoch: r.u64("epoch")?, seq: r.u64("seq")?, nonce: r.nonce("nonce")?, echo: r.nonce("echo")? };
     let msg = decode_payload(d[5], &body[HEADER_LEN..])?;
     Ok((header, msg))
 }
@@ -663,26 +706,31 @@ impl Counters {
 pub struct Rejected {
     pub error: WireError,
     pub log: bool,
+    /// The session handshake moved on: send the peer a heartbeat now, so it completes
+    /// in one round trip instead of one per heartbeat interval.
+    pub hello: bool,
     /// Datagrams of this reason refused without a log line since the last one.
     pub suppressed: u64,
 }
 
 pub const LOG_EVERY_MS: u64 = 10_000;
 
-/// The receive path for one peer: authentication, sender id, replay window.
+/// The receive path for one peer: authentication, sender id, session, replay window.
 ///
-/// Replay rule: (epoch, seq) must be strictly greater, lexicographically, than the
-/// last accepted pair. A restarted peer has a larger epoch, so its seq may start over;
-/// a reordered datagram is refused like a replay (the LAN rarely reorders, and every
-/// message kind tolerates a loss). State changes only on an accepted datagram, so
-/// junk cannot move the window.
+/// Replay rule: the datagram must echo our current session nonce and carry the peer
+/// nonce bound to it (see `session`), and its seq must be strictly greater than the
+/// last accepted one. A reordered datagram is refused like a replay (the LAN rarely
+/// reorders, and every message kind tolerates a loss). Only authentic datagrams from
+/// the peer's id reach the session, so junk cannot move it.
 #[derive(Debug)]
 pub struct PeerGuard {
     key: Key,
     own_id: u32,
     /// Configured, or learnt from the first authentic datagram of another node.
     peer_id: Option<u32>,
-    last: Option<(u64, u64)>,
+    session: SharedSession,
+    /// Set by the last `check` when the handshake moved on.
+    hello: bool,
     counters: Counters,
     last_log: [Option<u64>; Reason::ALL.len()],
     suppressed: [u64; Reason::ALL.len()],
@@ -694,7 +742,8 @@ impl PeerGuard {
             key,
             own_id,
             peer_id,
-            last: None,
+            session: SharedSession::default(),
+            hello: false,
             counters: Counters::default(),
             last_log: [None; Reason::ALL.len()],
             suppressed: [0; Reason::ALL.len()],
@@ -709,14 +758,22 @@ impl PeerGuard {
         self.peer_id
     }
 
-    /// The last accepted (epoch, seq).
-    pub fn last(&self) -> Option<(u64, u64)> {
-        self.last
+    /// Whether a session with the peer is established (a datagram was accepted since
+    /// our nonce was last drawn).
+    pub fn in_session(&self) -> bool {
+        self.session.lock().is_bound()
+    }
+
+    /// True once after a session with the peer was established: the node should send
+    /// at once what the peer may have missed (its heartbeat, the config if behind).
+    pub fn take_session_started(&mut self) -> bool {
+        self.session.lock().take_started()
     }
 
     /// Accepts a datagram from the peer or says why not. `now_ms` only paces logging.
     pub fn accept(&mut self, now_ms: u64, d: &[u8]) -> Result<(Header, Message), Rejected> {
-        match self.check(d) {
+        self.hello = false;
+        match self.check(now_ms, d) {
             Ok(x) => {
                 self.counters.accepted = self.counters.accepted.saturating_add(1);
                 Ok(x)
@@ -725,7 +782,8 @@ impl PeerGuard {
                 let r = error.reason();
                 self.counters.bump(r);
                 let i = r as usize;
-                let log = self.last_log[i].is_none_or(|t| now_ms.saturating_sub(t) >= LOG_EVERY_MS);
+                // A handshake step is expected (every start), not worth a log line.
+                let log = !self.hello && self.last_log[i].is_none_or(|t| now_ms.saturating_sub(t) >= LOG_EVERY_MS);
                 let suppressed = self.suppressed[i];
                 if log {
                     self.last_log[i] = Some(now_ms);
@@ -733,12 +791,12 @@ impl PeerGuard {
                 } else {
                     self.suppressed[i] = self.suppressed[i].saturating_add(1);
                 }
-                Err(Rejected { error, log, suppressed: if log { suppressed } else { 0 } })
+                Err(Rejected { error, log, hello: self.hello, suppressed: if log { suppressed } else { 0 } })
             }
         }
     }
 
-    fn check(&mut self, d: &[u8]) -> Result<(Header, Message), WireError> {
+    fn check(&mut self, now_ms: u64, d: &[u8]) -> Result<(Header, Message), WireError> {
         let (h, msg) = open(&self.key, d)?;
         // Our own id: a datagram of ours reflected back (same secret on both sides).
         if h.node_id == self.own_id {
@@ -747,11 +805,17 @@ impl PeerGuard {
         if let Some(want) = self.peer_id.filter(|&w| w != h.node_id) {
             return Err(WireError::WrongNode { got: h.node_id, want: Some(want) });
         }
-        if self.last.is_some_and(|l| (h.epoch, h.seq) <= l) {
-            return Err(WireError::Replay { epoch: h.epoch, seq: h.seq });
+        match self.session.lock().check(now_ms, h.nonce, h.echo, h.seq) {
+            Verdict::Accept => {}
+            Verdict::Replay => {
+                return Err(WireError::Replay { epoch: h.epoch, seq: h.seq });
+            }
+            Verdict::Stale { hello } => {
+                self.hello = hello;
+                return Err(WireError::StaleSession);
+            }
         }
         self.peer_id = Some(h.node_id);
-        self.last = Some((h.epoch, h.seq));
         Ok((h, msg))
     }
 }
@@ -812,7 +876,7 @@ mod tests {
                 priority: 255,
                 role: Role::Backup,
                 preempt: false,
-                config: ConfigPos { version: u64::MAX, origin: u32::MAX },
+                config: ConfigPos { version: super::super::config_sync::MAX_CONFIG_VERSION, origin: u32::MAX },
                 synced: true,
                 yielding: false,
             }),
@@ -831,7 +895,8 @@ mod tests {
             let d = s.seal(&m).unwrap();
             let (h, back) = open(&key(), &d).unwrap();
             assert_eq!(back, m);
-            assert_eq!(h, Header { node_id: 1, epoch: 1000, seq: i as u64 + 1 });
+            let nonce = s.session.lock().local();
+            assert_eq!(h, Header { node_id: 1, epoch: 1000, seq: i as u64 + 1, nonce, echo: [0; NONCE_LEN] });
         }
     }
 
@@ -840,13 +905,15 @@ mod tests {
         let mut s = Sealer::new(key(), 0x01020304, 0x1122334455667788);
         let d = s.seal(&Message::ConfigAck(ConfigPos { version: 5, origin: 6 })).unwrap();
         assert_eq!(&d[0..4], b"LBCL");
-        assert_eq!(d[4], 1);
+        assert_eq!(d[4], 2);
         assert_eq!(d[5], KIND_CONFIG_ACK);
         assert_eq!(&d[6..8], &12u16.to_be_bytes());
         assert_eq!(&d[8..12], &[1, 2, 3, 4]);
         assert_eq!(&d[12..20], &0x1122334455667788u64.to_be_bytes());
         assert_eq!(&d[20..28], &1u64.to_be_bytes());
-        assert_eq!(d.len(), HEADER_LEN + 12 + TAG_LEN);
+        assert_eq!(&d[28..44], &s.session.lock().local());
+        assert_eq!(&d[44..60], &[0; 16], "peer's nonce not known yet");
+        assert_eq!(d.len(), 60 + 12 + TAG_LEN);
         // An IPv4 flow takes 18 bytes, an IPv6 one with an IPv4 backend 42.
         assert_eq!(flow4(0).encoded_len(), 18);
         assert_eq!(flow6(0).encoded_len(), 42);
@@ -905,6 +972,7 @@ mod tests {
         d.extend_from_slice(&2u32.to_be_bytes());
         d.extend_from_slice(&1u64.to_be_bytes());
         d.extend_from_slice(&1u64.to_be_bytes());
+        d.extend_from_slice(&[0; 2 * NONCE_LEN]);
         d.extend_from_slice(payload);
         let mut mac = key().0.clone();
         mac.update(&d);
@@ -921,6 +989,14 @@ mod tests {
             (KIND_HEARTBEAT, [vec![1, 3, 0], vec![0; 12]].concat(), WireError::BadPayload("role")),
             (KIND_HEARTBEAT, [vec![1, 2, 8], vec![0; 12]].concat(), WireError::BadPayload("unknown heartbeat flags")),
             (KIND_CONFIG_ACK, vec![0; 11], WireError::BadPayload("config origin")),
+            // A position past the range would freeze replication (u64::MAX saturates).
+            (KIND_CONFIG_ACK, [vec![0xff; 8], vec![0; 4]].concat(), WireError::BadPayload("config version out of range")),
+            (KIND_HEARTBEAT, [vec![1, 2, 0], vec![0xff; 8], vec![0; 4]].concat(), WireError::BadPayload("config version out of range")),
+            (
+                KIND_CONFIG_SYNC,
+                [vec![0x40, 0, 0, 0, 0, 0, 0, 1], vec![0; 4], vec![0, 0, 0, 1, 0, 0, 0, 0], vec![1]].concat(),
+                WireError::BadPayload("config version out of range"),
+            ),
             (KIND_CONFIG_ACK, vec![0; 13], WireError::BadPayload("trailing bytes")),
             // total 4, offset 2, 3 bytes of data: past the end.
             (KIND_CONFIG_SYNC, [vec![0; 12], vec![0, 0, 0, 4, 0, 0, 0, 2], vec![1, 2, 3]].concat(), WireError::BadPayload("chunk beyond the announced total")),
@@ -987,37 +1063,71 @@ mod tests {
         assert!(Sealer::new(key(), 1, 1).seal_config(pos, &huge, MAX_DATAGRAM).is_err());
     }
 
+    /// Two endpoints that exchanged heartbeats until both accept: an established session.
+    fn pair(a: u32, b: u32) -> ((Sealer, PeerGuard), (Sealer, PeerGuard)) {
+        let (mut x, mut y) = (endpoint(key(), a, Some(b), 100), endpoint(key(), b, Some(a), 200));
+        for _ in 0..3 {
+            let _ = y.1.accept(0, &x.0.seal(&hb()).unwrap());
+            let _ = x.1.accept(0, &y.0.seal(&hb()).unwrap());
+        }
+        assert!(x.1.in_session() && y.1.in_session());
+        (x, y)
+    }
+
+    #[test]
+    fn a_session_is_established_in_one_round_trip_and_told_to_answer() {
+        let (mut a, mut b) = (endpoint(key(), 1, Some(2), 100), endpoint(key(), 2, Some(1), 200));
+        // a's first datagram does not echo b's nonce: refused, but b learns a's nonce
+        // and is told to answer now.
+        let r = b.1.accept(0, &a.0.seal(&hb()).unwrap()).unwrap_err();
+        assert_eq!((r.error, r.hello, r.log), (WireError::StaleSession, true, false));
+        // b's answer echoes a's nonce: accepted, and a's next one is accepted by b.
+        assert!(a.1.accept(1, &b.0.seal(&hb()).unwrap()).is_ok());
+        assert!(b.1.accept(2, &a.0.seal(&hb()).unwrap()).is_ok());
+        assert_eq!(b.1.counters().get(Reason::StaleSession), 1);
+    }
+
     #[test]
     fn guard_refuses_replays_wrong_nodes_and_reflections_and_counts_them() {
-        let mut peer = Sealer::new(key(), 2, 100);
-        let mut g = PeerGuard::new(key(), 1, Some(2));
+        let ((mut peer, _), (mut ours, mut g)) = pair(2, 1);
+        let base = g.counters().clone();
         let d1 = peer.seal(&hb()).unwrap();
         let d2 = peer.seal(&hb()).unwrap();
         assert!(g.accept(0, &d2).is_ok());
         // d1 arrives late: an older seq, refused like a replay.
-        assert!(matches!(g.accept(1, &d1).unwrap_err().error, WireError::Replay { epoch: 100, seq: 1 }));
+        assert!(matches!(g.accept(1, &d1).unwrap_err().error, WireError::Replay { epoch: 100, .. }));
         assert!(matches!(g.accept(2, &d2).unwrap_err().error, WireError::Replay { .. }));
-        // Restarted peer: new epoch, seq starts over, accepted.
-        let mut peer2 = Sealer::new(key(), 2, 101);
-        assert!(g.accept(3, &peer2.seal(&hb()).unwrap()).is_ok());
-        // An old epoch stays dead.
-        assert!(matches!(g.accept(4, &peer.seal(&hb()).unwrap()).unwrap_err().error, WireError::Replay { .. }));
+        // A restarted peer: new session; nothing of the old one is accepted again.
+        let (mut peer2, mut g2) = endpoint(key(), 2, Some(1), 101);
+        let r = g.accept(3, &peer2.seal(&hb()).unwrap()).unwrap_err();
+        assert_eq!(r.error, WireError::StaleSession);
+        // It learns our nonce from our next datagram; its first datagram echoing it
+        // makes us redraw ours (we were bound to its old session), then both bind.
+        for _ in 0..3 {
+            let _ = g2.accept(4, &ours.seal(&hb()).unwrap());
+            let _ = g.accept(4, &peer2.seal(&hb()).unwrap());
+        }
+        assert!(g.accept(5, &peer2.seal(&hb()).unwrap()).is_ok());
+        assert_eq!(g.accept(6, &peer.seal(&hb()).unwrap()).unwrap_err().error, WireError::StaleSession, "the old session stays dead");
+        assert_eq!(g.accept(6, &d1).unwrap_err().error, WireError::StaleSession);
         // A third node with the same secret, and our own datagrams reflected back.
-        let e = g.accept(5, &Sealer::new(key(), 3, 999).seal(&hb()).unwrap()).unwrap_err();
+        let e = g.accept(7, &Sealer::new(key(), 3, 999).seal(&hb()).unwrap()).unwrap_err();
         assert_eq!(e.error, WireError::WrongNode { got: 3, want: Some(2) });
-        assert!(matches!(g.accept(6, &Sealer::new(key(), 1, 999).seal(&hb()).unwrap()).unwrap_err().error, WireError::WrongNode { got: 1, .. }));
-        let _ = g.accept(7, b"junk");
+        assert!(matches!(g.accept(8, &Sealer::new(key(), 1, 999).seal(&hb()).unwrap()).unwrap_err().error, WireError::WrongNode { got: 1, .. }));
+        let _ = g.accept(9, b"junk");
         let c = g.counters();
-        assert_eq!((c.accepted, c.get(Reason::Replay), c.get(Reason::WrongNode), c.get(Reason::Truncated)), (2, 3, 2, 1));
-        assert_eq!(c.rejected_total(), 6);
-        assert_eq!(g.last(), Some((101, 1)));
+        assert_eq!(c.accepted - base.accepted, 4);
+        assert_eq!((c.get(Reason::Replay), c.get(Reason::WrongNode), c.get(Reason::Truncated)), (2, 2, 1));
     }
 
     #[test]
     fn guard_learns_an_unconfigured_peer_once_and_never_accepts_itself() {
-        let mut g = PeerGuard::new(key(), 1, None);
+        let (mut me, mut g) = endpoint(key(), 1, None, 1);
         assert!(matches!(g.accept(0, &Sealer::new(key(), 1, 5).seal(&hb()).unwrap()).unwrap_err().error, WireError::WrongNode { got: 1, .. }));
-        assert!(g.accept(0, &Sealer::new(key(), 7, 5).seal(&hb()).unwrap()).is_ok());
+        let (mut p7, mut g7) = endpoint(key(), 7, Some(1), 5);
+        let _ = g.accept(0, &p7.seal(&hb()).unwrap());
+        let _ = g7.accept(0, &me.seal(&hb()).unwrap());
+        assert!(g.accept(0, &p7.seal(&hb()).unwrap()).is_ok());
         assert_eq!(g.peer_id(), Some(7));
         assert!(matches!(g.accept(0, &Sealer::new(key(), 8, 6).seal(&hb()).unwrap()).unwrap_err().error, WireError::WrongNode { got: 8, want: Some(7) }));
     }
@@ -1062,11 +1172,9 @@ mod tests {
     #[test]
     fn random_input_never_panics() {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-        let mut g = PeerGuard::new(key(), 1, Some(2));
-        let valid: Vec<Vec<u8>> = {
-            let mut s = Sealer::new(key(), 2, 1);
-            samples().iter().map(|m| s.seal(m).unwrap()).collect()
-        };
+        let ((mut s, _), (_, mut g)) = pair(2, 1);
+        let base = g.counters().clone();
+        let valid: Vec<Vec<u8>> = samples().iter().map(|m| s.seal(m).unwrap()).collect();
         let mut accepted = 0;
         for i in 0..100_000u32 {
             let r = rng.next();
@@ -1106,7 +1214,7 @@ mod tests {
             let _ = open(&key(), &d);
         }
         let c = g.counters();
-        assert_eq!(c.accepted, accepted);
-        assert_eq!(c.accepted + c.rejected_total(), 100_000);
+        assert_eq!(c.accepted - base.accepted, accepted);
+        assert_eq!(c.accepted + c.rejected_total() - base.accepted - base.rejected_total(), 100_000);
     }
 }

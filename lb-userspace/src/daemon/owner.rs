@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use tokio::sync::{oneshot, watch};
 use tracing::{error, info, warn};
 
@@ -541,9 +541,7 @@ impl<W: MapWriter, D: Datapath> Owner<W, D> {
     pub fn reload(&mut self, fx: &mut Effects) -> anyhow::Result<String> {
         let (cfg, src) = Config::load(&self.config_path).map_err(|e| anyhow::anyhow!("{}: {e}", self.config_path.display()))?;
         let hash = content_hash(&src);
-        if cfg.instance != self.cfg.instance || cfg.socket != self.cfg.socket || cfg.state_dir != self.cfg.state_dir {
-            bail!("instance, socket and state_dir cannot change on reload: restart lbd");
-        }
+        self.cfg.check_reload(&cfg).map_err(anyhow::Error::msg)?;
         if self.config_hash == hash {
             return Ok("config file unchanged".into());
         }
@@ -654,7 +652,7 @@ mod tests {
     impl Datapath for FakeDp {
         fn attach(&mut self, interface: &str, _: XdpModeCfg) -> anyhow::Result<Attached> {
             if !self.links.contains_key(interface) {
-                bail!("no such interface {interface}");
+                anyhow::bail!("no such interface {interface}");
             }
             self.attaches.push(interface.to_string());
             Ok(Attached { mode: "native".into(), attached_now: true })
