@@ -366,6 +366,17 @@ impl<W: MapWriter> ControlPlane<W> {
     }
 
     /// Datapath id of a backend of a service.
+    pub fn service_id(&self, name: &str) -> Option<u32> {
+        self.services.get(name).map(|s| s.id)
+    }
+
+    /// Every backend of `service` in the datapath: address → (id, in its table, i.e.
+    /// weight > 0). One pass, nothing cloned: views of thousands of backends look
+    /// each one up here instead of scanning the service per backend.
+    pub fn backend_index(&self, service: &str) -> std::collections::HashMap<IpAddr, (u32, bool)> {
+        self.services.get(service).map_or_else(Default::default, |s| s.backends.iter().map(|b| (b.spec.addr, (b.id, b.spec.weight > 0))).collect())
+    }
+
     pub fn backend_id(&self, service: &str, addr: IpAddr) -> Option<u32> {
         self.services.get(service)?.backends.iter().find(|b| b.spec.addr == addr).map(|b| b.id)
     }

@@ -13,7 +13,7 @@
 //!   MAC, resolved neighbour or, in ipip mode, the gateway MAC) and, with health checks,
 //!   until their first check passed.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
 use lb_common::{Counter, MAX_BACKENDS, MAX_SERVICES, Settings, TrafficCounter, reason};
@@ -397,10 +397,15 @@ impl<W: MapWriter> Core<W> {
         Ok(changed)
     }
 
+    /// Forgets health of backends that are gone or no longer checked. Record
+    /// (`record_health`) relies on it: a health entry means a current backend.
     fn prune_health(&mut self) {
-        let services = &self.services;
-        self.health.retain(|(s, a), _| services.get(s).is_some_and(|d| d.health.is_some() && d.backend(*a).is_some()));
-        self.pending_errors.retain(|(s, a), _| services.get(s).is_some_and(|d| d.health.is_some() && d.backend(*a).is_some()));
+        // One set per checked service: thousands of entries, each looked up once.
+        let checked: HashMap<&str, HashSet<IpAddr>> =
+            self.services.values().filter(|d| d.health.is_some()).map(|d| (d.name.as_str(), d.backends.iter().map(|b| b.address).collect())).collect();
+        let keep = |(s, a): &(String, IpAddr)| checked.get(s.as_str()).is_some_and(|set| set.contains(a));
+        self.health.retain(|k, _| keep(k));
+        self.pending_errors.retain(|k, _| keep(k));
     }
 
     /// Applies one CLI change to its service only. Nothing changes on error.
@@ -539,10 +544,15 @@ impl<W: MapWriter> Core<W> {
     fn record_health(&mut self, t: &Target, r: Result<(), String>) -> Option<(HealthEvent, Option<Tracker>)> {
         let def = self.services.get(&t.service)?;
         // A result for a target that no longer exists (changed spec, removed backend).
-        if def.health.as_ref() != Some(&t.spec) || def.backend(t.addr).is_none() || t.port != t.spec.port(def.vip.port) {
+        if def.health.as_ref() != Some(&t.spec) || t.port != t.spec.port(def.vip.port) {
             return None;
         }
         let key = (t.service.clone(), t.addr);
+        // A health entry means a current backend (`prune_health`), so the scan of the
+        // service's backends is only paid by pending ones.
+        if !self.health.contains_key(&key) && def.backend(t.addr).is_none() {
+            return None;
+        }
         let Some(entry) = self.health.get_mut(&key) else {
             // Pending: a failure keeps it pending (the error is shown); the first pass
             // puts it in the table.
@@ -579,12 +589,12 @@ impl<W: MapWriter> Core<W> {
         }
     }
 
-    fn backend_view(&self, d: &ServiceDef, b: &BackendDef) -> BackendView {
+    /// `index`: `ControlPlane::backend_index` of `d`.
+    fn backend_view(&self, d: &ServiceDef, b: &BackendDef, index: &HashMap<IpAddr, (u32, bool)>) -> BackendView {
         let h = self.health.get(&(d.name.clone(), b.address));
         let up = self.health_up(d, b.address);
         let pending = self.pending(d, b);
-        let id = self.cp.backend_id(&d.name, b.address);
-        let in_table = self.cp.service(&d.name).is_some_and(|v| v.backends.iter().any(|(s, _)| s.addr == b.address && s.weight > 0));
+        let (id, in_table) = index.get(&b.address).map_or((None, false), |&(id, t)| (Some(id), t));
         let next_hop = match (b.mac, self.resolved.get(&b.address)) {
             (Some(m), _) => format!("{m} (config)"),
             (None, Some(m)) => format!("{m} (neighbour)"),
@@ -623,8 +633,11 @@ impl<W: MapWriter> Core<W> {
             table_size: d.table_size,
             health: d.health.clone(),
             unhealthy: d.unhealthy,
-            id: self.cp.service(name).map_or(u32::MAX, |v| v.id),
-            backends: d.backends.iter().map(|b| self.backend_view(d, b)).collect(),
+            id: self.cp.service_id(name).unwrap_or(u32::MAX),
+            backends: {
+                let index = self.cp.backend_index(name);
+                d.backends.iter().map(|b| self.backend_view(d, b, &index)).collect()
+            },
         })
     }
 
@@ -642,7 +655,10 @@ impl<W: MapWriter> Core<W> {
             .services
             .values()
             .filter(|d| service.is_none_or(|s| s == d.name))
-            .flat_map(|d| d.backends.iter().map(|b| self.backend_view(d, b)))
+            .flat_map(|d| {
+                let index = self.cp.backend_index(&d.name);
+                d.backends.iter().map(move |b| self.backend_view(d, b, &index))
+            })
             .collect())
     }
 
@@ -672,17 +688,18 @@ impl<W: MapWriter> Core<W> {
     pub fn stats(&self, src: &dyn CounterSource) -> Result<StatsView, MapWriteError> {
         let mut services = Vec::new();
         for d in self.services.values() {
-            let Some(v) = self.cp.service(&d.name) else { continue };
+            let Some(v) = self.cp.service_id(&d.name) else { continue };
+            let index = self.cp.backend_index(&d.name);
             let mut backends = Vec::new();
             for b in &d.backends {
-                let bv = self.backend_view(d, b);
+                let bv = self.backend_view(d, b, &index);
                 let traffic = match bv.id {
                     Some(id) => traffic(src.backend(id)?),
                     None => TrafficView::default(),
                 };
                 backends.push(BackendStatsView { address: b.address, health: bv.health, admin: bv.admin, traffic });
             }
-            services.push(ServiceStatsView { name: d.name.clone(), vip: d.vip.to_string(), traffic: traffic(src.service(v.id)?), backends });
+            services.push(ServiceStatsView { name: d.name.clone(), vip: d.vip.to_string(), traffic: traffic(src.service(v)?), backends });
         }
         let reasons = src
             .reasons()?

@@ -283,16 +283,46 @@ fn spread(t: &Target) -> u64 {
     lb_common::hash_words(&lb_common::addr_words(t.addr), 7 ^ t.port as u32) as u64
 }
 
+/// Which results go to the owner. Once `settle` identical results in a row have been
+/// sent (`max(rise, fall)`), the owner's rise/fall tracker has settled and more of the
+/// same tell it nothing; sending them would wake the owner 4,000 times a second for
+/// 4,000 healthy targets. One in `REFRESH_EVERY` is still sent, so a tracker the owner
+/// rolled back (a failed map write) catches up within that many intervals.
+struct Suppress {
+    settle: u32,
+    last: Option<Result<(), String>>,
+    same: u32,
+}
+
+const REFRESH_EVERY: u32 = 8;
+
+impl Suppress {
+    fn new(spec: &HealthSpec) -> Self {
+        Self { settle: spec.rise.max(spec.fall).max(1), last: None, same: 0 }
+    }
+
+    fn send(&mut self, r: &Result<(), String>) -> bool {
+        if self.last.as_ref() == Some(r) {
+            self.same = self.same.saturating_add(1);
+        } else {
+            self.last = Some(r.clone());
+            self.same = 1;
+        }
+        self.same <= self.settle || (self.same - self.settle).is_multiple_of(REFRESH_EVERY)
+    }
+}
+
 async fn check_loop(t: Target, first: Duration, report: Report) {
     let interval = Duration::from_millis(t.spec.interval_ms as u64);
     // ±5% per round, from a cheap per-target sequence: checks that started together
     // drift apart instead of staying in lock step.
     let mut x = spread(&t) | 1;
+    let mut suppress = Suppress::new(&t.spec);
     tokio::time::sleep(first).await;
     loop {
         let started = tokio::time::Instant::now();
         let r = probe(&t.spec, t.addr, t.port, t.source).await;
-        if report.send((t.clone(), r)).await.is_err() {
+        if suppress.send(&r) && report.send((t.clone(), r)).await.is_err() {
             return;
         }
         x ^= x << 13;
@@ -308,6 +338,24 @@ async fn check_loop(t: Target, first: Duration, report: Report) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settled_results_are_sent_once_in_a_while_and_every_change_at_once() {
+        let mut s = Suppress::new(&HealthSpec { rise: 2, fall: 3, ..spec(HealthKind::Tcp) });
+        let ok: Result<(), String> = Ok(());
+        let err: Result<(), String> = Err("refused".into());
+        // The first 3 (max(rise, fall)) of a run go, then one in 8.
+        let sent: Vec<bool> = (0..20).map(|_| s.send(&ok)).collect();
+        let want: Vec<bool> = (1..=20u32).map(|n| n <= 3 || (n - 3) % REFRESH_EVERY == 0).collect();
+        assert_eq!(sent, want);
+        // A change goes at once, and so does every result of the new run until settled:
+        // `fall` failures in a row reach the tracker.
+        assert!(s.send(&err) && s.send(&err) && s.send(&err));
+        assert!(!s.send(&err));
+        // Another error text is news (the last error is shown by `backend list`).
+        assert!(s.send(&Err("timed out".into())));
+        assert!(s.send(&ok));
+    }
     use std::io::{Read as _, Write as _};
     use std::net::TcpListener;
     use std::time::Instant;

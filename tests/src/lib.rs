@@ -8,6 +8,7 @@ pub mod packets;
 pub mod pair;
 pub mod lbd;
 pub mod lab;
+pub mod flood;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
