@@ -274,3 +274,67 @@ fn hd_replays_of_an_earlier_session_are_refused_after_restarts() {
     let holds = || !cluster(&p.n[1])["vips_held"].as_array().unwrap().is_empty();
     assert!(wait_for(Duration::from_secs(2), holds).is_some(), "node 2 holds the VIP: {}", cluster(&p.n[1]));
 }
+
+/// IPv6 VIPs in a cluster (issue: every IPv6 backend went down and the service reset
+/// every SYN). The active node holds each VIP as a /128 on its interface; one VIP here
+/// sits in the nodes' own /64, numerically next to the backends (fd00:200::10 beside
+/// ::11–::13), so by longest-prefix source selection the kernel would pick it as the
+/// source of health checks, and the backends (which hold the VIP on `lo`) would answer
+/// themselves. Health checks must keep passing on the active node, and connections
+/// through both VIPs (dsr-l2 and IP6IP6) must succeed.
+#[test]
+fn ipv6_vips_keep_their_backends_up_and_connect_in_both_modes() {
+    use lb_tests::netns::{ServerMode, TopoSpec, vip_v6};
+    let prefix = "lbc6-";
+    let t = Topology::new(prefix, TopoSpec { lbs: 2, backends: 3 });
+    let near: IpAddr = "fd00:200::10".parse().unwrap();
+    let far = vip_v6(2);
+    t.add_vip_to_backends(near);
+    t.add_vip_to_backends(far);
+    t.start_servers(80, ServerMode::Echo);
+    t.set_client_route_onlink();
+    let mut n = [Lbd::new(&t, 0, &format!("{prefix}n1")), Lbd::new(&t, 1, &format!("{prefix}n2"))];
+    let backends: String = (0..3).map(|i| format!("[[service.backend]]\naddress = \"{}\"\n", t.backends[i].v6)).collect();
+    let health = "health = { kind = \"tcp\", interval_ms = 200, timeout_ms = 150, rise = 1, fall = 2 }\n";
+    for (i, l) in n.iter().enumerate() {
+        let secret = l.dir.join("cluster.key");
+        std::fs::write(&secret, SECRET).unwrap();
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        let (me, other) = (&t.lbs[i], &t.lbs[1 - i]);
+        l.write_config(&format!(
+            "[[service]]\nname = \"l2\"\nvip = \"[{near}]:80/tcp\"\nmode = \"dsr-l2\"\ntable_size = 1009\n{health}{backends}\n\
+             [[service]]\nname = \"tun\"\nvip = \"[{far}]:80/tcp\"\nmode = \"ipip\"\ntable_size = 1009\n{health}{backends}\n\
+             [cluster]\nnode_id = {}\npriority = {}\nlisten = \"{}:{PORT}\"\npeer = \"{}:{PORT}\"\nsecret_file = \"{}\"\n\
+             heartbeat_ms = 100\ndead_after = 3\n",
+            i + 1,
+            if i == 0 { 200 } else { 100 },
+            me.v4,
+            other.v4,
+            secret.display()
+        ));
+    }
+    n[0].start();
+    n[1].start();
+    let p = lb_tests::pair::Pair { t, n };
+    wait_roles(&p, ["active", "backup"], Duration::from_secs(5));
+    let (t, active) = (&p.t, &p.n[0]);
+    let all_up = || {
+        active.lbctl_json(&["backend", "list"]).as_array().unwrap().iter().all(|b| b["health"] == "up" && b["in_table"] == true)
+    };
+    assert!(wait_for(Duration::from_secs(10), all_up).is_some(), "every IPv6 backend up: {}", active.lbctl(&["backend", "list"]).1);
+    // The active holds both VIPs now; checks keep passing for ten more rounds.
+    std::thread::sleep(Duration::from_secs(2));
+    let list = active.lbctl_json(&["backend", "list"]);
+    for b in list.as_array().unwrap() {
+        assert!(b["health"] == "up" && b["last_check_error"].is_null(), "IPv6 backend still passes its checks with the VIPs held: {b}");
+    }
+    for vip in [near, far] {
+        let mut seen = std::collections::BTreeSet::new();
+        for i in 0..24 {
+            let mut c = t.connect(vip, 80).unwrap_or_else(|e| panic!("connection {i} to [{vip}]:80: {e}\n{}", active.log()));
+            c.echo(&format!("v6-{i}")).unwrap_or_else(|e| panic!("echo {i} through [{vip}]:80 on {}: {e}", c.backend));
+            seen.insert(c.backend.clone());
+        }
+        assert_eq!(seen.len(), 3, "connections through [{vip}] spread over the three backends: {seen:?}");
+    }
+}
