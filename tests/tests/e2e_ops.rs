@@ -414,3 +414,64 @@ fn unit_files_pass_systemd_analyze_verify() {
     assert!(!ok && err.contains("lbd-missing"), "{err}");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+#[test]
+fn the_notify_script_runs_on_role_changes_and_its_failure_is_not_fatal() {
+    use lb_tests::pair::{pair, wait_roles, web};
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut p = pair("opp", &[0, 1]);
+    // Node 1 records what it is given; node 2's script fails on every run.
+    let log = p.n[0].dir.join("notify.log");
+    let scripts = [
+        format!(
+            "#!/bin/sh\necho \"$1|$2|$3|$LB_ROLE|$LB_PREVIOUS_ROLE|$LB_REASON|$LB_VIPS|$LB_INSTANCE|$LB_NODE_ID\" >> {}\n",
+            log.display()
+        ),
+        "#!/bin/sh\necho 'cannot reach the router' >&2\nexit 3\n".to_string(),
+    ];
+    for (l, body) in p.n.iter().zip(&scripts) {
+        let s = l.dir.join("notify.sh");
+        std::fs::write(&s, body).unwrap();
+        std::fs::set_permissions(&s, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut cfg = std::fs::read_to_string(l.config_path()).unwrap();
+        cfg.push_str(&format!(
+            "notify = \"{}\"\nnotify_timeout_ms = 2000\n",
+            s.display()
+        ));
+        std::fs::write(l.config_path(), cfg).unwrap();
+    }
+    p.n[0].start();
+    p.n[1].start();
+    wait_roles(&p, ["active", "backup"], Duration::from_secs(10));
+    let vip = web().to_string();
+    let first =
+        format!("active|alone_at_startup|{vip}|active|init|alone_at_startup|{vip}|oppn1|1\n");
+    let got = wait_for(Duration::from_secs(5), || {
+        std::fs::read_to_string(&log).unwrap_or_default() == first
+    });
+    assert!(
+        got.is_some(),
+        "node 1's script ran once with role, reason, VIPs: {:?}",
+        std::fs::read_to_string(&log)
+    );
+    // Node 1 dies: node 2 takes over, its script fails, logged, and lbd goes on.
+    p.n[0].kill();
+    wait_for(Duration::from_secs(10), || {
+        lb_tests::pair::role(&p.n[1]) == "active"
+    })
+    .expect("node 2 takes over");
+    let warned = wait_for(Duration::from_secs(5), || {
+        let l = p.n[1].log();
+        l.contains("notify script")
+            && l.contains("exit status: 3")
+            && l.contains("cannot reach the router")
+    });
+    assert!(warned.is_some(), "the failure is logged:\n{}", p.n[1].log());
+    assert_eq!(
+        lb_tests::pair::role(&p.n[1]),
+        "active",
+        "still running and active after the failed script"
+    );
+    let c = p.t.connect(web(), 80).expect("traffic through node 2");
+    assert!(c.backend.starts_with("be"), "{}", c.backend);
+}
