@@ -265,6 +265,7 @@ fn prometheus_scrapes_lbd_and_new_flows_match_the_connections_made() {
         "target still up"
     );
     eprintln!("scraped per backend: {exact:?}; increase: {inc:?}");
+    eprintln!("{}", get_in(&ns, &format!("http://{METRICS}/metrics")).unwrap_or_default());
 }
 
 /// The datagrams on `s` until `until` holds for one of them (bounded); WATCHDOG=1 pings
