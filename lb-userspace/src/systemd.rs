@@ -43,9 +43,7 @@ pub fn status(text: &str) {
 /// How often to send WATCHDOG=1 when the unit sets `WatchdogSec` (half the timeout, as
 /// sd_watchdog_enabled(3) advises), else None.
 pub fn watchdog_interval() -> Option<Duration> {
-    if std::env::var_os("NOTIFY_SOCKET").is_none() {
-        return None;
-    }
+    std::env::var_os("NOTIFY_SOCKET")?;
     sd_notify::watchdog_enabled()
         .map(|d| d / 2)
         .filter(|d| !d.is_zero())
