@@ -50,6 +50,15 @@ struct Raw {
     #[serde(default, rename = "service")]
     services: Vec<toml::Spanned<ServiceDef>>,
     cluster: Option<toml::Spanned<crate::cluster::ClusterConfig>>,
+    metrics: Option<MetricsConfig>,
+}
+
+/// `[metrics]`: serve `GET /metrics` (Prometheus text) on `listen`. Absent: off.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// "addr:port", e.g. "127.0.0.1:9469" (a fixed port: Prometheus is told where).
+    pub listen: std::net::SocketAddr,
 }
 
 /// A checked config.
@@ -73,6 +82,8 @@ pub struct Config {
     pub services: Vec<ServiceDef>,
     /// Two-node failover; none = a standalone balancer.
     pub cluster: Option<crate::cluster::ClusterConfig>,
+    /// The Prometheus endpoint; none = off.
+    pub metrics: Option<MetricsConfig>,
 }
 
 /// Every problem found, one line each, naming the key and line.
@@ -332,6 +343,14 @@ impl Config {
                 errs.push(spans.at(&[K("cluster"), K("secret_file")], e.to_string()));
             }
         }
+        if let Some(m) = &raw.metrics {
+            if m.listen.port() == 0 {
+                errs.push(spans.at(&[K("metrics"), K("listen")], format!("metrics.listen {}: needs a fixed port (Prometheus scrapes it)", m.listen)));
+            }
+            if m.listen.ip().is_multicast() {
+                errs.push(spans.at(&[K("metrics"), K("listen")], format!("metrics.listen {}: not a unicast address", m.listen)));
+            }
+        }
         if !errs.is_empty() {
             return Err(ConfigErrors(errs));
         }
@@ -350,6 +369,7 @@ impl Config {
             max_new_flows_per_cpu: raw.max_new_flows_per_cpu,
             services,
             cluster: raw.cluster.map(|c| c.into_inner()),
+            metrics: raw.metrics,
         })
     }
 
@@ -396,6 +416,9 @@ impl Config {
             };
             return Err(format!("[cluster] changed ({keys}): lbd reads [cluster] only at start, restart needed"));
         }
+        if new.metrics != self.metrics {
+            return Err("[metrics] changed: lbd binds metrics.listen only at start, restart needed".into());
+        }
         Ok(())
     }
 
@@ -422,6 +445,12 @@ impl Config {
                 "cluster node {} priority {} listen {} peer {} heartbeat {} ms, dead after {} heartbeats, preempt {}",
                 c.node_id, c.priority, c.listen, c.peer, c.heartbeat_ms, c.dead_after, c.preempt
             );
+            if let Some(n) = &c.notify {
+                let _ = writeln!(o, "cluster notify {} (timeout {} ms)", n.display(), c.notify_timeout_ms);
+            }
+        }
+        if let Some(m) = &self.metrics {
+            let _ = writeln!(o, "metrics on http://{}/metrics", m.listen);
         }
         for s in &self.services {
             let health = s.health.as_ref().map_or("none".to_string(), |h| {
@@ -454,6 +483,8 @@ fn cluster_diff(a: &crate::cluster::ClusterConfig, b: &crate::cluster::ClusterCo
     cmp("heartbeat_ms", a.heartbeat_ms == b.heartbeat_ms);
     cmp("dead_after", a.dead_after == b.dead_after);
     cmp("preempt", a.preempt == b.preempt);
+    cmp("notify", a.notify == b.notify);
+    cmp("notify_timeout_ms", a.notify_timeout_ms == b.notify_timeout_ms);
     d
 }
 
@@ -586,6 +617,54 @@ mac = "02:00:00:00:03:11"
         assert!(e.contains("section added") && e.contains("restart needed"), "{e}");
         let e = old.check_reload(&Config::parse(&format!("{}{cl}", GOOD.replace("\"lb0\"", "\"lb1\""))).unwrap()).unwrap_err();
         assert!(e.contains("restart lbd"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn metrics_and_notify_are_checked_and_fixed_at_start() {
+        let m = Config::parse(&format!("{GOOD}\n[metrics]\nlisten = \"127.0.0.1:9469\"\n")).unwrap();
+        assert_eq!(m.metrics, Some(MetricsConfig { listen: "127.0.0.1:9469".parse().unwrap() }));
+        assert!(m.describe().contains("metrics on http://127.0.0.1:9469/metrics"));
+        assert_eq!(Config::parse(GOOD).unwrap().metrics, None, "absent: off");
+        for (bad, want) in [
+            ("listen = \"127.0.0.1:0\"", "needs a fixed port"),
+            ("listen = \"127.0.0.1\"", "listen"),
+            ("listen = \"224.0.0.1:9469\"", "not a unicast"),
+            ("listen = \"127.0.0.1:9469\"\nport = 3", "port"),
+        ] {
+            let e = Config::parse(&format!("{GOOD}\n[metrics]\n{bad}\n")).unwrap_err().to_string();
+            assert!(e.contains(want) && e.contains("line "), "{bad}: {e}");
+        }
+        let e = Config::parse(GOOD).unwrap().check_reload(&m).unwrap_err();
+        assert!(e.contains("[metrics]") && e.contains("restart needed"), "{e}");
+
+        let dir = std::env::temp_dir().join(format!("lb-cfg-notify-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret = dir.join("secret");
+        std::fs::write(&secret, "0123456789abcdef0123").unwrap();
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        let script = dir.join("notify.sh");
+        std::fs::write(&script, "#!/bin/sh\n").unwrap();
+        let cl = |extra: &str| {
+            format!("{GOOD}\n[cluster]\nnode_id = 1\npeer = \"10.0.0.6:7946\"\nlisten = \"10.0.0.5:7946\"\nsecret_file = {secret:?}\n{extra}\n")
+        };
+        let e = Config::parse(&cl(&format!("notify = {script:?}"))).unwrap_err().to_string();
+        assert!(e.contains("cluster.notify") && e.contains("not an executable"), "{e}");
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let c = Config::parse(&cl(&format!("notify = {script:?}\nnotify_timeout_ms = 2000"))).unwrap();
+        let cc = c.cluster.as_ref().unwrap();
+        assert_eq!((cc.notify.as_deref(), cc.notify_timeout_ms), (Some(script.as_path()), 2000));
+        assert_eq!(Config::parse(&cl("")).unwrap().cluster.unwrap().notify_timeout_ms, 10_000);
+        for (bad, want) in [
+            ("notify = \"relative.sh\"", "absolute"),
+            ("notify = \"/nonexistent/x.sh\"", "cluster.notify"),
+            ("notify_timeout_ms = 5", "notify_timeout_ms"),
+        ] {
+            let e = Config::parse(&cl(bad)).unwrap_err().to_string();
+            assert!(e.contains(want), "{bad}: {e}");
+        }
+        let e = c.check_reload(&Config::parse(&cl("")).unwrap()).unwrap_err();
+        assert!(e.contains("notify") && e.contains("restart needed"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -13,13 +13,16 @@ pub mod daemon;
 pub mod decap;
 pub mod flowsync;
 pub mod health;
+pub mod hooks;
 pub mod kernel;
 pub mod maps;
+pub mod metrics;
 pub mod model;
 pub mod objects;
 pub mod persist;
 pub mod pins;
 pub mod stats;
+pub mod systemd;
 
 pub use control::{BackendSpec, ControlError, ControlPlane, Mode, ServiceSpec, Vip};
 pub use maps::{AyaMaps, MapWriter, MemMaps};

@@ -9,7 +9,8 @@ use crate::{probe, require_root, run};
 
 /// LLVM 22 dev libraries for building bpf-linker; iproute2/ethtool for the datapath tests;
 /// nginx, MariaDB (server and client) and HAProxy for the lab (`cargo xtask lab`, its
-/// end-to-end test, and the HAProxy comparison).
+/// end-to-end test, and the HAProxy comparison); Prometheus, curl and systemd
+/// (systemd-analyze) for the operators' tests (tests/tests/e2e_ops.rs).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libclang-22-dev",
@@ -20,8 +21,12 @@ const APT_PACKAGES: &[&str] = &[
     "mariadb-server",
     "mariadb-client",
     "haproxy",
+    "prometheus",
+    "curl",
+    "systemd",
 ];
-/// Tells invoke-rc.d not to start services: the lab runs nginx/MariaDB/HAProxy only
+/// Tells invoke-rc.d not to start services: the lab runs nginx/MariaDB/HAProxy (and the
+/// tests Prometheus) only
 /// inside its namespaces, never as the distribution's services on this machine.
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 /// What we install; any installed 0.13 or later is accepted.

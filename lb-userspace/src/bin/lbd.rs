@@ -35,7 +35,7 @@ static VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     about = "XDP L4 load balancer daemon",
     args_conflicts_with_subcommands = true,
     after_help = "Examples:\n  lbd --check --config /etc/lb/lb0.toml\n  lbd --config /etc/lb/lb0.toml\n  \
-lbd --detach --config /etc/lb/lb0.toml\n  lbd decap attach --interface eth0 --allow 10.0.0.5,10.0.0.6\n\n\
+lbd --detach --config /etc/lb/lb0.toml\n  lbd --log-format json --config /etc/lb/lb0.toml\n  lbd decap attach --interface eth0 --allow 10.0.0.5,10.0.0.6\n\n\
 Exit codes: 0 ok, 1 failed, 2 usage or config error."
 )]
 struct Cli {
@@ -50,6 +50,10 @@ struct Cli {
     /// succeeds when nothing is pinned, so it fits ExecStopPost=.
     #[arg(long, requires = "config")]
     detach: bool,
+    /// Log lines on stderr as text, or as one JSON object a line (for log shippers).
+    /// The level comes from RUST_LOG (default info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -143,6 +147,14 @@ enum DecapCmd {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines (colour on a terminal).
+    Text,
+    /// One JSON object per line: timestamp, level, target, fields.
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum Mode {
     /// In the driver (fast; veth and most NICs).
     Native,
@@ -151,12 +163,14 @@ enum Mode {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = Cli::parse();
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        LogFormat::Json => logs.json().with_current_span(false).init(),
+    }
     let r = match cli.cmd {
         Some(Cmd::Completions { shell }) => {
             clap_complete::generate(shell, &mut Cli::command(), "lbd", &mut std::io::stdout());

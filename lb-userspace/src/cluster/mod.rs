@@ -26,6 +26,9 @@ fn default_heartbeat_ms() -> u32 {
 fn default_dead_after() -> u32 {
     3
 }
+fn default_notify_timeout_ms() -> u32 {
+    10_000
+}
 
 /// `[cluster]` in lbd's config file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,6 +56,13 @@ pub struct ClusterConfig {
     /// A returning preferred node takes the active role back from a healthy active.
     #[serde(default)]
     pub preempt: bool,
+    /// A script run on each role change with role, reason and VIPs (keepalived's
+    /// `notify`); see `hooks`. Absolute path; failure is logged, never fatal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<PathBuf>,
+    /// The notify script is killed (its process group) after this long.
+    #[serde(default = "default_notify_timeout_ms")]
+    pub notify_timeout_ms: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +111,20 @@ impl ClusterConfig {
         }
         if self.listen == self.peer {
             e.push(invalid("peer", format!("{} is our own listen address", self.peer)));
+        }
+        if let Some(p) = &self.notify {
+            use std::os::unix::fs::PermissionsExt as _;
+            match std::fs::metadata(p) {
+                _ if !p.is_absolute() => e.push(invalid("notify", format!("{}: must be an absolute path", p.display()))),
+                Ok(m) if !m.is_file() || m.permissions().mode() & 0o111 == 0 => {
+                    e.push(invalid("notify", format!("{}: not an executable file", p.display())))
+                }
+                Ok(_) => {}
+                Err(err) => e.push(invalid("notify", format!("{}: {err}", p.display()))),
+            }
+        }
+        if !(100..=600_000).contains(&self.notify_timeout_ms) {
+            e.push(invalid("notify_timeout_ms", format!("{} is outside 100..=600000", self.notify_timeout_ms)));
         }
         e
     }
@@ -266,6 +290,8 @@ secret_file = "/etc/lb/cluster.key"
             heartbeat_ms: 100,
             dead_after: 3,
             preempt: false,
+            notify: None,
+            notify_timeout_ms: 10_000,
         };
         let (c1, c2) = (cfg(1, 200), cfg(2, 100));
         let mut e = [Election::new(c1.params(), Default::default(), 0), Election::new(c2.params(), Default::default(), 0)];

@@ -6,6 +6,7 @@
 
 pub mod flows;
 pub mod kernel;
+pub mod ops;
 pub mod owner;
 pub mod server;
 
@@ -236,6 +237,14 @@ async fn run_async(config_path: &Path) -> anyhow::Result<()> {
     let socket = owner.cfg.socket.clone();
     let listener = server::bind(&socket)?;
     info!(socket = %socket.display(), "serving lbctl");
+    let metrics_listener = match &owner.cfg.metrics {
+        Some(m) => {
+            let l = tokio::net::TcpListener::bind(m.listen).await.with_context(|| format!("metrics.listen {}", m.listen))?;
+            info!(listen = %m.listen, "serving Prometheus metrics at /metrics");
+            Some(l)
+        }
+        None => None,
+    };
 
     // Channels. The owner's inbox is bounded (senders wait: API, kernel, signals);
     // health results have their own; the cluster task never waits on the owner.
@@ -288,12 +297,29 @@ async fn run_async(config_path: &Path) -> anyhow::Result<()> {
     let slots = Arc::new(tokio::sync::Semaphore::new(server::MAX_CLIENTS));
     tokio::spawn(server::serve(listener, tx.clone(), cluster_tx.clone(), slots.clone()));
     tokio::spawn(signals(tx.clone()));
+    if let Some(l) = metrics_listener {
+        let source = Arc::new(ops::MetricsSource { owner: tx.clone(), cluster: cluster_tx.clone() });
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(l, source).await {
+                error!(error = %e, "metrics endpoint stopped");
+            }
+        });
+    }
+    if let Some(every) = crate::systemd::watchdog_interval() {
+        tokio::spawn(ops::watchdog(tx.clone(), every));
+    }
+    let hook = owner.cfg.cluster.as_ref().and_then(|c| {
+        let script = c.notify.clone()?;
+        Some(crate::hooks::NotifyHook::spawn(script, Duration::from_millis(c.notify_timeout_ms.into()), None))
+    });
 
     let mut runner = health::Runner::default();
     sync_health(&owner, &mut runner, &health_tx);
     let mut held: BTreeSet<IpAddr> = BTreeSet::new();
     let mut sample = tokio::time::interval(Duration::from_secs(1));
     sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut status = owner.status_line();
+    crate::systemd::ready(&status);
 
     while !owner.stopping {
         let msg = tokio::select! {
@@ -314,7 +340,25 @@ async fn run_async(config_path: &Path) -> anyhow::Result<()> {
             }
             _ = sample.tick() => Msg::Sample,
         };
+        let reload = matches!(msg, Msg::Reload(_));
+        let status_due = reload || matches!(msg, Msg::Sample | Msg::Cluster(crate::cluster::node::ClusterEvent::Role(_)));
+        if let (Some(h), Msg::Cluster(crate::cluster::node::ClusterEvent::Role(t))) = (&hook, &msg) {
+            h.role_changed(owner.role_change(t));
+        }
+        if reload {
+            crate::systemd::reloading();
+        }
         let fx = owner.handle(msg);
+        if reload {
+            status = owner.status_line();
+            crate::systemd::ready(&status);
+        } else if status_due && !owner.stopping {
+            let now = owner.status_line();
+            if now != status {
+                crate::systemd::status(&now);
+                status = now;
+            }
+        }
         if fx.health {
             sync_health(&owner, &mut runner, &health_tx);
         }
@@ -340,6 +384,7 @@ async fn run_async(config_path: &Path) -> anyhow::Result<()> {
             }
         }
     }
+    crate::systemd::stopping();
     runner.stop_all();
     // Answers in flight (a detach, a stop's last status) are written before we exit.
     let _ = tokio::time::timeout(CLIENT_TIMEOUT, slots.acquire_many(server::MAX_CLIENTS as u32)).await;

@@ -46,6 +46,10 @@ pub enum Msg {
     Reload(Option<oneshot::Sender<Response>>),
     /// Take a counter sample (pps).
     Sample,
+    /// The systemd watchdog's proof that this task runs: answered at once.
+    Ping(oneshot::Sender<()>),
+    /// A metrics scrape: counters and control state as they are now.
+    Metrics(oneshot::Sender<anyhow::Result<crate::metrics::Snapshot>>),
     Stop,
 }
 
@@ -296,6 +300,12 @@ impl<W: MapWriter, D: Datapath> Owner<W, D> {
                 }
             }
             Msg::Sample => self.sample_stats(),
+            Msg::Ping(reply) => {
+                let _ = reply.send(());
+            }
+            Msg::Metrics(reply) => {
+                let _ = reply.send(self.metrics_snapshot());
+            }
             Msg::Stop => {
                 self.stopping = true;
                 fx.health = true;
