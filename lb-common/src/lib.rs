@@ -36,6 +36,10 @@ pub mod map_names {
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const DECAP_STATS: &str = "DECAP_STATS";
+    /// Decap object: allowed outer sources, key IPv6 or IPv4-mapped words (network order).
+    pub const DECAP_ALLOW: &str = "DECAP_ALLOW";
+    /// Decap object: this host's addresses, keyed like `DECAP_ALLOW`.
+    pub const DECAP_LOCAL: &str = "DECAP_LOCAL";
     pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
     pub const SYNC_STATS: &str = "SYNC_STATS";
     pub const LAYOUT: &str = "LAYOUT";
@@ -493,10 +497,27 @@ pub mod decap_reason {
     pub const DROP_MALFORMED: u32 = 2;
     /// bpf_xdp_adjust_head failed: dropped.
     pub const DROP_ADJUST_HEAD: u32 = 3;
-    pub const COUNT: u32 = 4;
-    pub const NAMES: [&str; COUNT as usize] =
-        ["decapsulated", "pass_not_encap", "drop_malformed", "drop_adjust_head"];
+    /// IPIP/IP6IP6 whose outer destination is not one of this host's addresses
+    /// (`DECAP_LOCAL`): dropped, not decapsulated on someone else's behalf.
+    pub const DROP_NOT_LOCAL: u32 = 4;
+    /// IPIP/IP6IP6 from an outer source outside the allow-list of balancers
+    /// (`DECAP_ALLOW`): dropped (spoofed inner sources, 127.0.0.1 among them).
+    pub const DROP_SOURCE_NOT_ALLOWED: u32 = 5;
+    pub const COUNT: u32 = 6;
+    pub const NAMES: [&str; COUNT as usize] = [
+        "decapsulated",
+        "pass_not_encap",
+        "drop_malformed",
+        "drop_adjust_head",
+        "drop_not_local",
+        "drop_source_not_allowed",
+    ];
 }
+
+/// Entries of `DECAP_ALLOW` (the balancers' addresses a backend decapsulates from).
+pub const DECAP_MAX_ALLOW: u32 = 256;
+/// Entries of `DECAP_LOCAL` (this host's addresses the outer destination must be).
+pub const DECAP_MAX_LOCAL: u32 = 256;
 
 /// IPv4-mapped IPv6 prefix word (`::ffff:0:0/96`, third 32-bit word) as loaded
 /// natively on a little-endian machine from network-order bytes `00 00 ff ff`.

@@ -3,6 +3,13 @@
 //! backend's own stack, which holds the VIP on loopback and answers the client directly.
 //! Needed because many hosts (and this project's test kernel) have no ipip module.
 //! Everything that is not IP-in-IP passes untouched.
+//!
+//! Only the balancers' packets to this host are decapsulated: the outer destination must
+//! be in `DECAP_LOCAL` (this host's addresses, written by `lbd decap attach` from the
+//! interface and refreshed by `lbd decap refresh`) and the outer source in `DECAP_ALLOW`
+//! (the balancers' addresses, `--allow`). Anything else in IP-in-IP is dropped and
+//! counted by reason: decapsulating it would let anyone inject packets with any inner
+//! source (127.0.0.1 included) past this host's filters.
 #![no_std]
 #![no_main]
 
@@ -10,15 +17,23 @@ use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
     helpers::bpf_xdp_adjust_head,
     macros::{map, xdp},
-    maps::PerCpuArray,
+    maps::{HashMap, PerCpuArray},
     programs::XdpContext,
 };
-use lb_common::{Counter, decap_reason};
+use lb_common::{Counter, DECAP_MAX_ALLOW, DECAP_MAX_LOCAL, V4_MAPPED_WORD, decap_reason, v4_mapped_words};
 use lb_ebpf::*;
 
 /// Per reason (lb_common::decap_reason) packets/bytes, per CPU.
 #[map]
 static DECAP_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(decap_reason::COUNT, 0);
+
+/// Outer sources we decapsulate from (the balancers), IPv6 or IPv4-mapped words.
+#[map]
+static DECAP_ALLOW: HashMap<[u32; 4], u32> = HashMap::with_max_entries(DECAP_MAX_ALLOW, 0);
+
+/// This host's addresses: the outer destination must be one of them.
+#[map]
+static DECAP_LOCAL: HashMap<[u32; 4], u32> = HashMap::with_max_entries(DECAP_MAX_LOCAL, 0);
 
 #[xdp]
 pub fn lb_decap(ctx: XdpContext) -> u32 {
@@ -44,16 +59,52 @@ pub fn lb_pass(_ctx: XdpContext) -> u32 {
 const NOT_ENCAP: (u32, u32) = (XDP_PASS, decap_reason::PASS_NOT_ENCAP);
 const MALFORMED: (u32, u32) = (XDP_DROP, decap_reason::DROP_MALFORMED);
 
+/// The verdict on the outer addresses: None when the packet is ours to decapsulate.
+/// IPv4 addresses are keyed IPv4-mapped, so an IPv6 header naming `::ffff:a.b.c.d`
+/// (never valid on the wire) must not match them.
+#[inline(always)]
+fn check_outer(src: &[u32; 4], dst: &[u32; 4], v6: bool) -> Option<(u32, u32)> {
+    let mapped = |a: &[u32; 4]| v6 && a[0] == 0 && a[1] == 0 && a[2] == V4_MAPPED_WORD;
+    if mapped(dst) {
+        return Some((XDP_DROP, decap_reason::DROP_NOT_LOCAL));
+    }
+    if mapped(src) {
+        return Some((XDP_DROP, decap_reason::DROP_SOURCE_NOT_ALLOWED));
+    }
+    // SAFETY: read-only lookups; the values are not used.
+    if unsafe { DECAP_LOCAL.get(dst) }.is_none() {
+        return Some((XDP_DROP, decap_reason::DROP_NOT_LOCAL));
+    }
+    // SAFETY: as above.
+    if unsafe { DECAP_ALLOW.get(src) }.is_none() {
+        return Some((XDP_DROP, decap_reason::DROP_SOURCE_NOT_ALLOWED));
+    }
+    None
+}
+
+/// An IPv6 address in the packet as map-key words.
+///
+/// # Safety
+/// `p` must point to 16 readable bytes.
+#[inline(always)]
+unsafe fn addr6(p: *const u8) -> [u32; 4] {
+    unsafe { [ld32(p), ld32(p.add(4)), ld32(p.add(8)), ld32(p.add(12))] }
+}
+
 #[inline(always)]
 fn decap(ctx: &XdpContext) -> (u32, u32) {
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else { return NOT_ENCAP };
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return NOT_ENCAP;
+    };
     // SAFETY: bounds checked by ptr_at.
     let mut ethertype = unsafe { (*eth).ether_type };
     let mut l3_off = ETH_LEN;
     let mut tpid = 0u16;
     let mut tci = 0u16;
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-        let Some(vlan) = ptr_at::<[u8; VLAN_LEN]>(ctx, ETH_LEN) else { return NOT_ENCAP };
+        let Some(vlan) = ptr_at::<[u8; VLAN_LEN]>(ctx, ETH_LEN) else {
+            return NOT_ENCAP;
+        };
         tpid = ethertype;
         // SAFETY: 4 bytes in bounds.
         unsafe {
@@ -63,7 +114,9 @@ fn decap(ctx: &XdpContext) -> (u32, u32) {
         l3_off += VLAN_LEN;
     }
     let (outer_len, inner_proto) = if ethertype == ETH_P_IP {
-        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l3_off) else { return NOT_ENCAP };
+        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l3_off) else {
+            return NOT_ENCAP;
+        };
         let ip = ip as *const u8;
         // SAFETY: 20 bytes in bounds.
         let (vihl, frags, proto) = unsafe { (*ip, ld16(ip.add(6)), *ip.add(9)) };
@@ -76,13 +129,25 @@ fn decap(ctx: &XdpContext) -> (u32, u32) {
         if hlen < IPV4_LEN || frags & (IP_MF | IP_OFFSET) != 0 {
             return MALFORMED;
         }
+        // SAFETY: 20 bytes in bounds.
+        let (src, dst) = unsafe { (v4_mapped_words(ld32(ip.add(12))), v4_mapped_words(ld32(ip.add(16)))) };
+        if let Some(v) = check_outer(&src, &dst, false) {
+            return v;
+        }
         (hlen, proto)
     } else if ethertype == ETH_P_IPV6 {
-        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, l3_off) else { return NOT_ENCAP };
+        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, l3_off) else {
+            return NOT_ENCAP;
+        };
         // SAFETY: 40 bytes in bounds.
         let nh = unsafe { *(ip as *const u8).add(6) };
         if nh != IPPROTO_IPIP && nh != IPPROTO_IPV6 {
             return NOT_ENCAP;
+        }
+        // SAFETY: 40 bytes in bounds: source at 8, destination at 24.
+        let (src, dst) = unsafe { (addr6((ip as *const u8).add(8)), addr6((ip as *const u8).add(24))) };
+        if let Some(v) = check_outer(&src, &dst, true) {
+            return v;
         }
         (IPV6_LEN, nh)
     } else {
@@ -96,14 +161,18 @@ fn decap(ctx: &XdpContext) -> (u32, u32) {
     if !fits(ctx, inner_off, inner_len) {
         return MALFORMED;
     }
-    let Some(inner) = ptr_at::<u8>(ctx, inner_off) else { return MALFORMED };
+    let Some(inner) = ptr_at::<u8>(ctx, inner_off) else {
+        return MALFORMED;
+    };
     // SAFETY: in bounds (checked just above).
     if unsafe { *inner } >> 4 != inner_version {
         return MALFORMED;
     }
 
     // Keep the MACs: the frame stays addressed to this host.
-    let Some(old) = ptr_at::<EthHdr>(ctx, 0) else { return MALFORMED };
+    let Some(old) = ptr_at::<EthHdr>(ctx, 0) else {
+        return MALFORMED;
+    };
     let old = old as *const u8;
     // SAFETY: 14 bytes in bounds.
     let (m0, m1, m2) = unsafe { (ld32(old), ld32(old.add(4)), ld32(old.add(8))) };
@@ -111,7 +180,9 @@ fn decap(ctx: &XdpContext) -> (u32, u32) {
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, outer_len as i32) } != 0 {
         return (XDP_DROP, decap_reason::DROP_ADJUST_HEAD);
     }
-    let Some(eth) = ptr_at::<[u8; ETH_LEN + VLAN_LEN]>(ctx, 0) else { return MALFORMED };
+    let Some(eth) = ptr_at::<[u8; ETH_LEN + VLAN_LEN]>(ctx, 0) else {
+        return MALFORMED;
+    };
     let eth = eth as *mut u8;
     // SAFETY: 18 bytes in bounds (the inner IP header follows them).
     unsafe {

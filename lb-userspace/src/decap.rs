@@ -1,15 +1,30 @@
-//! The decap program on a backend: attach, detach, counters.
+//! The decap program on a backend: attach, detach, counters, and its two address sets.
 //!
-//! Pinned under `/sys/fs/bpf/lb-decap/<interface>/` (`link`, `DECAP_STATS`), so it keeps
-//! running after the command exits and survives restarts of anything else; `detach`
-//! removes the pins, which detaches it.
+//! Pinned under `/sys/fs/bpf/lb-decap/<interface>/` (`link`, `DECAP_STATS`,
+//! `DECAP_ALLOW`, `DECAP_LOCAL`), so it keeps running after the command exits and
+//! survives restarts of anything else; `detach` removes the pins, which detaches it.
+//!
+//! It decapsulates only packets from an allowed balancer (`DECAP_ALLOW`, given at
+//! attach) to one of this host's addresses (`DECAP_LOCAL`). The host's addresses are
+//! read from the kernel (getifaddrs, i.e. netlink) at attach and written to the map;
+//! `refresh` rewrites both sets after an address change. The datapath cannot ask the
+//! kernel itself: `bpf_fib_lookup` refuses on interfaces without forwarding (most
+//! backends) and would count broadcast addresses as local.
 
-use std::path::PathBuf;
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
-use aya::maps::{MapData, PerCpuArray};
-use aya::programs::{Xdp, XdpMode, links::{FdLink, PinnedLink}};
-use lb_common::{Counter, decap_reason, map_names, prog_names};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
+use aya::programs::{
+    Xdp, XdpMode,
+    links::{FdLink, PinnedLink},
+};
+use lb_common::{Counter, DECAP_MAX_ALLOW, DECAP_MAX_LOCAL, addr_from_words, addr_words, decap_reason, map_names, prog_names};
+
+/// One of the decap program's address sets (`DECAP_ALLOW`, `DECAP_LOCAL`).
+pub type AddrSet<T> = BpfHashMap<T, [u32; 4], u32>;
 
 pub const PIN_ROOT: &str = "/sys/fs/bpf/lb-decap";
 
@@ -42,18 +57,161 @@ pub fn ensure_bpffs() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Attaches the decap program to `interface` in `mode` and pins it.
-pub fn attach(interface: &str, mode: XdpMode) -> anyhow::Result<()> {
-    attach_program(interface, mode, prog_names::DECAP)
+/// Parses the balancers' addresses from `--allow` values (each may hold several,
+/// comma-separated) and an optional file (addresses separated by white space or commas,
+/// `#` starts a comment). At least one is required: decapsulating from anyone is what
+/// the allow-list exists to prevent.
+pub fn parse_allow(values: &[String], file: Option<&Path>) -> anyhow::Result<Vec<IpAddr>> {
+    let mut words: Vec<(String, String)> = Vec::new();
+    for v in values {
+        words.extend(v.split(',').map(|w| (w.trim().to_string(), "--allow".to_string())));
+    }
+    if let Some(f) = file {
+        let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        for (n, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or("");
+            let at = format!("{}:{}", f.display(), n + 1);
+            words.extend(line.split(|c: char| c == ',' || c.is_whitespace()).map(|w| (w.to_string(), at.clone())));
+        }
+    }
+    let mut out = BTreeSet::new();
+    for (w, at) in words.into_iter().filter(|(w, _)| !w.is_empty()) {
+        let a: IpAddr = w.parse().map_err(|_| anyhow::anyhow!("{at}: {w:?} is not an IP address"))?;
+        let a = a.to_canonical();
+        if a.is_unspecified() || a.is_multicast() || a == IpAddr::from([255, 255, 255, 255]) {
+            bail!("{at}: {a} cannot be a balancer's address");
+        }
+        out.insert(a);
+    }
+    if out.is_empty() {
+        bail!("no balancer address given: --allow ADDR[,ADDR...] or --allow-file FILE (decap accepts IPIP only from them)");
+    }
+    if out.len() > DECAP_MAX_ALLOW as usize {
+        bail!("{} balancer addresses: at most {DECAP_MAX_ALLOW}", out.len());
+    }
+    Ok(out.into_iter().collect())
+}
+
+/// This host's addresses (every interface of this network namespace), the outer
+/// destinations decap accepts. Loopback addresses are left out: no balancer sends to
+/// them, and accepting them would only widen what a spoofer can aim at.
+pub fn host_addresses() -> anyhow::Result<Vec<IpAddr>> {
+    let mut out = BTreeSet::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        bail!("reading this host's addresses (getifaddrs): {}", std::io::Error::last_os_error());
+    }
+    let mut p = head;
+    while !p.is_null() {
+        // SAFETY: a node of the list getifaddrs returned; ifa_addr may be null.
+        let (addr, next) = unsafe { ((*p).ifa_addr, (*p).ifa_next) };
+        if !addr.is_null() {
+            // SAFETY: sa_family says which sockaddr this is.
+            let a = match i32::from(unsafe { (*addr).sa_family }) {
+                libc::AF_INET => Some(IpAddr::from(unsafe { (*(addr as *const libc::sockaddr_in)).sin_addr.s_addr }.to_ne_bytes())),
+                libc::AF_INET6 => Some(IpAddr::from(unsafe { (*(addr as *const libc::sockaddr_in6)).sin6_addr.s6_addr })),
+                _ => None,
+            };
+            if let Some(a) = a.filter(|a| !a.is_loopback()) {
+                out.insert(a);
+            }
+        }
+        p = next;
+    }
+    // SAFETY: the list from getifaddrs, freed once.
+    unsafe { libc::freeifaddrs(head) };
+    if out.len() > DECAP_MAX_LOCAL as usize {
+        bail!("this host has {} addresses: decap holds at most {DECAP_MAX_LOCAL}", out.len());
+    }
+    Ok(out.into_iter().collect())
+}
+
+/// Makes `set` hold exactly `addrs`: new entries first, then stale ones removed, so an
+/// address in both the old and the new set is never missing in between.
+pub fn write_set<T: std::borrow::BorrowMut<MapData>>(set: &mut AddrSet<T>, addrs: &[IpAddr]) -> anyhow::Result<()> {
+    let want: BTreeSet<[u32; 4]> = addrs.iter().map(|a| addr_words(*a)).collect();
+    for k in &want {
+        set.insert(k, 1, 0).with_context(|| format!("adding {}", addr_from_words(k)))?;
+    }
+    let stale: Vec<[u32; 4]> = set.keys().filter_map(Result::ok).filter(|k| !want.contains(k)).collect();
+    for k in &stale {
+        set.remove(k).with_context(|| format!("removing {}", addr_from_words(k)))?;
+    }
+    Ok(())
+}
+
+/// The addresses in one of the sets, sorted.
+pub fn read_set<T: std::borrow::Borrow<MapData>>(set: &AddrSet<T>) -> Vec<IpAddr> {
+    let mut v: Vec<IpAddr> = set.keys().filter_map(Result::ok).map(|k| addr_from_words(&k)).collect();
+    v.sort();
+    v
+}
+
+/// Attaches the decap program to `interface` in `mode` and pins it; it decapsulates
+/// only from the balancers in `allow` to this host's addresses.
+pub fn attach(interface: &str, mode: XdpMode, allow: &[IpAddr]) -> anyhow::Result<()> {
+    if allow.is_empty() {
+        bail!("no balancer address to allow: decap would drop every IPIP packet");
+    }
+    let local = host_addresses()?;
+    attach_program(interface, mode, prog_names::DECAP, |ebpf| {
+        write_set(&mut addr_set(ebpf, map_names::DECAP_ALLOW)?, allow).context("writing DECAP_ALLOW")?;
+        write_set(&mut addr_set(ebpf, map_names::DECAP_LOCAL)?, &local).context("writing DECAP_LOCAL")
+    })
 }
 
 /// Attaches the XDP_PASS program instead (same pins, same `detach`): for the peer of a
 /// veth on which the balancer sends with native XDP_TX.
 pub fn attach_pass(interface: &str, mode: XdpMode) -> anyhow::Result<()> {
-    attach_program(interface, mode, prog_names::PASS)
+    attach_program(interface, mode, prog_names::PASS, |_| Ok(()))
 }
 
-fn attach_program(interface: &str, mode: XdpMode, name: &'static str) -> anyhow::Result<()> {
+fn addr_set<'a>(ebpf: &'a mut aya::Ebpf, name: &str) -> anyhow::Result<AddrSet<&'a mut MapData>> {
+    let m = ebpf.map_mut(name).with_context(|| format!("{name} missing from the decap object"))?;
+    AddrSet::try_from(m).with_context(|| format!("{name} is not a hash of addresses"))
+}
+
+/// Rewrites the host's addresses in `DECAP_LOCAL` (after an address change) and, when
+/// `allow` is given, the balancers in `DECAP_ALLOW`. Returns (allowed, local) counts.
+pub fn refresh(interface: &str, allow: Option<&[IpAddr]>) -> anyhow::Result<(usize, usize)> {
+    check_interface_name(interface)?;
+    let local = host_addresses()?;
+    let mut local_set = pinned_set(interface, map_names::DECAP_LOCAL)?;
+    let mut allow_set = pinned_set(interface, map_names::DECAP_ALLOW)?;
+    if let Some(a) = allow {
+        if a.is_empty() {
+            bail!("no balancer address to allow");
+        }
+        write_set(&mut allow_set, a).context("writing DECAP_ALLOW")?;
+    }
+    write_set(&mut local_set, &local).context("writing DECAP_LOCAL")?;
+    Ok((read_set(&allow_set).len(), local.len()))
+}
+
+/// The allowed balancers and the local addresses decap on `interface` uses now.
+pub fn filter(interface: &str) -> anyhow::Result<(Vec<IpAddr>, Vec<IpAddr>)> {
+    check_interface_name(interface)?;
+    Ok((read_set(&pinned_set(interface, map_names::DECAP_ALLOW)?), read_set(&pinned_set(interface, map_names::DECAP_LOCAL)?)))
+}
+
+fn pinned_set(interface: &str, name: &str) -> anyhow::Result<AddrSet<MapData>> {
+    let path = pin_dir(interface).join(name);
+    let map = MapData::from_pin(&path).with_context(|| {
+        format!(
+            "opening {} (is decap attached? one attached by an older lbd has no address sets: detach and attach it again)",
+            path.display()
+        )
+    })?;
+    AddrSet::try_from(aya::maps::Map::HashMap(map)).with_context(|| format!("{name} is not a hash of addresses"))
+}
+
+fn attach_program(
+    interface: &str,
+    mode: XdpMode,
+    name: &'static str,
+    fill: impl FnOnce(&mut aya::Ebpf) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     check_interface_name(interface)?;
     ensure_bpffs()?;
     let dir = pin_dir(interface);
@@ -61,6 +219,9 @@ fn attach_program(interface: &str, mode: XdpMode, name: &'static str) -> anyhow:
         bail!("decap is already attached to {interface} (pinned at {})", dir.display());
     }
     let mut ebpf = aya::Ebpf::load(crate::objects::DECAP).context("loading the decap object")?;
+    // Filled before the program can see a packet: attached with empty sets it would
+    // drop every IPIP packet for a moment.
+    fill(&mut ebpf)?;
     let prog: &mut Xdp = ebpf
         .program_mut(name)
         .with_context(|| format!("{name} missing from the decap object"))?
@@ -70,9 +231,11 @@ fn attach_program(interface: &str, mode: XdpMode, name: &'static str) -> anyhow:
     let link_id = prog.attach(interface, mode).with_context(|| format!("attaching {name} to {interface}"))?;
     let link: FdLink = prog.take_link(link_id)?.try_into().context("XDP link is not an fd link")?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let stats = ebpf.map(map_names::DECAP_STATS).context("DECAP_STATS missing")?;
     let pinned = (|| -> anyhow::Result<()> {
-        stats.pin(dir.join(map_names::DECAP_STATS)).context("pinning DECAP_STATS")?;
+        for m in [map_names::DECAP_STATS, map_names::DECAP_ALLOW, map_names::DECAP_LOCAL] {
+            let map = ebpf.map(m).with_context(|| format!("{m} missing"))?;
+            map.pin(dir.join(m)).with_context(|| format!("pinning {m}"))?;
+        }
         link.pin(dir.join("link")).context("pinning the XDP link")?;
         Ok(())
     })();

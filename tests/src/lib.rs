@@ -144,6 +144,23 @@ impl Decap {
         run_prog(prog, frame)
     }
 
+    /// Sets the balancers decap accepts IPIP from (`DECAP_ALLOW`).
+    pub fn allow(&mut self, addrs: &[&str]) {
+        self.write_set(map_names::DECAP_ALLOW, addrs);
+    }
+
+    /// Sets "this host's addresses" (`DECAP_LOCAL`).
+    pub fn local(&mut self, addrs: &[&str]) {
+        self.write_set(map_names::DECAP_LOCAL, addrs);
+    }
+
+    fn write_set(&mut self, name: &str, addrs: &[&str]) {
+        let addrs: Vec<IpAddr> = addrs.iter().map(|a| a.parse().expect("address")).collect();
+        let m = self.ebpf.map_mut(name).expect("decap address set");
+        let mut set = lb_userspace::decap::AddrSet::try_from(m).expect("hash of addresses");
+        lb_userspace::decap::write_set(&mut set, &addrs).expect("write address set");
+    }
+
     /// Packets per decap reason, summed over CPUs.
     pub fn counts(&self) -> Vec<u64> {
         let m = self.ebpf.map(map_names::DECAP_STATS).expect("DECAP_STATS");

@@ -372,9 +372,12 @@ impl Topology {
             in_ns(sw, || decap::attach_pass(&lb.peer, XdpMode::Driver))
                 .unwrap_or_else(|e| panic!("attaching lb_pass to {} in {sw}: {e:#}", lb.peer));
         }
+        // Backends decapsulate only from the balancers (their node addresses are the
+        // encap sources the tests configure).
+        let balancers: Vec<IpAddr> = self.lbs.iter().flat_map(|l| [IpAddr::V4(l.v4), IpAddr::V6(l.v6)]).collect();
         for b in &self.backends {
             self.pins.lock().unwrap().push(b.ifname.clone());
-            in_ns(&b.ns, || decap::attach(&b.ifname, XdpMode::Driver))
+            in_ns(&b.ns, || decap::attach(&b.ifname, XdpMode::Driver, &balancers))
                 .unwrap_or_else(|e| panic!("attaching lb_decap to {} in {}: {e:#}", b.ifname, b.ns));
         }
         self.set_client_route(0);

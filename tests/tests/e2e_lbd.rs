@@ -349,7 +349,7 @@ fn invalid_input_gets_a_clear_error_and_changes_nothing() {
     assert!(wait_for(Duration::from_secs(3), || n() == 1).is_some(), "SIGHUP applied the file");
 
     // lbctl detach removes everything and stops lbd.
-    let (ok, _, err) = l.lbctl(&["detach"]);
+    let (ok, _, err) = l.lbctl(&["detach", "--yes"]);
     assert!(ok, "{err}");
     assert!(!lb_userspace::pins::pin_dir(INSTANCE).exists(), "pins removed");
     assert!(wait_for(Duration::from_secs(3), || !l.socket().exists()).is_some(), "lbd stopped");

@@ -567,7 +567,9 @@ fn missing_next_hop_and_encap_source_are_counted_drops() {
 #[test]
 fn decap_fixtures() {
     let dp = setup();
-    let decap = Decap::load();
+    let mut decap = Decap::load();
+    decap.allow(&[ENCAP4, ENCAP6]);
+    decap.local(&["10.1.0.11", "2001:db8:1::11", "2001:db8:1::51"]);
     let syn = v4(CLIENT, "10.0.0.100", L4::Tcp(40000, 80, Tcp::Syn), b"payload");
     let syn6 = v6(CLIENT6, "2001:db8::100", L4::Tcp(40000, 80, Tcp::Syn), b"");
     let mixed = v4(CLIENT, "10.0.0.104", L4::Tcp(40009, 80, Tcp::Syn), b"");

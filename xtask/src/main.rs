@@ -3,6 +3,8 @@
 
 mod bench;
 mod build_ebpf;
+mod dist;
+mod fuzz;
 mod lab;
 mod setup;
 mod test;
@@ -42,6 +44,28 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build the Debian package target/dist/lb_VERSION_ARCH.deb: lbd, lbctl, systemd
+    /// units, man pages, completions, examples (installs without a Rust toolchain).
+    ///
+    /// Example: `cargo xtask dist && dpkg -i target/dist/lb_*.deb`
+    Dist,
+    /// Coverage-guided fuzzing (cargo-fuzz, nightly) of the config parser, the API
+    /// request decoder, the peer wire decoder and the flow-event parser.
+    ///
+    /// Example: `cargo xtask fuzz --secs 600 --parallel 2 --save peer_wire`
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
+        /// Targets run at once (each takes one core).
+        #[arg(long, default_value_t = 1)]
+        parallel: usize,
+        /// Minimize the grown corpus and write it back to fuzz/corpus/ (to commit).
+        #[arg(long)]
+        save: bool,
+        /// Targets to run (all if none): config, api_request, peer_wire, flow_event.
+        targets: Vec<String>,
+    },
     /// Benchmarks: `datapath` (ns/packet beside a trivial XDP program).
     Bench {
         what: String,
@@ -57,6 +81,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test { args } => test::test(&args),
         Cmd::Lab { args } => lab::lab(&args),
         Cmd::Bench { what, args } => bench::bench(&what, &args),
+        Cmd::Dist => dist::dist().map(drop),
+        Cmd::Fuzz { secs, parallel, save, targets } => fuzz::fuzz(secs, parallel, save, &targets),
     }
 }
 
@@ -91,8 +117,7 @@ pub fn probe(cmd: &mut Command) -> anyhow::Result<Option<String>> {
 
 /// The command as a shell line, with the environment it sets (values quoted when needed).
 pub fn show(cmd: &Command) -> String {
-    let mut parts: Vec<String> =
-        cmd.get_envs().filter_map(|(k, v)| v.map(|v| format!("{}={}", k.to_string_lossy(), quote(v)))).collect();
+    let mut parts: Vec<String> = cmd.get_envs().filter_map(|(k, v)| v.map(|v| format!("{}={}", k.to_string_lossy(), quote(v)))).collect();
     parts.push(quote(cmd.get_program()));
     parts.extend(cmd.get_args().map(quote));
     parts.join(" ")

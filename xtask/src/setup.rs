@@ -28,6 +28,7 @@ const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_LINKER_MIN: (u64, u64) = (0, 13);
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 pub fn setup() -> anyhow::Result<()> {
     let mut installed: Vec<String> = Vec::new();
@@ -100,6 +101,15 @@ pub fn setup() -> anyhow::Result<()> {
             }
             installed.push("bpf-linker".into());
         }
+    }
+
+    // cargo-fuzz for `cargo xtask fuzz` (libFuzzer targets on nightly).
+    if probe(Command::new("cargo").args(["fuzz", "--version"]))?.is_some() {
+        println!("setup: cargo-fuzz: ok (already present)");
+    } else {
+        println!("setup: cargo-fuzz: installing {CARGO_FUZZ_VERSION} ...");
+        run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked", "--version", CARGO_FUZZ_VERSION]))?;
+        installed.push("cargo-fuzz".into());
     }
 
     if installed.is_empty() {

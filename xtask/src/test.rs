@@ -20,6 +20,9 @@ pub fn test(args: &[String]) -> anyhow::Result<()> {
     c.args(["test", "--release"]);
     c.args(["--package", "lb-common", "--features", "lb-common/user"]);
     c.args(["--package", "lb-userspace", "--package", "lb-tests", "--package", "xtask"]);
+    // The fuzz targets' saved corpus, replayed on stable through the same functions the
+    // libFuzzer binaries call (fuzz/tests/replay.rs): a fixed crash stays fixed.
+    c.args(["--package", "lb-fuzz"]);
     c.args(["--", "--test-threads=1"]).args(args);
     run(&mut c)
 }
