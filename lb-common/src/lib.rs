@@ -123,6 +123,66 @@ const _: () = assert!(size_of::<VipKey>() == 20);
 pub const MODE_IPIP: u32 = 0;
 /// `VipValue::mode`: rewrite the destination MAC to the backend's (L2 direct server return).
 pub const MODE_DSR_L2: u32 = 1;
+/// `VipValue::mode`: outer IPv4/IPv6 + UDP + GUE variant 0 with the hop list as private
+/// data (see [`gue`]), then XDP_TX. The UDP destination port is in the high 16 bits.
+pub const MODE_GUE: u32 = 2;
+/// Bits of `VipValue::mode` that hold the MODE_* value; the high 16 bits hold MODE_GUE's
+/// UDP destination port (host order), 0 for the other modes.
+pub const MODE_MASK: u32 = 0xffff;
+
+/// `VipValue::mode` of a service: the mode with its GUE port (0 unless MODE_GUE).
+#[inline(always)]
+pub const fn vip_mode(mode: u32, gue_port: u16) -> u32 {
+    (mode & MODE_MASK) | ((gue_port as u32) << 16)
+}
+
+/// GUE encapsulation (mode `gue`, draft-ietf-intarea-gue variant 0): the wire format
+/// the balancer writes and `lb_decap` reads.
+///
+/// ```text
+/// outer IPv4 (20) | IPv6 (40), protocol / next header 17
+/// UDP (8): source port gue_source_port(flow hash), destination port per service,
+///          checksum 0 (RFC 768 for IPv4; RFC 6935/6936 tunnel rule for IPv6)
+/// GUE (4): ver 0, C 0, hlen = 1 + 4 * hops (32-bit words after these 4 bytes),
+///          proto = 4 (inner IPv4) or 41 (inner IPv6), flags 0
+/// private data, hop list (4 + 16 * hops):
+///   version HOPS_VERSION, hops (0..=MAX_HOPS), next (index of the next hop, < hops
+///   when one is left), reserved 0,
+///   hops × 16-byte address (IPv6, or IPv4-mapped IPv6), network byte order
+/// inner IP packet, unchanged
+/// ```
+///
+/// With flags 0, every optional byte GUE's hlen covers is private data (the draft's
+/// rule), so a plain GUE receiver (Linux fou in gue mode) skips the hop list and
+/// decapsulates. The hop list holds the backends that follow the outer destination,
+/// the second-chance targets: a hop is taken by rewriting the outer destination and
+/// incrementing `next`, so the packet never changes size on the way.
+pub mod gue {
+    /// Default UDP destination port of a `gue` service.
+    pub const DEFAULT_PORT: u16 = 6080;
+    /// Version of the hop-list private data (its first byte).
+    pub const HOPS_VERSION: u8 = 1;
+    /// Largest hop list a packet carries.
+    pub const MAX_HOPS: u8 = 2;
+    pub const UDP_LEN: usize = 8;
+    /// The 4-byte GUE base header.
+    pub const HDR_LEN: usize = 4;
+    /// The hop list's fixed word (version, hops, next, reserved).
+    pub const HOPS_HDR_LEN: usize = 4;
+    pub const HOP_LEN: usize = 16;
+    /// UDP + GUE + hop list with `hops` entries: the bytes between the outer IP header
+    /// and the inner packet.
+    pub const fn overhead(hops: usize) -> usize {
+        UDP_LEN + HDR_LEN + HOPS_HDR_LEN + HOP_LEN * hops
+    }
+    /// UDP source port for a flow: from its flow hash, in the dynamic range 49152-65535
+    /// (RFC 8085), so routers and the backend's NIC (RSS) spread flows apart while all
+    /// packets of one flow take one path.
+    #[inline(always)]
+    pub const fn source_port(flow_hash: u32) -> u16 {
+        0xc000 | (flow_hash & 0x3fff) as u16
+    }
+}
 
 /// Value of `VIPS`.
 #[repr(C)]
@@ -130,7 +190,8 @@ pub const MODE_DSR_L2: u32 = 1;
 pub struct VipValue {
     /// Index into the per-service rings of `TABLES` and into `SERVICE_STATS`.
     pub service_id: u32,
-    /// MODE_IPIP or MODE_DSR_L2.
+    /// MODE_IPIP, MODE_DSR_L2 or MODE_GUE in the low 16 bits (`MODE_MASK`); MODE_GUE's
+    /// UDP destination port in the high 16 bits (`vip_mode`).
     pub mode: u32,
     /// Which of the service's two table slots is live (0 or 1). Userspace fills the
     /// idle slot, then flips this, so the datapath never sees half a table.
@@ -759,6 +820,21 @@ mod tests {
         let start = doc.find("<!-- map-contract -->\n").expect("ARCHITECTURE.md: <!-- map-contract --> marker") + "<!-- map-contract -->\n".len();
         let end = doc.find("<!-- /map-contract -->").expect("ARCHITECTURE.md: <!-- /map-contract --> marker");
         assert_eq!(doc[start..end].trim(), table.trim(), "ARCHITECTURE.md's map table differs from lb_common::contract; paste:\n{table}");
+    }
+
+    #[test]
+    fn gue_layout_and_source_ports() {
+        assert_eq!(gue::overhead(0), 16);
+        assert_eq!(gue::overhead(gue::MAX_HOPS as usize), 48);
+        assert_eq!(vip_mode(MODE_GUE, 6080) & MODE_MASK, MODE_GUE);
+        assert_eq!(vip_mode(MODE_GUE, 6080) >> 16, 6080);
+        assert_eq!(vip_mode(MODE_IPIP, 0), MODE_IPIP);
+        // Every source port is in the dynamic range, and flows spread over all of it.
+        let v: IpAddr = "10.0.0.100".parse().unwrap();
+        let ports: std::collections::BTreeSet<u16> =
+            (0..4096u16).map(|p| gue::source_port(flow_hash(&FlowKey::new("192.0.2.1".parse().unwrap(), 1024 + p, v, 80, PROTO_TCP)))).collect();
+        assert!(ports.iter().all(|&p| p >= 49152));
+        assert!(ports.len() > 3000, "4096 flows on {} source ports", ports.len());
     }
 
     #[test]

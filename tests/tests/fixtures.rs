@@ -217,6 +217,70 @@ fn balancer_fixtures() {
     run_cases(&mut dp, cases);
 }
 
+/// Mode gue: outer IPv4/IPv6 + UDP (source port from the flow hash, destination port
+/// per service) + GUE variant 0 with an empty hop list, under the ipip rules: DF, TOS /
+/// traffic class copied, the VLAN tag kept, too big answered at the MTU minus the
+/// whole outer overhead (36 bytes over IPv4, 56 over IPv6).
+#[test]
+fn gue_fixtures() {
+    let mut dp = Datapath::load();
+    let c = &mut dp.control;
+    c.set_settings(settings(ENCAP4, ENCAP6, Some(GW_MAC), 1500)).unwrap();
+    let add = |c: &mut lb_userspace::ControlPlane<_>, name, vip, mode, bes: Vec<_>| c.add_service(service(name, vip, mode, 251), bes).unwrap();
+    let gue = Mode::Gue { port: lb_common::gue::DEFAULT_PORT };
+    add(c, "gue4", "10.0.0.110:80/tcp", gue, vec![backend("10.1.10.1", 1, None)]);
+    add(c, "gue4_udp", "10.0.0.110:53/udp", Mode::Gue { port: 7000 }, vec![backend("10.1.10.2", 1, Some(BE_MAC))]);
+    add(c, "gue6", "[2001:db8::110]:443/tcp", gue, vec![backend("2001:db8:1::a1", 1, None)]);
+    add(c, "gue4in6", "10.0.0.111:80/tcp", gue, vec![backend("2001:db8:1::a2", 1, None)]);
+    add(c, "gue6in4", "[2001:db8::111]:80/tcp", gue, vec![backend("10.1.10.3", 1, None)]);
+    let gue4 = |input: &[u8], be: &str, nh, port| Expect::Frame(gue_expected(input, ENCAP4, be, nh, LB_MAC, port));
+    let gue6 = |input: &[u8], be: &str, nh, port| Expect::Frame(gue_expected(input, ENCAP6, be, nh, LB_MAC, port));
+
+    let syn = v4(CLIENT, "10.0.0.110", L4::Tcp(41000, 80, Tcp::Syn), b"");
+    let ack = v4(CLIENT, "10.0.0.110", L4::Tcp(41000, 80, Tcp::Ack), b"hello");
+    let other = v4(CLIENT, "10.0.0.110", L4::Tcp(41001, 80, Tcp::Syn), b"");
+    let udp = v4(CLIENT, "10.0.0.110", L4::Udp(5353, 53), b"query");
+    let syn6 = v6(CLIENT6, "2001:db8::110", L4::Tcp(41002, 443, Tcp::Syn), b"");
+    let syn4in6 = v4(CLIENT, "10.0.0.111", L4::Tcp(41003, 80, Tcp::Syn), b"");
+    let syn6in4 = v6(CLIENT6, "2001:db8::111", L4::Tcp(41004, 80, Tcp::Syn), b"");
+    let tos = with_tos(&v4(CLIENT, "10.0.0.110", L4::Tcp(41005, 80, Tcp::Ack), b"x"), 0xb9);
+    let tos6 = with_tos(&v6(CLIENT6, "2001:db8::110", L4::Tcp(41006, 443, Tcp::Ack), b"x"), 0x2a);
+    let tagged = vlan(&v4(CLIENT, "10.0.0.110", L4::Tcp(41007, 80, Tcp::Syn), b""), 42);
+    // The largest inner packets that fit: MTU 1500 minus 20 + 8 + 4 + 4 (IPv4 outer)
+    // or 40 + 8 + 4 + 4 (IPv6 outer).
+    let fits = v4(CLIENT, "10.0.0.110", L4::Tcp(41008, 80, Tcp::Ack), &[0u8; 1464 - 40]);
+    let big = v4(CLIENT, "10.0.0.110", L4::Tcp(41009, 80, Tcp::Ack), &[0u8; 1464 - 40 + 1]);
+    let fits6 = v6(CLIENT6, "2001:db8::110", L4::Tcp(41010, 443, Tcp::Ack), &[0u8; 1444 - 60]);
+    let big6 = v6(CLIENT6, "2001:db8::110", L4::Tcp(41011, 443, Tcp::Ack), &[0u8; 1444 - 60 + 1]);
+    let big4in6 = v4(CLIENT, "10.0.0.111", L4::Tcp(41012, 80, Tcp::Ack), &[0u8; 1444 - 40 + 1]);
+
+    // Two flows of one service leave from different UDP source ports (ECMP / RSS
+    // entropy), each in the dynamic range; the byte-exact rows pin the exact values.
+    let (a, b) = (flow_of(&syn), flow_of(&other));
+    let (pa, pb) = (lb_common::gue::source_port(lb_common::flow_hash(&a)), lb_common::gue::source_port(lb_common::flow_hash(&b)));
+    assert_ne!(pa, pb, "two flows, one source port");
+    assert!(pa >= 49152 && pb >= 49152);
+
+    let cases = vec![
+        row("gue v4: SYN in UDP 6080 + GUE to the backend via the gateway", syn.clone(), XDP_TX, gue4(&syn, "10.1.10.1", GW_MAC, 6080), fwd("gue4", "10.1.10.1", true)),
+        row("gue v4: the flow's next packet, same outer header", ack.clone(), XDP_TX, gue4(&ack, "10.1.10.1", GW_MAC, 6080), fwd("gue4", "10.1.10.1", false)),
+        row("gue v4: another flow, another source port", other.clone(), XDP_TX, gue4(&other, "10.1.10.1", GW_MAC, 6080), fwd("gue4", "10.1.10.1", true)),
+        row("gue v4: udp service on its own GUE port, backend MAC", udp.clone(), XDP_TX, gue4(&udp, "10.1.10.2", BE_MAC, 7000), fwd("gue4_udp", "10.1.10.2", true)),
+        row("gue v6: IPv6 outer, next header 17", syn6.clone(), XDP_TX, gue6(&syn6, "2001:db8:1::a1", GW_MAC, 6080), fwd("gue6", "2001:db8:1::a1", true)),
+        row("gue: IPv4 VIP, IPv6 backend (GUE proto 4 in IPv6)", syn4in6.clone(), XDP_TX, gue6(&syn4in6, "2001:db8:1::a2", GW_MAC, 6080), fwd("gue4in6", "2001:db8:1::a2", true)),
+        row("gue: IPv6 VIP, IPv4 backend (GUE proto 41 in IPv4)", syn6in4.clone(), XDP_TX, gue4(&syn6in4, "10.1.10.3", GW_MAC, 6080), fwd("gue6in4", "10.1.10.3", true)),
+        row("gue v4: TOS copied to the outer header", tos.clone(), XDP_TX, gue4(&tos, "10.1.10.1", GW_MAC, 6080), fwd("gue4", "10.1.10.1", true)),
+        row("gue v6: traffic class copied to the outer header", tos6.clone(), XDP_TX, gue6(&tos6, "2001:db8:1::a1", GW_MAC, 6080), fwd("gue6", "2001:db8:1::a1", true)),
+        row("gue v4: tagged frame keeps its tag", tagged.clone(), XDP_TX, gue4(&tagged, "10.1.10.1", GW_MAC, 6080), fwd("gue4", "10.1.10.1", true)),
+        row("gue v4: exactly at the MTU: forwarded", fits.clone(), XDP_TX, gue4(&fits, "10.1.10.1", GW_MAC, 6080), fwd("gue4", "10.1.10.1", true)),
+        row("gue v4: one byte over: frag-needed (MTU 1464)", big.clone(), XDP_TX, Expect::Frame(too_big_expected(&big, 1464)), counted(reason::TX_TOO_BIG)),
+        row("gue v6: exactly at the MTU: forwarded", fits6.clone(), XDP_TX, gue6(&fits6, "2001:db8:1::a1", GW_MAC, 6080), fwd("gue6", "2001:db8:1::a1", true)),
+        row("gue v6: one byte over: packet too big (MTU 1444)", big6.clone(), XDP_TX, Expect::Frame(too_big_expected(&big6, 1444)), counted(reason::TX_TOO_BIG)),
+        row("gue: IPv4 VIP, IPv6 backend, over: frag-needed (MTU 1444)", big4in6.clone(), XDP_TX, Expect::Frame(too_big_expected(&big4in6, 1444)), counted(reason::TX_TOO_BIG)),
+    ];
+    run_cases(&mut dp, cases);
+}
+
 /// ICMP steering, echo, fragments, extension headers, too big, empty-service replies.
 #[test]
 fn completeness_fixtures() {
