@@ -40,6 +40,8 @@ pub mod map_names {
     pub const DECAP_ALLOW: &str = "DECAP_ALLOW";
     /// Decap object: this host's addresses, keyed like `DECAP_ALLOW`.
     pub const DECAP_LOCAL: &str = "DECAP_LOCAL";
+    /// Decap object: UDP destination ports (network order) carrying GUE -> 1.
+    pub const DECAP_GUE_PORTS: &str = "DECAP_GUE_PORTS";
     pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
     pub const SYNC_STATS: &str = "SYNC_STATS";
     pub const LAYOUT: &str = "LAYOUT";
@@ -564,7 +566,12 @@ pub mod decap_reason {
     /// IPIP/IP6IP6 from an outer source outside the allow-list of balancers
     /// (`DECAP_ALLOW`): dropped (spoofed inner sources, 127.0.0.1 among them).
     pub const DROP_SOURCE_NOT_ALLOWED: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// UDP + GUE to one of `DECAP_GUE_PORTS` stripped (outer IP, UDP, GUE and its hop
+    /// list) and passed to the stack. The checks above apply alike (`drop_*`); a GUE
+    /// header of another version, a control message, flags we do not parse or an inner
+    /// protocol other than 4/41 is `drop_malformed`.
+    pub const DECAPSULATED_GUE: u32 = 6;
+    pub const COUNT: u32 = 7;
     pub const NAMES: [&str; COUNT as usize] = [
         "decapsulated",
         "pass_not_encap",
@@ -572,8 +579,12 @@ pub mod decap_reason {
         "drop_adjust_head",
         "drop_not_local",
         "drop_source_not_allowed",
+        "decapsulated_gue",
     ];
 }
+
+/// Entries of `DECAP_GUE_PORTS` (UDP ports decap reads as GUE).
+pub const DECAP_MAX_GUE_PORTS: u32 = 16;
 
 /// Entries of `DECAP_ALLOW` (the balancers' addresses a backend decapsulates from).
 pub const DECAP_MAX_ALLOW: u32 = 256;

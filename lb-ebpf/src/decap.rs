@@ -1,6 +1,7 @@
 //! The decapsulator: an XDP program for backends. It strips the outer IPv4/IPv6 header
-//! the balancer added (IPIP, 4in6, 6in4, IP6IP6) and hands the inner packet to the
-//! backend's own stack, which holds the VIP on loopback and answers the client directly.
+//! the balancer added (IPIP, 4in6, 6in4, IP6IP6, or in mode gue the outer header, UDP
+//! to a port of `DECAP_GUE_PORTS`, GUE and its hop list) and hands the inner packet to
+//! the backend's own stack, which holds the VIP on loopback and answers the client directly.
 //! Needed because many hosts (and this project's test kernel) have no ipip module.
 //! Everything that is not IP-in-IP passes untouched.
 //!
@@ -20,7 +21,7 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray},
     programs::XdpContext,
 };
-use lb_common::{Counter, DECAP_MAX_ALLOW, DECAP_MAX_LOCAL, V4_MAPPED_WORD, decap_reason, v4_mapped_words};
+use lb_common::{Counter, DECAP_MAX_ALLOW, DECAP_MAX_GUE_PORTS, DECAP_MAX_LOCAL, V4_MAPPED_WORD, decap_reason, v4_mapped_words};
 use lb_ebpf::*;
 
 /// Per reason (lb_common::decap_reason) packets/bytes, per CPU.
@@ -34,6 +35,11 @@ static DECAP_ALLOW: HashMap<[u32; 4], u32> = HashMap::with_max_entries(DECAP_MAX
 /// This host's addresses: the outer destination must be one of them.
 #[map]
 static DECAP_LOCAL: HashMap<[u32; 4], u32> = HashMap::with_max_entries(DECAP_MAX_LOCAL, 0);
+
+/// UDP destination ports (network order) that carry GUE from the balancers. UDP to
+/// any other port is ordinary traffic and passes untouched.
+#[map]
+static DECAP_GUE_PORTS: HashMap<u16, u32> = HashMap::with_max_entries(DECAP_MAX_GUE_PORTS, 0);
 
 #[xdp]
 pub fn lb_decap(ctx: XdpContext) -> u32 {
@@ -91,6 +97,32 @@ unsafe fn addr6(p: *const u8) -> [u32; 4] {
     unsafe { [ld32(p), ld32(p.add(4)), ld32(p.add(8)), ld32(p.add(12))] }
 }
 
+/// Whether the UDP header at `off` goes to a GUE port. Ordinary UDP (and a UDP
+/// header cut by the frame) is not ours.
+#[inline(always)]
+fn is_gue_port(ctx: &XdpContext, off: usize) -> bool {
+    let Some(u) = ptr_at::<[u8; 8]>(ctx, off) else {
+        return false;
+    };
+    // SAFETY: 8 bytes in bounds; read-only lookup.
+    unsafe { DECAP_GUE_PORTS.get(ld16((u as *const u8).add(2))).is_some() }
+}
+
+/// The GUE header after the UDP header at `udp_off` (lb_common::gue): the bytes of
+/// UDP + GUE + private data (the hop list) and the inner protocol. Variant 0 data
+/// messages without flags only: the balancer sends nothing else.
+#[inline(always)]
+fn gue_header(ctx: &XdpContext, udp_off: usize) -> Result<(usize, u8), (u32, u32)> {
+    let g = ptr_at::<[u8; 4]>(ctx, udp_off + 8).ok_or(MALFORMED)? as *const u8;
+    // SAFETY: 4 bytes in bounds.
+    let (b0, proto, flags) = unsafe { (*g, *g.add(1), ld16(g.add(2))) };
+    // Version 0 and C (control) clear: the top three bits.
+    if b0 & 0xe0 != 0 || flags != 0 || (proto != IPPROTO_IPIP && proto != IPPROTO_IPV6) {
+        return Err(MALFORMED);
+    }
+    Ok((8 + 4 + ((b0 & 0x1f) as usize) * 4, proto))
+}
+
 #[inline(always)]
 fn decap(ctx: &XdpContext) -> (u32, u32) {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
@@ -113,20 +145,26 @@ fn decap(ctx: &XdpContext) -> (u32, u32) {
         }
         l3_off += VLAN_LEN;
     }
-    let (outer_len, inner_proto) = if ethertype == ETH_P_IP {
+    let (outer_len, inner_proto, gue) = if ethertype == ETH_P_IP {
         let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l3_off) else {
             return NOT_ENCAP;
         };
         let ip = ip as *const u8;
         // SAFETY: 20 bytes in bounds.
         let (vihl, frags, proto) = unsafe { (*ip, ld16(ip.add(6)), *ip.add(9)) };
-        if vihl >> 4 != 4 || (proto != IPPROTO_IPIP && proto != IPPROTO_IPV6) {
+        let hlen = ((vihl & 0x0f) as usize) * 4;
+        let udp = proto == IPPROTO_UDP;
+        if vihl >> 4 != 4 || !(udp || proto == IPPROTO_IPIP || proto == IPPROTO_IPV6) {
             return NOT_ENCAP;
         }
-        let hlen = ((vihl & 0x0f) as usize) * 4;
-        // A fragmented outer packet cannot be decapsulated here (the balancer never
-        // fragments: it sets DF and answers too-big instead).
-        if hlen < IPV4_LEN || frags & (IP_MF | IP_OFFSET) != 0 {
+        if udp {
+            // UDP fragments and UDP to other ports are the stack's.
+            if hlen < IPV4_LEN || frags & (IP_MF | IP_OFFSET) != 0 || !is_gue_port(ctx, l3_off + hlen) {
+                return NOT_ENCAP;
+            }
+        } else if hlen < IPV4_LEN || frags & (IP_MF | IP_OFFSET) != 0 {
+            // A fragmented outer packet cannot be decapsulated here (the balancer never
+            // fragments: it sets DF and answers too-big instead).
             return MALFORMED;
         }
         // SAFETY: 20 bytes in bounds.
@@ -134,14 +172,23 @@ fn decap(ctx: &XdpContext) -> (u32, u32) {
         if let Some(v) = check_outer(&src, &dst, false) {
             return v;
         }
-        (hlen, proto)
+        if udp {
+            match gue_header(ctx, l3_off + hlen) {
+                Ok((g, inner)) => (hlen + g, inner, true),
+                Err(v) => return v,
+            }
+        } else {
+            (hlen, proto, false)
+        }
     } else if ethertype == ETH_P_IPV6 {
         let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, l3_off) else {
             return NOT_ENCAP;
         };
         // SAFETY: 40 bytes in bounds.
         let nh = unsafe { *(ip as *const u8).add(6) };
-        if nh != IPPROTO_IPIP && nh != IPPROTO_IPV6 {
+        let udp = nh == IPPROTO_UDP;
+        // The balancer adds no extension headers: UDP right after the header or not ours.
+        if !(udp && is_gue_port(ctx, l3_off + IPV6_LEN)) && nh != IPPROTO_IPIP && nh != IPPROTO_IPV6 {
             return NOT_ENCAP;
         }
         // SAFETY: 40 bytes in bounds: source at 8, destination at 24.
@@ -149,7 +196,14 @@ fn decap(ctx: &XdpContext) -> (u32, u32) {
         if let Some(v) = check_outer(&src, &dst, true) {
             return v;
         }
-        (IPV6_LEN, nh)
+        if udp {
+            match gue_header(ctx, l3_off + IPV6_LEN) {
+                Ok((g, inner)) => (IPV6_LEN + g, inner, true),
+                Err(v) => return v,
+            }
+        } else {
+            (IPV6_LEN, nh, false)
+        }
     } else {
         return NOT_ENCAP;
     };
@@ -197,7 +251,7 @@ fn decap(ctx: &XdpContext) -> (u32, u32) {
             st16(eth.add(12), inner_ethertype);
         }
     }
-    (XDP_PASS, decap_reason::DECAPSULATED)
+    (XDP_PASS, if gue { decap_reason::DECAPSULATED_GUE } else { decap_reason::DECAPSULATED })
 }
 
 #[cfg(not(test))]

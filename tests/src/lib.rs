@@ -144,6 +144,11 @@ impl Decap {
         run_prog(prog, frame)
     }
 
+    /// Sets the UDP ports decap reads as GUE (`DECAP_GUE_PORTS`).
+    pub fn gue_ports(&mut self, ports: &[u16]) {
+        lb_userspace::decap::write_gue_ports(&mut self.ebpf, ports).expect("write DECAP_GUE_PORTS");
+    }
+
     /// Sets the balancers decap accepts IPIP from (`DECAP_ALLOW`).
     pub fn allow(&mut self, addrs: &[&str]) {
         self.write_set(map_names::DECAP_ALLOW, addrs);

@@ -230,6 +230,24 @@ pub fn with_ipv6_ext(frame: &[u8], nh_type: u8) -> Vec<u8> {
     out
 }
 
+/// A UDP frame from `src` to `dst` (both IPv4 or both IPv6) to port `dport` whose
+/// payload is `gue` (the 4-byte GUE header), `private` (the hop list) and `inner`.
+pub fn gue_frame(src: &str, dst: &str, dport: u16, gue: [u8; 4], private: &[u8], inner: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC);
+    let b = match (src.parse::<IpAddr>().expect("src"), dst.parse::<IpAddr>().expect("dst")) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => b.ipv4(s.octets(), d.octets(), 64),
+        (IpAddr::V6(s), IpAddr::V6(d)) => b.ipv6(s.octets(), d.octets(), 64),
+        _ => panic!("gue_frame: mixed families"),
+    };
+    let b = b.udp(49152, dport);
+    let mut payload = gue.to_vec();
+    payload.extend_from_slice(private);
+    payload.extend_from_slice(inner);
+    let mut out = Vec::new();
+    b.write(&mut out, &payload).expect("write");
+    out
+}
+
 /// An IPv4 frame from `src` to `dst` carrying `inner` (an IP packet) as protocol 4/41.
 pub fn ipip_frame(src: &str, dst: &str, inner: &[u8]) -> Vec<u8> {
     let proto = if inner[0] >> 4 == 6 { IpNumber(41) } else { IpNumber(4) };

@@ -217,12 +217,8 @@ fn balancer_fixtures() {
     run_cases(&mut dp, cases);
 }
 
-/// Mode gue: outer IPv4/IPv6 + UDP (source port from the flow hash, destination port
-/// per service) + GUE variant 0 with an empty hop list, under the ipip rules: DF, TOS /
-/// traffic class copied, the VLAN tag kept, too big answered at the MTU minus the
-/// whole outer overhead (36 bytes over IPv4, 56 over IPv6).
-#[test]
-fn gue_fixtures() {
+/// The balancer with gue services: IPv4 and IPv6 outers, 4in6 and 6in4, two ports.
+fn gue_setup() -> Datapath {
     let mut dp = Datapath::load();
     let c = &mut dp.control;
     c.set_settings(settings(ENCAP4, ENCAP6, Some(GW_MAC), 1500)).unwrap();
@@ -233,8 +229,19 @@ fn gue_fixtures() {
     add(c, "gue6", "[2001:db8::110]:443/tcp", gue, vec![backend("2001:db8:1::a1", 1, None)]);
     add(c, "gue4in6", "10.0.0.111:80/tcp", gue, vec![backend("2001:db8:1::a2", 1, None)]);
     add(c, "gue6in4", "[2001:db8::111]:80/tcp", gue, vec![backend("10.1.10.3", 1, None)]);
+    dp
+}
+
+/// Mode gue: outer IPv4/IPv6 + UDP (source port from the flow hash, destination port
+/// per service) + GUE variant 0 with an empty hop list, under the ipip rules: DF, TOS /
+/// traffic class copied, the VLAN tag kept, too big answered at the MTU minus the
+/// whole outer overhead (36 bytes over IPv4, 56 over IPv6).
+#[test]
+fn gue_fixtures() {
+    let mut dp = gue_setup();
     let gue4 = |input: &[u8], be: &str, nh, port| Expect::Frame(gue_expected(input, ENCAP4, be, nh, LB_MAC, port));
     let gue6 = |input: &[u8], be: &str, nh, port| Expect::Frame(gue_expected(input, ENCAP6, be, nh, LB_MAC, port));
+
 
     let syn = v4(CLIENT, "10.0.0.110", L4::Tcp(41000, 80, Tcp::Syn), b"");
     let ack = v4(CLIENT, "10.0.0.110", L4::Tcp(41000, 80, Tcp::Ack), b"hello");
@@ -662,6 +669,71 @@ fn decap_fixtures() {
     fix_ipv4_checksum(&mut wrong_inner, 14);
     cases.push(("IPIP announcing the wrong inner family: dropped", wrong_inner.clone(), XDP_DROP, wrong_inner, decap_reason::DROP_MALFORMED));
 
+    run_decap_cases(&decap, cases);
+}
+
+/// GUE in lb_decap: what the balancer's gue mode emits comes back as the client's
+/// packet; the allow-list and local checks apply as for IPIP; UDP to other ports and
+/// GUE it does not send (another version, a control message, flags, an unknown inner
+/// protocol) are told apart; a hop list of any length is skipped.
+#[test]
+fn gue_decap_fixtures() {
+    let dp = gue_setup();
+    let mut decap = Decap::load();
+    decap.allow(&[ENCAP4, ENCAP6]);
+    decap.local(&["10.1.10.1", "10.1.10.2", "2001:db8:1::a1", "2001:db8:1::a2"]);
+    decap.gue_ports(&[6080, 7000]);
+    let syn = v4(CLIENT, "10.0.0.110", L4::Tcp(41000, 80, Tcp::Syn), b"payload");
+    let udp = v4(CLIENT, "10.0.0.110", L4::Udp(5353, 53), b"query");
+    let syn6 = v6(CLIENT6, "2001:db8::110", L4::Tcp(41002, 443, Tcp::Syn), b"");
+    let syn4in6 = v4(CLIENT, "10.0.0.111", L4::Tcp(41003, 80, Tcp::Syn), b"");
+    let tagged = vlan(&syn, 42);
+
+    let mut cases: Vec<(&str, Vec<u8>, u32, Vec<u8>, u32)> = Vec::new();
+    for (name, input) in [("gue v4 round trip", &syn), ("gue v4 on port 7000 round trip", &udp), ("gue v6 round trip", &syn6), ("gue 4in6 round trip", &syn4in6), ("gue with VLAN round trip", &tagged)] {
+        let (action, encapsulated) = dp.run(input);
+        assert_eq!(action, XDP_TX, "{name}: balancer forwards");
+        let l3_in = l3_offset(input);
+        let mut want = encapsulated[..l3_in].to_vec();
+        want[l3_in - 2..l3_in].copy_from_slice(&input[l3_in - 2..l3_in]);
+        want.extend_from_slice(&input[l3_in..]);
+        cases.push((name, encapsulated, XDP_PASS, want, decap_reason::DECAPSULATED_GUE));
+    }
+    let inner = &syn[14..];
+    let hop = lb_common::addr_bytes(ip("10.1.10.2"));
+    let mut two_hops = vec![1, 2, 0, 0];
+    two_hops.extend_from_slice(&hop);
+    two_hops.extend_from_slice(&hop);
+    let with_hops = gue_frame(ENCAP4, "10.1.10.1", 6080, [9, 4, 0, 0], &two_hops, inner);
+    let mut want = with_hops[..12].to_vec();
+    want.extend_from_slice(&0x0800u16.to_be_bytes());
+    want.extend_from_slice(inner);
+    cases.push(("gue with a two-hop list: skipped whole", with_hops, XDP_PASS, want, decap_reason::DECAPSULATED_GUE));
+    let untouched: Vec<(&str, Vec<u8>, u32)> = vec![
+        ("UDP to another port from a balancer: untouched", gue_frame(ENCAP4, "10.1.10.1", 6081, [1, 4, 0, 0], &[1, 0, 0, 0], inner), decap_reason::PASS_NOT_ENCAP),
+        ("plain UDP: untouched", v4(CLIENT, "10.1.10.1", L4::Udp(5353, 53), b"query"), decap_reason::PASS_NOT_ENCAP),
+    ];
+    for (name, f, r) in untouched {
+        cases.push((name, f.clone(), XDP_PASS, f, r));
+    }
+    let dropped: Vec<(&str, Vec<u8>, u32)> = vec![
+        ("gue from a source not allowed: dropped", gue_frame("10.9.9.9", "10.1.10.1", 6080, [1, 4, 0, 0], &[1, 0, 0, 0], inner), decap_reason::DROP_SOURCE_NOT_ALLOWED),
+        ("gue v6 from a source not allowed: dropped", gue_frame("2001:db8::99", "2001:db8:1::a1", 6080, [1, 4, 0, 0], &[1, 0, 0, 0], inner), decap_reason::DROP_SOURCE_NOT_ALLOWED),
+        ("gue to another host: dropped", gue_frame(ENCAP4, "10.1.10.9", 6080, [1, 4, 0, 0], &[1, 0, 0, 0], inner), decap_reason::DROP_NOT_LOCAL),
+        ("gue version 1: dropped", gue_frame(ENCAP4, "10.1.10.1", 6080, [0x41, 4, 0, 0], &[1, 0, 0, 0], inner), decap_reason::DROP_MALFORMED),
+        ("gue control message: dropped", gue_frame(ENCAP4, "10.1.10.1", 6080, [0x21, 4, 0, 0], &[1, 0, 0, 0], inner), decap_reason::DROP_MALFORMED),
+        ("gue with flags: dropped", gue_frame(ENCAP4, "10.1.10.1", 6080, [1, 4, 0x80, 0], &[1, 0, 0, 0], inner), decap_reason::DROP_MALFORMED),
+        ("gue carrying protocol 17: dropped", gue_frame(ENCAP4, "10.1.10.1", 6080, [1, 17, 0, 0], &[1, 0, 0, 0], inner), decap_reason::DROP_MALFORMED),
+        ("gue announcing IPv6, carrying IPv4: dropped", gue_frame(ENCAP4, "10.1.10.1", 6080, [1, 41, 0, 0], &[1, 0, 0, 0], inner), decap_reason::DROP_MALFORMED),
+        ("gue hop list beyond the frame: dropped", gue_frame(ENCAP4, "10.1.10.1", 6080, [31, 4, 0, 0], &[1, 0, 0, 0], &inner[..20]), decap_reason::DROP_MALFORMED),
+    ];
+    for (name, f, r) in dropped {
+        cases.push((name, f.clone(), XDP_DROP, f, r));
+    }
+    run_decap_cases(&decap, cases);
+}
+
+fn run_decap_cases(decap: &Decap, cases: Vec<(&str, Vec<u8>, u32, Vec<u8>, u32)>) {
     let mut failures = Vec::new();
     for (name, input, action, want, r) in cases {
         let before = decap.counts();
