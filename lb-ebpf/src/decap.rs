@@ -3,7 +3,7 @@
 //! to a port of `DECAP_GUE_PORTS`, GUE and its hop list) and hands the inner packet to
 //! the backend's own stack, which holds the VIP on loopback and answers the client directly.
 //! Needed because many hosts (and this project's test kernel) have no ipip module.
-//! Everything that is not IP-in-IP passes untouched.
+//! Everything that is neither IP-in-IP nor GUE to one of those ports passes untouched.
 //!
 //! Only the balancers' packets to this host are decapsulated: the outer destination must
 //! be in `DECAP_LOCAL` (this host's addresses, written by `lbd decap attach` from the

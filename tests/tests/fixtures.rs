@@ -646,7 +646,7 @@ fn decap_fixtures() {
     let mixed = v4(CLIENT, "10.0.0.104", L4::Tcp(40009, 80, Tcp::Syn), b"");
     let vlan_syn = vlan(&syn, 42);
 
-    let mut cases: Vec<(&str, Vec<u8>, u32, Vec<u8>, u32)> = Vec::new();
+    let mut cases: Vec<DecapCase> = Vec::new();
     // Round trip: what the balancer emits, the decap program turns back into the
     // client's packet addressed (at L2) to the backend.
     for (name, input) in [("ipip v4 round trip", &syn), ("ip6ip6 round trip", &syn6), ("4in6 round trip", &mixed), ("ipip with VLAN round trip", &vlan_syn)] {
@@ -689,7 +689,7 @@ fn gue_decap_fixtures() {
     let syn4in6 = v4(CLIENT, "10.0.0.111", L4::Tcp(41003, 80, Tcp::Syn), b"");
     let tagged = vlan(&syn, 42);
 
-    let mut cases: Vec<(&str, Vec<u8>, u32, Vec<u8>, u32)> = Vec::new();
+    let mut cases: Vec<DecapCase> = Vec::new();
     for (name, input) in [("gue v4 round trip", &syn), ("gue v4 on port 7000 round trip", &udp), ("gue v6 round trip", &syn6), ("gue 4in6 round trip", &syn4in6), ("gue with VLAN round trip", &tagged)] {
         let (action, encapsulated) = dp.run(input);
         assert_eq!(action, XDP_TX, "{name}: balancer forwards");
@@ -733,7 +733,10 @@ fn gue_decap_fixtures() {
     run_decap_cases(&decap, cases);
 }
 
-fn run_decap_cases(decap: &Decap, cases: Vec<(&str, Vec<u8>, u32, Vec<u8>, u32)>) {
+/// A decap row: name, input, action, output, the one reason counted.
+type DecapCase<'a> = (&'a str, Vec<u8>, u32, Vec<u8>, u32);
+
+fn run_decap_cases(decap: &Decap, cases: Vec<DecapCase>) {
     let mut failures = Vec::new();
     for (name, input, action, want, r) in cases {
         let before = decap.counts();
