@@ -571,7 +571,18 @@ pub mod decap_reason {
     /// header of another version, a control message, flags we do not parse or an inner
     /// protocol other than 4/41 is `drop_malformed`.
     pub const DECAPSULATED_GUE: u32 = 6;
-    pub const COUNT: u32 = 7;
+    /// Second chance (GUE with a next hop in its hop list): a TCP SYN to a VIP port
+    /// with no listening socket here, sent on to the next hop (XDP_TX).
+    pub const SECOND_CHANCE_SYN: u32 = 7;
+    /// Second chance: a TCP non-SYN packet of a connection this host does not hold (no
+    /// socket, or only a listener and no valid SYN cookie), sent on to the next hop.
+    pub const SECOND_CHANCE_NOT_HELD: u32 = 8;
+    /// Second chance due, but `bpf_fib_lookup` gives no route and neighbour for the
+    /// next hop out of the interface the packet came in on (also: forwarding is off on
+    /// that interface, which the helper requires; or the hop is of another family than
+    /// the outer header): decapsulated and passed instead.
+    pub const SECOND_CHANCE_NO_ROUTE: u32 = 9;
+    pub const COUNT: u32 = 10;
     pub const NAMES: [&str; COUNT as usize] = [
         "decapsulated",
         "pass_not_encap",
@@ -580,6 +591,9 @@ pub mod decap_reason {
         "drop_not_local",
         "drop_source_not_allowed",
         "decapsulated_gue",
+        "second_chance_syn",
+        "second_chance_not_held",
+        "second_chance_no_route",
     ];
 }
 

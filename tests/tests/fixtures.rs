@@ -700,15 +700,18 @@ fn gue_decap_fixtures() {
         cases.push((name, encapsulated, XDP_PASS, want, decap_reason::DECAPSULATED_GUE));
     }
     let inner = &syn[14..];
+    // UDP never takes a second chance (no socket state to ask): decapsulated whatever
+    // its hop list holds. TCP second chances: gue_second_chance.rs, with real sockets.
+    let inner_udp = &udp[14..];
     let hop = lb_common::addr_bytes(ip("10.1.10.2"));
     let mut two_hops = vec![1, 2, 0, 0];
     two_hops.extend_from_slice(&hop);
     two_hops.extend_from_slice(&hop);
-    let with_hops = gue_frame(ENCAP4, "10.1.10.1", 6080, [9, 4, 0, 0], &two_hops, inner);
+    let with_hops = gue_frame(ENCAP4, "10.1.10.1", 6080, [9, 4, 0, 0], &two_hops, inner_udp);
     let mut want = with_hops[..12].to_vec();
     want.extend_from_slice(&0x0800u16.to_be_bytes());
-    want.extend_from_slice(inner);
-    cases.push(("gue with a two-hop list: skipped whole", with_hops, XDP_PASS, want, decap_reason::DECAPSULATED_GUE));
+    want.extend_from_slice(inner_udp);
+    cases.push(("gue udp with a two-hop list: list skipped whole, no second chance", with_hops, XDP_PASS, want, decap_reason::DECAPSULATED_GUE));
     let untouched: Vec<(&str, Vec<u8>, u32)> = vec![
         ("UDP to another port from a balancer: untouched", gue_frame(ENCAP4, "10.1.10.1", 6081, [1, 4, 0, 0], &[1, 0, 0, 0], inner), decap_reason::PASS_NOT_ENCAP),
         ("plain UDP: untouched", v4(CLIENT, "10.1.10.1", L4::Udp(5353, 53), b"query"), decap_reason::PASS_NOT_ENCAP),
