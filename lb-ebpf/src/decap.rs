@@ -268,8 +268,9 @@ fn decap(ctx: &XdpContext) -> (u32, u32) {
 
 const TCP_LISTEN: u32 = 10;
 
-/// A stack value at an 8-byte aligned offset: LLVM merges neighbouring 4-byte stores
-/// into 8-byte ones, which the verifier refuses at misaligned stack offsets.
+/// A stack struct handed to a helper, at an 8-byte aligned offset: LLVM may copy its
+/// fields with 8-byte loads and stores, which the verifier refuses at misaligned stack
+/// offsets (word-by-word writes into it go through `put_words`).
 #[repr(C, align(8))]
 struct Aligned<T>(T);
 
