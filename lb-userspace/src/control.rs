@@ -23,8 +23,8 @@ use std::str::FromStr;
 use lb_common::maglev::{self, MaglevBackend};
 use lb_common::{
     BACKEND_F_HAS_MAC, BACKEND_F_V6, BACKEND_F_VALID, BackendValue, MAX_BACKENDS, MAX_SERVICES,
-    MAX_TABLE_SIZE, MODE_DSR_L2, MODE_IPIP, PROTO_TCP, PROTO_UDP, Settings, VipBloom, VipKey,
-    VipValue, addr_bytes, addr_words,
+    MAX_TABLE_SIZE, MODE_DSR_L2, MODE_GUE, MODE_IPIP, PROTO_TCP, PROTO_UDP, Settings, VipBloom, VipKey,
+    VipValue, addr_bytes, addr_words, gue, vip_mode,
 };
 
 use crate::maps::{MapWriteError, MapWriter};
@@ -57,6 +57,8 @@ pub const MAX_WEIGHT: u32 = 65535;
 pub enum Mode {
     Ipip,
     DsrL2,
+    /// Outer IP + UDP to `port` + GUE with a hop list (lb_common::gue).
+    Gue { port: u16 },
 }
 
 impl Mode {
@@ -64,27 +66,47 @@ impl Mode {
         match self {
             Mode::Ipip => MODE_IPIP,
             Mode::DsrL2 => MODE_DSR_L2,
+            Mode::Gue { port } => vip_mode(MODE_GUE, port),
+        }
+    }
+
+    /// Bytes the mode puts before the client's IP packet for an IPv4 (`v6` false) or
+    /// IPv6 backend; None for dsr-l2, which adds none and needs no encap source.
+    pub fn outer_len(self, v6: bool) -> Option<u32> {
+        let ip = if v6 { 40 } else { 20 };
+        match self {
+            Mode::Ipip => Some(ip),
+            Mode::Gue { .. } => Some(ip + gue::overhead(0) as u32),
+            Mode::DsrL2 => None,
         }
     }
 }
 
 impl FromStr for Mode {
     type Err = String;
+    /// `ipip`, `dsr-l2`, `gue` (UDP port 6080) or `gue:PORT`.
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "ipip" => Ok(Mode::Ipip),
             "dsr-l2" => Ok(Mode::DsrL2),
-            _ => Err(format!("unknown mode {s:?} (expected ipip or dsr-l2)")),
+            "gue" => Ok(Mode::Gue { port: gue::DEFAULT_PORT }),
+            _ => match s.strip_prefix("gue:").map(str::parse::<u16>) {
+                Some(Ok(port)) if port != 0 => Ok(Mode::Gue { port }),
+                Some(_) => Err(format!("mode {s:?}: the GUE port must be 1-65535")),
+                None => Err(format!("unknown mode {s:?} (expected ipip, dsr-l2, gue or gue:PORT)")),
+            },
         }
     }
 }
 
 impl fmt::Display for Mode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Mode::Ipip => "ipip",
-            Mode::DsrL2 => "dsr-l2",
-        })
+        match self {
+            Mode::Ipip => f.write_str("ipip"),
+            Mode::DsrL2 => f.write_str("dsr-l2"),
+            Mode::Gue { port } if *port == gue::DEFAULT_PORT => f.write_str("gue"),
+            Mode::Gue { port } => write!(f, "gue:{port}"),
+        }
     }
 }
 
@@ -715,6 +737,25 @@ mod tests {
         assert!("10.0.0.100:80".parse::<Vip>().unwrap_err().contains("expected"));
         assert!("10.0.0.100:80/sctp".parse::<Vip>().unwrap_err().contains("sctp"));
         assert!("10.0.0.300:80/tcp".parse::<Vip>().unwrap_err().contains("bad address"));
+    }
+
+    #[test]
+    fn gue_mode_parses_prints_and_carries_its_port() {
+        assert_eq!("gue".parse::<Mode>().unwrap(), Mode::Gue { port: gue::DEFAULT_PORT });
+        assert_eq!("gue:7000".parse::<Mode>().unwrap(), Mode::Gue { port: 7000 });
+        for m in ["ipip", "dsr-l2", "gue", "gue:7000"] {
+            assert_eq!(m.parse::<Mode>().unwrap().to_string(), m);
+        }
+        assert_eq!("gue:6080".parse::<Mode>().unwrap().to_string(), "gue");
+        for bad in ["gue:0", "gue:65536", "gue:", "gue:x"] {
+            assert!(bad.parse::<Mode>().unwrap_err().contains("1-65535"), "{bad}");
+        }
+        let mut c = cp();
+        c.add_service(svc("g", "10.0.0.100:80/tcp", Mode::Gue { port: 7000 }), vec![be("10.1.0.1", 1)]).unwrap();
+        let v = c.writer().vips[&VipKey::new("10.0.0.100".parse().unwrap(), 80, PROTO_TCP)];
+        assert_eq!((v.mode & lb_common::MODE_MASK, v.mode >> 16), (MODE_GUE, 7000));
+        assert_eq!(Mode::Gue { port: 1 }.outer_len(false), Some(36));
+        assert_eq!(Mode::Gue { port: 1 }.outer_len(true), Some(56));
     }
 
     #[test]

@@ -126,6 +126,20 @@ pub fn run_prog(prog: &Xdp, frame: &[u8]) -> (u32, Vec<u8>) {
     (r.return_value, out)
 }
 
+/// Runs `frame` through `prog` once as if it arrived on interface `ifindex` (of the
+/// calling thread's network namespace): socket and FIB lookups see that namespace.
+pub fn run_prog_on(prog: &Xdp, frame: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; frame.len() + OUT_ROOM];
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+    // egress_ifindex.
+    let ctx: Vec<u8> = [0, frame.len() as u32, 0, ifindex, 0, 0].iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let r = prog
+        .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ctx_in: Some(&ctx), ..TestRunOptions::new() })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
 /// The decap program loaded from the embedded object (not attached).
 pub struct Decap {
     pub ebpf: aya::Ebpf,
@@ -143,6 +157,17 @@ impl Decap {
     pub fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
         let prog: &Xdp = self.ebpf.program(prog_names::DECAP).expect("lb_decap").try_into().expect("xdp");
         run_prog(prog, frame)
+    }
+
+    /// `run` as if the frame arrived on interface `ifindex`.
+    pub fn run_on(&self, frame: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
+        let prog: &Xdp = self.ebpf.program(prog_names::DECAP).expect("lb_decap").try_into().expect("xdp");
+        run_prog_on(prog, frame, ifindex)
+    }
+
+    /// Sets the UDP ports decap reads as GUE (`DECAP_GUE_PORTS`).
+    pub fn gue_ports(&mut self, ports: &[u16]) {
+        lb_userspace::decap::write_gue_ports(&mut self.ebpf, ports).expect("write DECAP_GUE_PORTS");
     }
 
     /// Sets the balancers decap accepts IPIP from (`DECAP_ALLOW`).
