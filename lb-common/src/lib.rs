@@ -95,6 +95,28 @@ pub const VIP_BLOOM_WORDS: usize = (VIP_BLOOM_BITS / 64) as usize;
 /// Sentinel in `TABLES` for "no backend in this slot" (empty service).
 pub const NO_BACKEND: u32 = u32::MAX;
 
+/// One position of a Maglev table in `TABLES`: the backend new flows get (`primary`,
+/// Maglev's pick) and the one second-chance delivery tries next (`secondary`, a
+/// different backend, or `NO_BACKEND`): see `maglev::build_pairs`. 8 bytes, the
+/// kernel's array stride, so the mmap'ed table is one 64-bit store per position.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableEntry {
+    pub primary: u32,
+    pub secondary: u32,
+}
+const _: () = assert!(size_of::<TableEntry>() == 8);
+
+impl TableEntry {
+    pub const EMPTY: TableEntry = TableEntry { primary: NO_BACKEND, secondary: NO_BACKEND };
+}
+
+impl Default for TableEntry {
+    fn default() -> Self {
+        Self::EMPTY
+    }
+}
+
 /// Table index of a (service, slot, position): the table array holds
 /// `MAX_SERVICES * 2` rings of `MAX_TABLE_SIZE` entries; a service uses the first
 /// `table_size` entries of its ring.
@@ -200,8 +222,15 @@ pub struct VipValue {
     pub active_slot: u32,
     /// Maglev table size M of this service (prime, <= MAX_TABLE_SIZE).
     pub table_size: u32,
+    /// VIP_F_* bits.
+    pub flags: u32,
 }
-const _: () = assert!(size_of::<VipValue>() == 16);
+const _: () = assert!(size_of::<VipValue>() == 20);
+
+/// `VipValue::flags`: TCP of this (gue) service skips the flow table (`flow_table =
+/// "off"`): every packet takes its Maglev pair, and second chance on the backends
+/// keeps connections where they are across backend changes.
+pub const VIP_F_NO_FLOW_TABLE: u32 = 1;
 
 /// `BackendValue::flags`: the entry is in use. Flows pinned to a backend id without it
 /// (removed backend) are re-steered by Maglev.
@@ -210,6 +239,10 @@ pub const BACKEND_F_VALID: u32 = 1;
 pub const BACKEND_F_V6: u32 = 2;
 /// `mac` is set: use it as next hop (dsr-l2 always needs it; ipip to an on-link backend).
 pub const BACKEND_F_HAS_MAC: u32 = 4;
+/// The entry may be a second-chance hop (gue): set on a valid backend of a gue service
+/// and on one that left it (removed) while it still holds connections, which is then
+/// not VALID (its flows re-steer) but still named as a secondary.
+pub const BACKEND_F_HOP: u32 = 8;
 
 /// Value of `BACKENDS` (an array indexed by backend id).
 #[repr(C)]
@@ -688,6 +721,7 @@ mod pod {
     // invalid bit patterns.
     unsafe impl aya::Pod for VipKey {}
     unsafe impl aya::Pod for VipValue {}
+    unsafe impl aya::Pod for TableEntry {}
     unsafe impl aya::Pod for BackendValue {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}

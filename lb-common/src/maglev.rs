@@ -11,7 +11,7 @@
 //! equal weights this is exactly the paper's round-robin population. Weight 0 (drained)
 //! backends claim nothing.
 
-use crate::{NO_BACKEND, hash_words};
+use crate::{NO_BACKEND, TableEntry, hash_words};
 use std::vec;
 use std::vec::Vec;
 
@@ -112,12 +112,26 @@ const SEED_SECONDARY: u32 = 0x7365_636f; // "seco"
 /// differs from its primary while two backends are known; `NO_BACKEND` otherwise. A
 /// pure function of the two sets, like `build`.
 pub fn build_pairs(backends: &[MaglevBackend], former: &[MaglevBackend], m: u32) -> Result<(Vec<u32>, Vec<u32>), MaglevError> {
+    let mut before: Vec<MaglevBackend> = backends.iter().copied().filter(|b| b.weight > 0).collect();
+    before.extend(former.iter().copied().filter(|b| b.weight > 0));
+    // A former backend that is also live is a caller's mistake: refuse it as a duplicate.
+    build(&before, m)?;
+    build_pairs_since(backends, &before, m)
+}
+
+/// The pairs of `backends` after a change from the set `before` (each backend with its
+/// weight and id then): the secondary of a slot is its owner in `before`'s table when
+/// that differs from its new primary, so every connection made under `before` finds
+/// its backend within the slot's pair, whatever the change (removals, drains,
+/// additions, weights, several at once); other slots draw a secondary as
+/// [`build_pairs`] says. `before` = the live set plus the gone backends is
+/// `build_pairs`. Every backend of `before` must stay reachable as a hop (the control
+/// plane keeps removed ones as hops while a change window is open).
+pub fn build_pairs_since(backends: &[MaglevBackend], before: &[MaglevBackend], m: u32) -> Result<(Vec<u32>, Vec<u32>), MaglevError> {
     let primary = build(backends, m)?;
     let mut live: Vec<MaglevBackend> = backends.iter().copied().filter(|b| b.weight > 0).collect();
     live.sort_by_key(|b| b.addr);
-    let mut before: Vec<MaglevBackend> = live.clone();
-    before.extend(former.iter().copied().filter(|b| b.weight > 0));
-    let previous = build(&before, m)?;
+    let previous = build(before, m)?;
     // cum[k] = total weight of live[..=k].
     let cum: Vec<u64> = live
         .iter()
@@ -147,6 +161,24 @@ pub fn build_pairs(backends: &[MaglevBackend], former: &[MaglevBackend], m: u32)
         })
         .collect();
     Ok((primary, secondary))
+}
+
+/// [`build_pairs_since`] as the datapath's `TABLES` entries.
+pub fn build_entries(backends: &[MaglevBackend], before: &[MaglevBackend], m: u32) -> Result<Vec<TableEntry>, MaglevError> {
+    let (p, s) = build_pairs_since(backends, before, m)?;
+    Ok(p.into_iter().zip(s).map(|(primary, secondary)| TableEntry { primary, secondary }).collect())
+}
+
+/// The pair the datapath reads for a flow without a flow-table entry (or any TCP flow of
+/// a `flow_table = "off"` service): `table[flow_hash(key) % M]`. The pair's `primary` is
+/// [`pick`]'s backend; `secondary` the hop a gue packet carries.
+pub fn pick_pair(table: &[TableEntry], key: &crate::FlowKey) -> TableEntry {
+    table[slot(key, table.len() as u32)]
+}
+
+/// [`pick_pair`] on the entries of `backends` after a change from `before`.
+pub fn predict_pair(backends: &[MaglevBackend], before: &[MaglevBackend], m: u32, key: &crate::FlowKey) -> Result<TableEntry, MaglevError> {
+    Ok(pick_pair(&build_entries(backends, before, m)?, key))
 }
 
 fn build_seeded(backends: &[MaglevBackend], m: u32, seed_offset: u32, seed_skip: u32) -> Result<Vec<u32>, MaglevError> {
@@ -400,6 +432,32 @@ mod tests {
         rev.reverse();
         assert_eq!(build_pairs(&bs, &[backend(99, 2)], 251).unwrap(), build_pairs(&rev, &[backend(99, 2)], 251).unwrap());
         assert!(matches!(build_pairs(&bs, &[backend(3, 1)], 251), Err(MaglevError::DuplicateBackend(_))));
+    }
+
+    #[test]
+    fn a_change_window_keeps_every_old_owner_as_secondary() {
+        // Removed, then another added, in one window: every slot whose owner changed
+        // has its owner under `before` as secondary.
+        let m = 65537u32;
+        let bs: Vec<_> = (0..10).map(|i| backend(i, 1)).collect();
+        let before = build(&bs, m).unwrap();
+        let mut after: Vec<_> = bs.iter().copied().filter(|b| b.id != 4).collect();
+        after.push(backend(10, 1));
+        let entries = build_entries(&after, &bs, m).unwrap();
+        assert_eq!(entries.iter().map(|e| e.primary).collect::<Vec<_>>(), build(&after, m).unwrap());
+        let mut moved = 0;
+        for (i, e) in entries.iter().enumerate() {
+            assert_ne!(e.primary, e.secondary);
+            if e.primary != before[i] {
+                assert_eq!(e.secondary, before[i], "slot {i}");
+                moved += 1;
+            }
+        }
+        // 1/10 removed plus about 1/10 taken by the new one.
+        assert!((0.15..0.25).contains(&(moved as f64 / m as f64)), "{moved}");
+        let k = crate::FlowKey::new("192.0.2.1".parse().unwrap(), 1234, "10.0.0.100".parse().unwrap(), 80, crate::PROTO_TCP);
+        assert_eq!(predict_pair(&after, &bs, m, &k).unwrap(), entries[slot(&k, m)]);
+        assert_eq!(predict_pair(&after, &bs, m, &k).unwrap().primary, predict(&after, m, &k).unwrap());
     }
 
     /// Digest of the 5-backend, M=251 table in the test above (recorded once).

@@ -693,7 +693,7 @@ mod validation_tests {
             (&v6_1299, vec![def("[2001:db8::100]:80/tcp", &["10.0.1.1"])], "set mtu to at least 1300"),
             // gue: the same encap-source rule, and the MTU rule over its 56-byte outer.
             (HEAD, vec![ServiceDef { mode: Mode::Gue { port: 6080 }, ..def("10.0.0.100:80/tcp", &["2001:db8::11"]) }], "is IPv6 in gue mode: set encap_source_v6"),
-            (&v6_1320, vec![ServiceDef { mode: Mode::Gue { port: 6080 }, ..def("[2001:db8::100]:80/tcp", &["2001:db8::11"]) }], "set mtu to at least 1336"),
+            (&v6_1320, vec![ServiceDef { mode: Mode::Gue { port: 6080 }, ..def("[2001:db8::100]:80/tcp", &["2001:db8::11"]) }], "set mtu to at least 1352"),
         ];
         for (head, defs, want) in &cases {
             let (file, cli, sync) = refusals(head, defs);

@@ -114,6 +114,23 @@ impl Datapath {
         let id = predict(&bes, view.spec.table_size, key).expect("maglev table");
         view.backends.iter().find(|(_, i)| *i == id).expect("backend of the table").0.addr
     }
+
+    /// The (primary, secondary) pair of the service's table for `key`, computed in
+    /// userspace (lb_common::maglev::predict_pair) from its backends and the set
+    /// `before` its open change window (none for a service not changed since created).
+    pub fn predict_pair(&self, service: &str, before: &[IpAddr], key: &FlowKey) -> (IpAddr, Option<IpAddr>) {
+        use lb_common::maglev::{MaglevBackend, predict_pair};
+        let view = self.control.service(service).expect("service");
+        let bes: Vec<_> = view
+            .backends
+            .iter()
+            .map(|(b, id)| MaglevBackend { addr: lb_common::addr_bytes(b.addr), weight: b.weight, id: *id })
+            .collect();
+        let before: Vec<_> = bes.iter().copied().filter(|b| before.iter().any(|a| lb_common::addr_bytes(*a) == b.addr)).collect();
+        let e = predict_pair(&bes, &before, view.spec.table_size, key).expect("maglev table");
+        let addr = |id: u32| view.backends.iter().find(|(_, i)| *i == id).map(|b| b.0.addr);
+        (addr(e.primary).expect("primary of the table"), addr(e.secondary))
+    }
 }
 
 /// Runs `frame` through `prog` once with BPF_PROG_TEST_RUN.

@@ -112,7 +112,7 @@ pub fn fix_ipv4_checksum(frame: &mut [u8], l3: usize) {
 /// trailing bytes) behind a new outer header from `outer_src` to `outer_dst`, in a frame
 /// from `our_mac` to `next_hop`, with the input's VLAN tag kept.
 pub fn ipip_expected(input: &[u8], outer_src: &str, outer_dst: &str, next_hop: [u8; 6], our_mac: [u8; 6]) -> Vec<u8> {
-    encap_expected(input, outer_src, outer_dst, next_hop, our_mac, None)
+    encap_expected(input, outer_src, outer_dst, next_hop, our_mac, None, None)
 }
 
 /// What the balancer must emit in gue mode for `input` (a TCP or UDP packet without
@@ -120,7 +120,13 @@ pub fn ipip_expected(input: &[u8], outer_src: &str, outer_dst: &str, next_hop: [
 /// flow hash's port to `port` (checksum 0), GUE variant 0 (hlen 1, proto 4/41, flags 0)
 /// and an empty version-1 hop list (lb_common::gue) before the inner packet.
 pub fn gue_expected(input: &[u8], outer_src: &str, outer_dst: &str, next_hop: [u8; 6], our_mac: [u8; 6], port: u16) -> Vec<u8> {
-    encap_expected(input, outer_src, outer_dst, next_hop, our_mac, Some(port))
+    encap_expected(input, outer_src, outer_dst, next_hop, our_mac, Some(port), None)
+}
+
+/// `gue_expected` with one hop (the slot's secondary, `hop`) in the hop list: GUE hlen
+/// 5, hops 1, next 0, then the hop's 16-byte address (IPv4-mapped for IPv4).
+pub fn gue_expected_hop(input: &[u8], outer_src: &str, outer_dst: &str, next_hop: [u8; 6], our_mac: [u8; 6], port: u16, hop: &str) -> Vec<u8> {
+    encap_expected(input, outer_src, outer_dst, next_hop, our_mac, Some(port), Some(hop.parse().expect("hop")))
 }
 
 /// The client flow of a TCP/UDP frame, as the balancer keys it.
@@ -134,14 +140,15 @@ pub fn flow_of(frame: &[u8]) -> lb_common::FlowKey {
     lb_common::FlowKey::new(src, port(0), dst, port(2), proto)
 }
 
-fn encap_expected(input: &[u8], outer_src: &str, outer_dst: &str, next_hop: [u8; 6], our_mac: [u8; 6], gue_port: Option<u16>) -> Vec<u8> {
+fn encap_expected(input: &[u8], outer_src: &str, outer_dst: &str, next_hop: [u8; 6], our_mac: [u8; 6], gue_port: Option<u16>, hop: Option<IpAddr>) -> Vec<u8> {
     let l3 = l3_offset(input);
     let inner = &input[l3..];
     let len = ip_len(input, l3);
     let inner_v6 = inner[0] >> 4 == 6;
     let tos = if inner_v6 { (inner[0] << 4) | (inner[1] >> 4) } else { inner[1] };
     let inner_proto = if inner_v6 { IpNumber(41) } else { IpNumber(4) };
-    let (proto, extra) = if gue_port.is_some() { (IpNumber::UDP, lb_common::gue::overhead(0)) } else { (inner_proto, 0) };
+    let hops = hop.is_some() as usize;
+    let (proto, extra) = if gue_port.is_some() { (IpNumber::UDP, lb_common::gue::overhead(hops)) } else { (inner_proto, 0) };
     let dst: IpAddr = outer_dst.parse().expect("outer dst");
     let mut out = next_hop.to_vec();
     out.extend_from_slice(&our_mac);
@@ -177,10 +184,13 @@ fn encap_expected(input: &[u8], outer_src: &str, outer_dst: &str, next_hop: [u8;
         let sport = lb_common::gue::source_port(lb_common::flow_hash(&flow_of(input)));
         let udp = etherparse::UdpHeader { source_port: sport, destination_port: port, length: (len + extra) as u16, checksum: 0 };
         udp.write(&mut out).expect("write udp");
-        // GUE: ver 0, C 0, hlen 1 (the hop list's first word); proto; flags 0.
-        out.extend_from_slice(&[1, inner_proto.0, 0, 0]);
-        // Hop list: version 1, no hops, next 0, reserved.
-        out.extend_from_slice(&[lb_common::gue::HOPS_VERSION, 0, 0, 0]);
+        // GUE: ver 0, C 0, hlen 1 + 4 per hop (the hop list's words); proto; flags 0.
+        out.extend_from_slice(&[1 + 4 * hops as u8, inner_proto.0, 0, 0]);
+        // Hop list: version 1, hops, next 0, reserved; the hop's address.
+        out.extend_from_slice(&[lb_common::gue::HOPS_VERSION, hops as u8, 0, 0]);
+        if let Some(h) = hop {
+            out.extend_from_slice(&lb_common::addr_bytes(h));
+        }
     }
     out.extend_from_slice(inner);
     out

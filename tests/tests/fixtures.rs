@@ -229,6 +229,7 @@ fn gue_setup() -> Datapath {
     add(c, "gue6", "[2001:db8::110]:443/tcp", gue, vec![backend("2001:db8:1::a1", 1, None)]);
     add(c, "gue4in6", "10.0.0.111:80/tcp", gue, vec![backend("2001:db8:1::a2", 1, None)]);
     add(c, "gue6in4", "[2001:db8::111]:80/tcp", gue, vec![backend("10.1.10.3", 1, None)]);
+    add(c, "gue_pair", "10.0.0.112:80/tcp", gue, vec![backend("10.1.10.4", 1, None), backend("10.1.10.5", 1, None)]);
     dp
 }
 
@@ -260,6 +261,13 @@ fn gue_fixtures() {
     let fits6 = v6(CLIENT6, "2001:db8::110", L4::Tcp(41010, 443, Tcp::Ack), &[0u8; 1444 - 60]);
     let big6 = v6(CLIENT6, "2001:db8::110", L4::Tcp(41011, 443, Tcp::Ack), &[0u8; 1444 - 60 + 1]);
     let big4in6 = v4(CLIENT, "10.0.0.111", L4::Tcp(41012, 80, Tcp::Ack), &[0u8; 1444 - 40 + 1]);
+    // Two backends: every packet of a TCP flow carries the slot's secondary as its hop.
+    let pair_syn = v4(CLIENT, "10.0.0.112", L4::Tcp(41013, 80, Tcp::Syn), b"");
+    let pair_ack = v4(CLIENT, "10.0.0.112", L4::Tcp(41013, 80, Tcp::Ack), b"x");
+    let (pp, ps) = dp.predict_pair("gue_pair", &[], &flow_of(&pair_syn));
+    let (pp, ps) = (pp.to_string(), ps.expect("two backends: a secondary").to_string());
+    assert_ne!(pp, ps);
+    let hop4 = |input: &[u8], be: &str, hop: &str| Expect::Frame(gue_expected_hop(input, ENCAP4, be, GW_MAC, LB_MAC, 6080, hop));
 
     // Two flows of one service leave from different UDP source ports (ECMP / RSS
     // entropy), each in the dynamic range; the byte-exact rows pin the exact values.
@@ -284,6 +292,8 @@ fn gue_fixtures() {
         row("gue v6: exactly at the MTU: forwarded", fits6.clone(), XDP_TX, gue6(&fits6, "2001:db8:1::a1", GW_MAC, 6080), fwd("gue6", "2001:db8:1::a1", true)),
         row("gue v6: one byte over: packet too big (MTU 1444)", big6.clone(), XDP_TX, Expect::Frame(too_big_expected(&big6, 1444)), counted(reason::TX_TOO_BIG)),
         row("gue: IPv4 VIP, IPv6 backend, over: frag-needed (MTU 1444)", big4in6.clone(), XDP_TX, Expect::Frame(too_big_expected(&big4in6, 1444)), counted(reason::TX_TOO_BIG)),
+        row("gue pair: SYN carries the slot's secondary as its one hop", pair_syn.clone(), XDP_TX, hop4(&pair_syn, &pp, &ps), fwd("gue_pair", &pp, true)),
+        row("gue pair: the flow-table hit carries the same hop", pair_ack.clone(), XDP_TX, hop4(&pair_ack, &pp, &ps), fwd("gue_pair", &pp, false)),
     ];
     run_cases(&mut dp, cases);
 }

@@ -4,7 +4,9 @@
 use super::*;
 
 /// Sends the packet to its backend (dsr-l2, ipip or gue) and counts it. `flow` is the
-/// 5-tuple the backend was picked by; gue derives its UDP source port from its hash.
+/// 5-tuple the backend was picked by; gue derives its UDP source port from its hash,
+/// and carries `hop` (a backend id, or NO_BACKEND) as its hop list when that entry may
+/// be a hop of this service.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub(crate) fn forward(
@@ -14,6 +16,7 @@ pub(crate) fn forward(
     flow: &FlowKey,
     id: u32,
     be: &BackendValue,
+    hop: u32,
     new_flow: bool,
     len: u64,
     may_answer_too_big: bool,
@@ -22,25 +25,36 @@ pub(crate) fn forward(
     if mode == MODE_DSR_L2 {
         rewrite_l2(ctx, be)?;
     } else if mode == MODE_GUE {
-        let udp = GueUdp { sport: gue::source_port(flow_hash(flow)).to_be(), dport: ((vip.mode >> 16) as u16).to_be() };
-        encapsulate(ctx, ip, be, may_answer_too_big, udp)?;
+        let mut udp = GueUdp { sport: gue::source_port(flow_hash(flow)).to_be(), dport: ((vip.mode >> 16) as u16).to_be(), hop: [0; 4], has_hop: false };
+        if hop != id
+            && let Some(h) = BACKENDS.get(hop)
+            && h.flags & (BACKEND_F_VALID | BACKEND_F_HOP) != 0
+            && h.service_id == vip.service_id
+        {
+            udp.hop = h.addr;
+            udp.has_hop = true;
+        }
+        encapsulate(ctx, ip, be, may_answer_too_big, &udp)?;
     } else {
-        encapsulate(ctx, ip, be, may_answer_too_big, GueUdp { sport: 0, dport: 0 })?;
+        encapsulate(ctx, ip, be, may_answer_too_big, &GueUdp { sport: 0, dport: 0, hop: [0; 4], has_hop: false })?;
     }
     count_traffic(&SERVICE_STATS, vip.service_id, len, new_flow);
     count_traffic(&BACKEND_STATS, id, len, new_flow);
     Ok(())
 }
 
-/// The outer UDP ports of a gue packet (network order); `dport` 0 means ipip.
+/// The outer UDP ports of a gue packet (network order), `dport` 0 meaning ipip, and
+/// its one hop (the second-chance backend's address words) when `has_hop`.
 #[derive(Clone, Copy)]
 pub(crate) struct GueUdp {
     pub(crate) sport: u16,
     pub(crate) dport: u16,
+    pub(crate) hop: [u32; 4],
+    pub(crate) has_hop: bool,
 }
 
-/// Bytes gue adds between the outer IP header and the inner packet (UDP, GUE, an
-/// empty hop list: no second chance target yet).
+/// Bytes gue adds between the outer IP header and the inner packet (UDP, GUE, a hop
+/// list without hops); each hop adds `gue::HOP_LEN`.
 pub(crate) const GUE_OVERHEAD: usize = gue::overhead(0);
 
 /// dsr-l2: destination MAC := backend's, source MAC := the address the frame was sent
@@ -66,7 +80,7 @@ pub(crate) fn rewrite_l2(ctx: &XdpContext, be: &BackendValue) -> Result<(), Verd
 /// client when DF is set (IPv4) or always (IPv6), unless the packet is itself an ICMP
 /// error (`may_answer_too_big` false); else dropped.
 #[inline(always)]
-pub(crate) fn encapsulate(ctx: &XdpContext, ip: &Ip, be: &BackendValue, may_answer_too_big: bool, udp: GueUdp) -> Result<(), Verdict> {
+pub(crate) fn encapsulate(ctx: &XdpContext, ip: &Ip, be: &BackendValue, may_answer_too_big: bool, udp: &GueUdp) -> Result<(), Verdict> {
     let settings = SETTINGS.get(0).ok_or(drop_with(reason::DROP_BAD_STATE))?;
     // SAFETY: both MAC fields are 6 bytes at 4-byte aligned offsets.
     let nh_mac = if be.flags & BACKEND_F_HAS_MAC != 0 {
@@ -79,7 +93,14 @@ pub(crate) fn encapsulate(ctx: &XdpContext, ip: &Ip, be: &BackendValue, may_answ
     let outer_v6 = be.flags & BACKEND_F_V6 != 0;
     let is_gue = udp.dport != 0;
     let ip_hdr_len: usize = if outer_v6 { IPV6_LEN } else { IPV4_LEN };
-    let hdr_len: usize = ip_hdr_len + if is_gue { GUE_OVERHEAD } else { 0 };
+    let gue_len: usize = if !is_gue {
+        0
+    } else if udp.has_hop {
+        GUE_OVERHEAD + gue::HOP_LEN
+    } else {
+        GUE_OVERHEAD
+    };
+    let hdr_len: usize = ip_hdr_len + gue_len;
     let mtu = if settings.mtu == 0 { 1500 } else { settings.mtu };
     if ip.ip_len + hdr_len as u32 > mtu {
         // Answered with or without DF (as Katran does): we never fragment, and the
@@ -151,34 +172,45 @@ pub(crate) fn encapsulate(ctx: &XdpContext, ip: &Ip, be: &BackendValue, may_answ
         }
     }
     if is_gue {
-        write_gue(ctx, l3_off + ip_hdr_len, ip.ip_len as usize + GUE_OVERHEAD, udp, inner_proto)?;
+        write_gue(ctx, l3_off + ip_hdr_len, ip.ip_len as usize + gue_len, udp, inner_proto)?;
     }
     Ok(())
 }
 
-/// Writes UDP, the GUE header and an empty hop list at `off` (lb_common::gue).
-/// `udp_len` is the UDP length (header included). The UDP checksum is 0: the inner
-/// packet carries its own, and recomputing one over the payload would cost a pass over
-/// every byte (IPv6 tunnels may do this, RFC 6935/6936).
+/// Writes UDP, the GUE header and the hop list (no hop, or `udp.hop`) at `off`
+/// (lb_common::gue). `udp_len` is the UDP length (header included). The UDP checksum
+/// is 0: the inner packet carries its own, and recomputing one over the payload would
+/// cost a pass over every byte (IPv6 tunnels may do this, RFC 6935/6936).
 #[inline(always)]
-pub(crate) fn write_gue(ctx: &XdpContext, off: usize, udp_len: usize, udp: GueUdp, inner_proto: u8) -> Result<(), Verdict> {
+pub(crate) fn write_gue(ctx: &XdpContext, off: usize, udp_len: usize, udp: &GueUdp, inner_proto: u8) -> Result<(), Verdict> {
     let u: *mut u8 = ptr_at::<[u8; GUE_OVERHEAD]>(ctx, off).ok_or(drop_with(reason::DROP_INTERNAL))? as *mut u8;
+    let hops: u8 = if udp.has_hop { 1 } else { 0 };
     // SAFETY: GUE_OVERHEAD (16) bytes in bounds.
     unsafe {
         st16(u, udp.sport);
         st16(u.add(2), udp.dport);
         st16(u.add(4), (udp_len as u16).to_be());
         st16(u.add(6), 0);
-        // ver 0, C 0, hlen: the hop list's words (no hops); proto: the inner packet's;
-        // flags 0.
-        *u.add(8) = (gue::HOPS_HDR_LEN / 4) as u8;
+        // ver 0, C 0, hlen: the hop list's words; proto: the inner packet's; flags 0.
+        *u.add(8) = ((gue::HOPS_HDR_LEN + gue::HOP_LEN * hops as usize) / 4) as u8;
         *u.add(9) = inner_proto;
         st16(u.add(10), 0);
-        // Hop list: version, hops, next, reserved.
+        // Hop list: version, hops, next (the first hop), reserved.
         *u.add(12) = gue::HOPS_VERSION;
-        *u.add(13) = 0;
+        *u.add(13) = hops;
         *u.add(14) = 0;
         *u.add(15) = 0;
+    }
+    if udp.has_hop {
+        let h: *mut u8 = ptr_at::<[u8; gue::HOP_LEN]>(ctx, off + GUE_OVERHEAD).ok_or(drop_with(reason::DROP_INTERNAL))? as *mut u8;
+        // SAFETY: HOP_LEN (16) bytes in bounds.
+        unsafe {
+            let mut i = 0;
+            while i < 4 {
+                st32(h.add(4 * i), udp.hop[i]);
+                i += 1;
+            }
+        }
     }
     Ok(())
 }
