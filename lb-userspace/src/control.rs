@@ -705,9 +705,14 @@ impl<W: MapWriter> ControlPlane<W> {
             svc.backends = next;
             svc.active_slot = idle;
             if gue {
-                // A service's first backends open no window: no connection predates them.
+                // Only a change that takes connections' backends away (removed, or
+                // drained) opens a window; additions alone (a service's first backends
+                // arriving one by one) keep the one-step rule.
                 if !window_open {
-                    svc.window_until = (!before_set.is_empty()).then_some(now + SECOND_CHANCE_WINDOW);
+                    let shrinks = before_set.iter().any(|b| {
+                        svc.backends.iter().find(|n| n.spec.addr == b.spec.addr).is_none_or(|n| n.spec.weight == 0 && b.spec.weight > 0)
+                    });
+                    svc.window_until = shrinks.then_some(now + SECOND_CHANCE_WINDOW);
                 }
                 svc.before = before_set;
                 svc.former = former;
