@@ -9,7 +9,7 @@ use core::mem::size_of;
 
 use crate::{
     BackendValue, Counter, FLOW_EVENTS_BYTES, FloodMeter, FlowKey, FlowValue, FragKey, FragValue, MAX_BACKENDS,
-    MAX_FLOWS, MAX_FRAGS, MAX_SERVICES, MAX_VIPS, ReplyBucket, Settings, TABLES_ENTRIES, TrafficCounter, VipBloom,
+    MAX_FLOWS, MAX_FRAGS, MAX_SERVICES, MAX_VIPS, ReplyBucket, Settings, TABLES_ENTRIES, TableEntry, TrafficCounter, VipBloom,
     VipKey, VipValue, map_names as n, reason,
 };
 
@@ -18,7 +18,9 @@ use crate::{
 /// changing (a new flag bit, a field reinterpreted): the adoption check then refuses
 /// pins of another version instead of misreading them.
 /// 2: FLOWS with per-CPU LRU lists, Settings with `max_new_flows`, the LAYOUT map.
-pub const MAP_LAYOUT_VERSION: u32 = 2;
+/// 3: TABLES entries are (primary, secondary) pairs (`TableEntry`), `VipValue::flags`,
+/// `BACKEND_F_HOP` (issue 15).
+pub const MAP_LAYOUT_VERSION: u32 = 3;
 
 /// `bpf_map_type` values used here (uapi/linux/bpf.h).
 pub const BPF_MAP_TYPE_HASH: u32 = 1;
@@ -87,7 +89,7 @@ pub const BALANCER_MAPS: &[MapSpec] = &[
         MAX_VIPS,
         0,
         Keep::State,
-        "(VIP address, port, protocol) -> service id, mode, live table slot, table size",
+        "(VIP address, port, protocol) -> service id, mode, live table slot, table size, flags",
     ),
     spec(
         n::VIP_ADDRS,
@@ -113,11 +115,11 @@ pub const BALANCER_MAPS: &[MapSpec] = &[
         n::TABLES,
         BPF_MAP_TYPE_ARRAY,
         4,
-        4,
+        size_of::<TableEntry>(),
         TABLES_ENTRIES,
         TABLES_FLAGS,
         Keep::State,
-        "Maglev rings, two slots per service, written through mmap",
+        "Maglev rings of (primary, secondary) pairs, two slots per service, written through mmap",
     ),
     spec(
         n::BACKENDS,

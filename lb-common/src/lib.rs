@@ -40,6 +40,8 @@ pub mod map_names {
     pub const DECAP_ALLOW: &str = "DECAP_ALLOW";
     /// Decap object: this host's addresses, keyed like `DECAP_ALLOW`.
     pub const DECAP_LOCAL: &str = "DECAP_LOCAL";
+    /// Decap object: UDP destination ports (network order) carrying GUE -> 1.
+    pub const DECAP_GUE_PORTS: &str = "DECAP_GUE_PORTS";
     pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
     pub const SYNC_STATS: &str = "SYNC_STATS";
     pub const LAYOUT: &str = "LAYOUT";
@@ -93,6 +95,28 @@ pub const VIP_BLOOM_WORDS: usize = (VIP_BLOOM_BITS / 64) as usize;
 /// Sentinel in `TABLES` for "no backend in this slot" (empty service).
 pub const NO_BACKEND: u32 = u32::MAX;
 
+/// One position of a Maglev table in `TABLES`: the backend new flows get (`primary`,
+/// Maglev's pick) and the one second-chance delivery tries next (`secondary`, a
+/// different backend, or `NO_BACKEND`): see `maglev::build_pairs`. 8 bytes, the
+/// kernel's array stride, so the mmap'ed table is one 64-bit store per position.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableEntry {
+    pub primary: u32,
+    pub secondary: u32,
+}
+const _: () = assert!(size_of::<TableEntry>() == 8);
+
+impl TableEntry {
+    pub const EMPTY: TableEntry = TableEntry { primary: NO_BACKEND, secondary: NO_BACKEND };
+}
+
+impl Default for TableEntry {
+    fn default() -> Self {
+        Self::EMPTY
+    }
+}
+
 /// Table index of a (service, slot, position): the table array holds
 /// `MAX_SERVICES * 2` rings of `MAX_TABLE_SIZE` entries; a service uses the first
 /// `table_size` entries of its ring.
@@ -123,6 +147,66 @@ const _: () = assert!(size_of::<VipKey>() == 20);
 pub const MODE_IPIP: u32 = 0;
 /// `VipValue::mode`: rewrite the destination MAC to the backend's (L2 direct server return).
 pub const MODE_DSR_L2: u32 = 1;
+/// `VipValue::mode`: outer IPv4/IPv6 + UDP + GUE variant 0 with the hop list as private
+/// data (see [`gue`]), then XDP_TX. The UDP destination port is in the high 16 bits.
+pub const MODE_GUE: u32 = 2;
+/// Bits of `VipValue::mode` that hold the MODE_* value; the high 16 bits hold MODE_GUE's
+/// UDP destination port (host order), 0 for the other modes.
+pub const MODE_MASK: u32 = 0xffff;
+
+/// `VipValue::mode` of a service: the mode with its GUE port (0 unless MODE_GUE).
+#[inline(always)]
+pub const fn vip_mode(mode: u32, gue_port: u16) -> u32 {
+    (mode & MODE_MASK) | ((gue_port as u32) << 16)
+}
+
+/// GUE encapsulation (mode `gue`, draft-ietf-intarea-gue variant 0): the wire format
+/// the balancer writes and `lb_decap` reads.
+///
+/// ```text
+/// outer IPv4 (20) | IPv6 (40), protocol / next header 17
+/// UDP (8): source port gue_source_port(flow hash), destination port per service,
+///          checksum 0 (RFC 768 for IPv4; RFC 6935/6936 tunnel rule for IPv6)
+/// GUE (4): ver 0, C 0, hlen = 1 + 4 * hops (32-bit words after these 4 bytes),
+///          proto = 4 (inner IPv4) or 41 (inner IPv6), flags 0
+/// private data, hop list (4 + 16 * hops):
+///   version HOPS_VERSION, hops (0..=MAX_HOPS), next (index of the next hop, < hops
+///   when one is left), reserved 0,
+///   hops × 16-byte address (IPv6, or IPv4-mapped IPv6), network byte order
+/// inner IP packet, unchanged
+/// ```
+///
+/// With flags 0, every optional byte GUE's hlen covers is private data (the draft's
+/// rule), so a plain GUE receiver (Linux fou in gue mode) skips the hop list and
+/// decapsulates. The hop list holds the backends that follow the outer destination,
+/// the second-chance targets: a hop is taken by rewriting the outer destination and
+/// incrementing `next`, so the packet never changes size on the way.
+pub mod gue {
+    /// Default UDP destination port of a `gue` service.
+    pub const DEFAULT_PORT: u16 = 6080;
+    /// Version of the hop-list private data (its first byte).
+    pub const HOPS_VERSION: u8 = 1;
+    /// Largest hop list a packet carries.
+    pub const MAX_HOPS: u8 = 2;
+    pub const UDP_LEN: usize = 8;
+    /// The 4-byte GUE base header.
+    pub const HDR_LEN: usize = 4;
+    /// The hop list's fixed word (version, hops, next, reserved).
+    pub const HOPS_HDR_LEN: usize = 4;
+    pub const HOP_LEN: usize = 16;
+    /// UDP + GUE + hop list with `hops` entries: the bytes between the outer IP header
+    /// and the inner packet.
+    pub const fn overhead(hops: usize) -> usize {
+        UDP_LEN + HDR_LEN + HOPS_HDR_LEN + HOP_LEN * hops
+    }
+    /// UDP source port for a flow: from its flow hash, in the dynamic range 49152-65535
+    /// (RFC 8085), so routers and the backend's NIC (RSS) spread flows apart while all
+    /// packets of one flow take one path.
+    #[inline(always)]
+    pub const fn source_port(flow_hash: u32) -> u16 {
+        0xc000 | (flow_hash & 0x3fff) as u16
+    }
+}
 
 /// Value of `VIPS`.
 #[repr(C)]
@@ -130,15 +214,23 @@ pub const MODE_DSR_L2: u32 = 1;
 pub struct VipValue {
     /// Index into the per-service rings of `TABLES` and into `SERVICE_STATS`.
     pub service_id: u32,
-    /// MODE_IPIP or MODE_DSR_L2.
+    /// MODE_IPIP, MODE_DSR_L2 or MODE_GUE in the low 16 bits (`MODE_MASK`); MODE_GUE's
+    /// UDP destination port in the high 16 bits (`vip_mode`).
     pub mode: u32,
     /// Which of the service's two table slots is live (0 or 1). Userspace fills the
     /// idle slot, then flips this, so the datapath never sees half a table.
     pub active_slot: u32,
     /// Maglev table size M of this service (prime, <= MAX_TABLE_SIZE).
     pub table_size: u32,
+    /// VIP_F_* bits.
+    pub flags: u32,
 }
-const _: () = assert!(size_of::<VipValue>() == 16);
+const _: () = assert!(size_of::<VipValue>() == 20);
+
+/// `VipValue::flags`: TCP of this (gue) service skips the flow table (`flow_table =
+/// "off"`): every packet takes its Maglev pair, and second chance on the backends
+/// keeps connections where they are across backend changes.
+pub const VIP_F_NO_FLOW_TABLE: u32 = 1;
 
 /// `BackendValue::flags`: the entry is in use. Flows pinned to a backend id without it
 /// (removed backend) are re-steered by Maglev.
@@ -147,6 +239,10 @@ pub const BACKEND_F_VALID: u32 = 1;
 pub const BACKEND_F_V6: u32 = 2;
 /// `mac` is set: use it as next hop (dsr-l2 always needs it; ipip to an on-link backend).
 pub const BACKEND_F_HAS_MAC: u32 = 4;
+/// The entry may be a second-chance hop (gue): set on a valid backend of a gue service
+/// and on one that left it (removed) while it still holds connections, which is then
+/// not VALID (its flows re-steer) but still named as a secondary.
+pub const BACKEND_F_HOP: u32 = 8;
 
 /// Value of `BACKENDS` (an array indexed by backend id).
 #[repr(C)]
@@ -503,7 +599,23 @@ pub mod decap_reason {
     /// IPIP/IP6IP6 from an outer source outside the allow-list of balancers
     /// (`DECAP_ALLOW`): dropped (spoofed inner sources, 127.0.0.1 among them).
     pub const DROP_SOURCE_NOT_ALLOWED: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// UDP + GUE to one of `DECAP_GUE_PORTS` stripped (outer IP, UDP, GUE and its hop
+    /// list) and passed to the stack. The checks above apply alike (`drop_*`); a GUE
+    /// header of another version, a control message, flags we do not parse or an inner
+    /// protocol other than 4/41 is `drop_malformed`.
+    pub const DECAPSULATED_GUE: u32 = 6;
+    /// Second chance (GUE with a next hop in its hop list): a TCP SYN to a VIP port
+    /// with no listening socket here, sent on to the next hop (XDP_TX).
+    pub const SECOND_CHANCE_SYN: u32 = 7;
+    /// Second chance: a TCP non-SYN packet of a connection this host does not hold (no
+    /// socket, or only a listener and no valid SYN cookie), sent on to the next hop.
+    pub const SECOND_CHANCE_NOT_HELD: u32 = 8;
+    /// Second chance due, but `bpf_fib_lookup` gives no route and neighbour for the
+    /// next hop out of the interface the packet came in on (also: forwarding is off on
+    /// that interface, which the helper requires; or the hop is of another family than
+    /// the outer header): decapsulated and passed instead.
+    pub const SECOND_CHANCE_NO_ROUTE: u32 = 9;
+    pub const COUNT: u32 = 10;
     pub const NAMES: [&str; COUNT as usize] = [
         "decapsulated",
         "pass_not_encap",
@@ -511,8 +623,15 @@ pub mod decap_reason {
         "drop_adjust_head",
         "drop_not_local",
         "drop_source_not_allowed",
+        "decapsulated_gue",
+        "second_chance_syn",
+        "second_chance_not_held",
+        "second_chance_no_route",
     ];
 }
+
+/// Entries of `DECAP_GUE_PORTS` (UDP ports decap reads as GUE).
+pub const DECAP_MAX_GUE_PORTS: u32 = 16;
 
 /// Entries of `DECAP_ALLOW` (the balancers' addresses a backend decapsulates from).
 pub const DECAP_MAX_ALLOW: u32 = 256;
@@ -602,6 +721,7 @@ mod pod {
     // invalid bit patterns.
     unsafe impl aya::Pod for VipKey {}
     unsafe impl aya::Pod for VipValue {}
+    unsafe impl aya::Pod for TableEntry {}
     unsafe impl aya::Pod for BackendValue {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
@@ -759,6 +879,21 @@ mod tests {
         let start = doc.find("<!-- map-contract -->\n").expect("ARCHITECTURE.md: <!-- map-contract --> marker") + "<!-- map-contract -->\n".len();
         let end = doc.find("<!-- /map-contract -->").expect("ARCHITECTURE.md: <!-- /map-contract --> marker");
         assert_eq!(doc[start..end].trim(), table.trim(), "ARCHITECTURE.md's map table differs from lb_common::contract; paste:\n{table}");
+    }
+
+    #[test]
+    fn gue_layout_and_source_ports() {
+        assert_eq!(gue::overhead(0), 16);
+        assert_eq!(gue::overhead(gue::MAX_HOPS as usize), 48);
+        assert_eq!(vip_mode(MODE_GUE, 6080) & MODE_MASK, MODE_GUE);
+        assert_eq!(vip_mode(MODE_GUE, 6080) >> 16, 6080);
+        assert_eq!(vip_mode(MODE_IPIP, 0), MODE_IPIP);
+        // Every source port is in the dynamic range, and flows spread over all of it.
+        let v: IpAddr = "10.0.0.100".parse().unwrap();
+        let ports: std::collections::BTreeSet<u16> =
+            (0..4096u16).map(|p| gue::source_port(flow_hash(&FlowKey::new("192.0.2.1".parse().unwrap(), 1024 + p, v, 80, PROTO_TCP)))).collect();
+        assert!(ports.iter().all(|&p| p >= 49152));
+        assert!(ports.len() > 3000, "4096 flows on {} source ports", ports.len());
     }
 
     #[test]

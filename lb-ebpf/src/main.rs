@@ -2,7 +2,7 @@
 //!
 //! parse (Ethernet, one VLAN tag, IPv4 / IPv6 + extension headers) -> VIP prefilter ->
 //! fragment / ICMP / TCP-UDP -> VIP lookup -> flow table (LRU) -> Maglev table ->
-//! IPIP/IP6IP6 encapsulation or L2 rewrite -> XDP_TX. The balancer answers some packets
+//! IPIP/IP6IP6 or GUE encapsulation or L2 rewrite -> XDP_TX. The balancer answers some packets
 //! itself (XDP_TX): ICMP echo to a VIP address, TCP RST / ICMP port unreachable for a
 //! service without backends, ICMP too big when the encapsulated packet exceeds the MTU.
 //! Everything that is not for a VIP leaves with XDP_PASS, untouched. Every XDP_DROP,
@@ -24,10 +24,11 @@ use aya_ebpf::{
 use lb_common::{
     BACKEND_F_HAS_MAC, BACKEND_F_V6, BACKEND_F_VALID, BackendValue, Counter, DEFAULT_REPLY_RATE, FLOW_EVENTS_BYTES,
     FLOW_EVENTS_WAKEUP_BYTES, FRAG_F_PASS, FloodMeter, FlowEvent, FlowKey, FlowValue, FragKey, FragValue, MAX_BACKENDS, MAX_FLOWS, MAX_FRAGS, MAX_SERVICES, MAX_TABLE_SIZE,
-    MAX_VIPS, MODE_DSR_L2, NO_BACKEND, ReplyBucket, SETTINGS_F_FLOW_SYNC, SETTINGS_F_HAS_GATEWAY, Settings,
-    TABLES_ENTRIES, TrafficCounter, VipBloom, VipKey, VipValue, flow_hash, reason, table_index, v4_mapped_words,
+    MAX_VIPS, MODE_DSR_L2, MODE_GUE, MODE_MASK, NO_BACKEND, ReplyBucket, SETTINGS_F_FLOW_SYNC, SETTINGS_F_HAS_GATEWAY, Settings,
+    TABLES_ENTRIES, TableEntry, TrafficCounter, VIP_F_NO_FLOW_TABLE, BACKEND_F_HOP, PROTO_TCP, VipBloom, VipKey, VipValue, flow_hash, reason, table_index, v4_mapped_words,
     vip_addr_bit,
     contract::{FLOWS_FLAGS, TABLES_FLAGS},
+    gue,
 };
 use aya_log_ebpf::{error, warn};
 use lb_ebpf::*;
@@ -107,7 +108,7 @@ fn forward_l4(ctx: &XdpContext, ip: &Ip, len: u64) -> Result<(), Verdict> {
     // Maglev pick. A retransmitted SYN is re-recorded on the same backend unless the
     // backend set changed in between, when the handshake restarts on the new pick.
     let syn = tcp && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    let (id, be, pick) = match pick_backend(&vip, &flow, !syn, !rst) {
+    let (id, be, pick, hop) = match pick_backend(&vip, &flow, !syn, !rst) {
         Ok(p) => p,
         Err((_, r)) if r == reason::DROP_NO_BACKEND => {
             // Answer at once so the client fails fast (never answer a RST).
@@ -123,7 +124,7 @@ fn forward_l4(ctx: &XdpContext, ip: &Ip, len: u64) -> Result<(), Verdict> {
         }
         Err(e) => return Err(e),
     };
-    forward(ctx, ip, &vip, id, &be, pick == PICK_RECORDED, len, true)?;
+    forward(ctx, ip, &vip, &flow, id, &be, if tcp { hop } else { NO_BACKEND }, pick == PICK_RECORDED, len, true)?;
     if pick == PICK_FLOOD {
         count_reason(reason::FWD_FLOOD_UNRECORDED, len);
     } else if pick == PICK_INSERT_FAILED {
@@ -169,16 +170,16 @@ fn forward_fragment(ctx: &XdpContext, ip: &Ip, len: u64) -> Result<(), Verdict> 
     } else {
         let vip = lookup_vip(&ip.dst, 0, ip.proto).ok_or(drop_with(reason::DROP_FRAGMENT_ORPHAN))?;
         let flow = flow_key(&ip.src, &ip.dst, 0, 0, ip.proto);
-        let (id, be, _) = pick_backend(&vip, &flow, false, false)?;
-        forward(ctx, ip, &vip, id, &be, false, len, true)?;
+        let (id, be, _, _) = pick_backend(&vip, &flow, false, false)?;
+        forward(ctx, ip, &vip, &flow, id, &be, NO_BACKEND, false, len, true)?;
         count_reason(reason::FWD_FRAGMENT, len);
         count_reason(reason::FWD_FRAGMENT_PORTLESS, len);
         return Ok(());
     };
     let vip = lookup_vip(&ip.dst, dport, ip.proto).ok_or(pass(reason::PASS_FRAGMENT))?;
     let flow = flow_key(&ip.src, &ip.dst, sport, dport, ip.proto);
-    let (id, be, _) = pick_backend(&vip, &flow, true, false)?;
-    forward(ctx, ip, &vip, id, &be, false, len, true)?;
+    let (id, be, _, _) = pick_backend(&vip, &flow, true, false)?;
+    forward(ctx, ip, &vip, &flow, id, &be, NO_BACKEND, false, len, true)?;
     count_reason(reason::FWD_FRAGMENT, len);
     Ok(())
 }
@@ -257,9 +258,9 @@ fn steer_icmp_error(ctx: &XdpContext, ip: &Ip, len: u64) -> Result<(), Verdict> 
     let (vip_port, client_port) = unsafe { (ld16(p), ld16(p.add(2))) };
     let vip = lookup_vip(&vip_addr, vip_port, proto).ok_or(BAD)?;
     let flow = flow_key(&client, &vip_addr, client_port, vip_port, proto);
-    let (id, be, _) = pick_backend(&vip, &flow, true, false)?;
+    let (id, be, _, _) = pick_backend(&vip, &flow, true, false)?;
     // Never answer an ICMP error with one: too big is a plain drop here.
-    forward(ctx, ip, &vip, id, &be, false, len, false)?;
+    forward(ctx, ip, &vip, &flow, id, &be, NO_BACKEND, false, len, false)?;
     count_reason(reason::FWD_ICMP_ERROR, len);
     Ok(())
 }

@@ -559,6 +559,8 @@ mac = "02:00:00:00:03:11"
         assert_eq!(s.max_new_flows, lb_common::DEFAULT_MAX_NEW_FLOWS, "flood mode on by default");
         let off = Config::parse(&GOOD.replacen("instance", "max_new_flows_per_cpu = 0\ninstance", 1)).unwrap();
         assert_eq!(off.settings().max_new_flows, 0, "0 turns flood mode off");
+        let gue = Config::parse(&GOOD.replacen("mode = \"ipip\"", "mode = \"gue:7000\"", 1)).unwrap();
+        assert_eq!(gue.services[0].mode, Mode::Gue { port: 7000 }, "gue with its UDP port");
         assert!(c.describe().contains("backend 10.0.1.12 weight 1 mac neighbour table"));
     }
 
@@ -674,6 +676,7 @@ mac = "02:00:00:00:03:11"
             ("address = \"10.0.1.12\"", "address = \"10.0.1.300\"", "invalid IP address"),
             ("mac = \"02:00:00:00:01:11\"", "mac = \"02:00:00:00:01\"", "bad MAC"),
             ("mode = \"ipip\"", "mode = \"nat\"", "unknown mode"),
+            ("mode = \"ipip\"", "mode = \"gue:0\"", "GUE port"),
             ("vip = \"10.0.0.100:80/tcp\"", "vip = \"10.0.0.100/tcp\"", "VIP"),
             ("xdp_mode = \"auto\"", "xdp_mode = \"fast\"", "fast"),
             ("interval_ms = 1000", "interval_ms = 5", "interval_ms"),
@@ -742,7 +745,7 @@ mod validation_tests {
     #[test]
     fn the_same_refusals_in_the_file_the_cli_and_peer_sync() {
         let v6 = "instance = \"lb0\"\ninterfaces = [\"eth0\"]\nencap_source_v4 = \"10.0.0.5\"\nencap_source_v6 = \"2001:db8::5\"\n";
-        let (v6_1300, v6_1299) = (format!("{v6}mtu = 1300\n"), format!("{v6}mtu = 1299\n"));
+        let (v6_1300, v6_1299, v6_1320) = (format!("{v6}mtu = 1300\n"), format!("{v6}mtu = 1299\n"), format!("{v6}mtu = 1320\n"));
         let cases: Vec<(&str, Vec<ServiceDef>, &str)> = vec![
             (HEAD, vec![def("0.0.0.0:80/tcp", &["10.0.1.1"])], "the unspecified address cannot be a VIP"),
             (HEAD, vec![def("255.255.255.255:80/udp", &["10.0.1.1"])], "the broadcast address cannot be a VIP"),
@@ -767,6 +770,9 @@ mod validation_tests {
             // IPv6 VIP, IPv6 backend: 1300 - 40 leaves 1260 < 1280.
             (&v6_1300, vec![def("[2001:db8::100]:80/tcp", &["2001:db8::11"])], "set mtu to at least 1320"),
             (&v6_1299, vec![def("[2001:db8::100]:80/tcp", &["10.0.1.1"])], "set mtu to at least 1300"),
+            // gue: the same encap-source rule, and the MTU rule over its 56-byte outer.
+            (HEAD, vec![ServiceDef { mode: Mode::Gue { port: 6080 }, ..def("10.0.0.100:80/tcp", &["2001:db8::11"]) }], "is IPv6 in gue mode: set encap_source_v6"),
+            (&v6_1320, vec![ServiceDef { mode: Mode::Gue { port: 6080 }, ..def("[2001:db8::100]:80/tcp", &["2001:db8::11"]) }], "set mtu to at least 1352"),
         ];
         for (head, defs, want) in &cases {
             let (file, cli, sync) = refusals(head, defs);
@@ -775,7 +781,6 @@ mod validation_tests {
             }
         }
         // The same settings with room enough, and the IPv4 twin alone, are fine.
-        let v6_1320 = format!("{v6}mtu = 1320\n");
         Config::parse(&toml_of(&v6_1320, &[def("[2001:db8::100]:80/tcp", &["2001:db8::11", "10.0.1.1"])])).unwrap();
         Config::parse(&toml_of(&v6_1300, &[def("[2001:db8::100]:80/tcp", &["10.0.1.1"])])).unwrap();
         Config::parse(&toml_of(HEAD, &[def("10.0.0.100:80/tcp", &["10.0.1.1"])])).unwrap();

@@ -13,18 +13,32 @@
 //! datapath then has; writes still owed (an entry to invalidate, the VIP address
 //! maps) are kept and retried before the next change, and an id owed an
 //! invalidation is not reused before it succeeds. Either way the live table only
-//! ever names valid entries of its own service.
+//! ever names valid entries of its own service as primaries.
+//!
+//! Second chance (`gue` services, issue 15): every table position holds a (primary,
+//! secondary) pair (`maglev::build_entries`). A change opens a window of
+//! `SECOND_CHANCE_WINDOW`: its first change records the backend set before it
+//! (`before`), and every table built while the window is open takes each position's
+//! owner under `before` as the secondary where the primary differs, so connections
+//! made before the window find their backend in the pair through any number of
+//! changes in it. Backends of `before` that left (removed, or dropped by a `reset`
+//! health policy) stay as `former` entries: not VALID (flows pinned to them re-steer
+//! to the new primary, whose decap forwards what it does not hold) but
+//! `BACKEND_F_HOP`, so the datapath may name them as a hop. The first change after the
+//! window closes starts a new one from the set then; formers no longer in it are
+//! invalidated and their ids freed.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
+use std::time::{Duration, Instant};
 
 use lb_common::maglev::{self, MaglevBackend};
 use lb_common::{
-    BACKEND_F_HAS_MAC, BACKEND_F_V6, BACKEND_F_VALID, BackendValue, MAX_BACKENDS, MAX_SERVICES,
-    MAX_TABLE_SIZE, MODE_DSR_L2, MODE_IPIP, PROTO_TCP, PROTO_UDP, Settings, VipBloom, VipKey,
-    VipValue, addr_bytes, addr_words,
+    BACKEND_F_HAS_MAC, BACKEND_F_HOP, BACKEND_F_V6, BACKEND_F_VALID, BackendValue, NO_BACKEND, TableEntry, MAX_BACKENDS, MAX_SERVICES,
+    MAX_TABLE_SIZE, MODE_DSR_L2, MODE_GUE, MODE_IPIP, PROTO_TCP, PROTO_UDP, Settings, VipBloom, VipKey,
+    VipValue, addr_bytes, addr_words, gue, vip_mode,
 };
 
 use crate::maps::{MapWriteError, MapWriter};
@@ -57,6 +71,8 @@ pub const MAX_WEIGHT: u32 = 65535;
 pub enum Mode {
     Ipip,
     DsrL2,
+    /// Outer IP + UDP to `port` + GUE with a hop list (lb_common::gue).
+    Gue { port: u16 },
 }
 
 impl Mode {
@@ -64,27 +80,48 @@ impl Mode {
         match self {
             Mode::Ipip => MODE_IPIP,
             Mode::DsrL2 => MODE_DSR_L2,
+            Mode::Gue { port } => vip_mode(MODE_GUE, port),
+        }
+    }
+
+    /// Bytes the mode puts before the client's IP packet for an IPv4 (`v6` false) or
+    /// IPv6 backend; None for dsr-l2, which adds none and needs no encap source.
+    pub fn outer_len(self, v6: bool) -> Option<u32> {
+        let ip = if v6 { 40 } else { 20 };
+        match self {
+            Mode::Ipip => Some(ip),
+            // The balancer carries at most one hop (the secondary).
+            Mode::Gue { .. } => Some(ip + gue::overhead(1) as u32),
+            Mode::DsrL2 => None,
         }
     }
 }
 
 impl FromStr for Mode {
     type Err = String;
+    /// `ipip`, `dsr-l2`, `gue` (UDP port 6080) or `gue:PORT`.
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "ipip" => Ok(Mode::Ipip),
             "dsr-l2" => Ok(Mode::DsrL2),
-            _ => Err(format!("unknown mode {s:?} (expected ipip or dsr-l2)")),
+            "gue" => Ok(Mode::Gue { port: gue::DEFAULT_PORT }),
+            _ => match s.strip_prefix("gue:").map(str::parse::<u16>) {
+                Some(Ok(port)) if port != 0 => Ok(Mode::Gue { port }),
+                Some(_) => Err(format!("mode {s:?}: the GUE port must be 1-65535")),
+                None => Err(format!("unknown mode {s:?} (expected ipip, dsr-l2, gue or gue:PORT)")),
+            },
         }
     }
 }
 
 impl fmt::Display for Mode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Mode::Ipip => "ipip",
-            Mode::DsrL2 => "dsr-l2",
-        })
+        match self {
+            Mode::Ipip => f.write_str("ipip"),
+            Mode::DsrL2 => f.write_str("dsr-l2"),
+            Mode::Gue { port } if *port == gue::DEFAULT_PORT => f.write_str("gue"),
+            Mode::Gue { port } => write!(f, "gue:{port}"),
+        }
     }
 }
 
@@ -225,6 +262,10 @@ struct Backend {
     id: u32,
 }
 
+/// How long a change window of a `gue` service lasts (module doc): the set before its
+/// first change stays the secondaries' reference, and its removed backends stay hops.
+pub const SECOND_CHANCE_WINDOW: Duration = Duration::from_secs(600);
+
 #[derive(Clone, Debug)]
 struct Service {
     id: u32,
@@ -232,6 +273,12 @@ struct Service {
     /// Sorted by address.
     backends: Vec<Backend>,
     active_slot: u32,
+    /// gue: the backend set when the open change window began (module doc).
+    before: Vec<Backend>,
+    /// gue: backends of `before` no longer in `backends`, kept as hops (ids held).
+    former: Vec<Backend>,
+    /// gue: when the open change window closes.
+    window_until: Option<Instant>,
 }
 
 /// One service as a running datapath holds it (see `ControlPlane::adopt`).
@@ -328,7 +375,9 @@ impl<W: MapWriter> ControlPlane<W> {
                 backends.push(Backend { spec, id });
             }
             backends.sort_by_key(|b| b.spec.addr);
-            cp.services.insert(a.spec.name.clone(), Service { id: a.id, spec: a.spec, backends, active_slot: a.active_slot });
+            let name = a.spec.name.clone();
+            let svc = Service { id: a.id, spec: a.spec, backends, active_slot: a.active_slot, before: Vec::new(), former: Vec::new(), window_until: None };
+            cp.services.insert(name, svc);
         }
         cp.free_backend_ids.retain(|id| !used_backend_ids.contains(id));
         Ok(cp)
@@ -455,7 +504,7 @@ impl<W: MapWriter> ControlPlane<W> {
             self.restore_addr_maps();
             return Err(e.into());
         }
-        let mut svc = Service { id, spec: spec.clone(), backends: Vec::new(), active_slot: 1 };
+        let mut svc = Service { id, spec: spec.clone(), backends: Vec::new(), active_slot: 1, before: Vec::new(), former: Vec::new(), window_until: None };
         // Slot 1 is "active" but unreferenced until the VIP exists; the first commit
         // writes slot 0 and creates the VIP pointing at it.
         if let Err(e) = self.commit_backends(&mut svc, backends, true) {
@@ -485,7 +534,7 @@ impl<W: MapWriter> ControlPlane<W> {
         self.free_service_ids.insert(svc.id);
         // The VIP is gone, so no lookup reaches these entries any more: a failed
         // invalidation is owed (retried by `settle`), not a failed removal.
-        for b in svc.backends {
+        for b in svc.backends.into_iter().chain(svc.former) {
             match self.w.put_backend(b.id, &BackendValue::default()) {
                 Ok(()) => self.free_backend_ids.push_back(b.id),
                 Err(_) => self.pending_invalid.push(b.id),
@@ -538,8 +587,19 @@ impl<W: MapWriter> ControlPlane<W> {
         Ok(svc.backends.iter().map(|b| b.spec).collect())
     }
 
+    /// The entry of a backend in `svc`'s table (valid; a hop too in gue mode).
     fn backend_value(svc: &Service, b: &BackendSpec) -> BackendValue {
-        let mut flags = BACKEND_F_VALID;
+        let mut v = Self::hop_value(svc, b);
+        v.flags |= BACKEND_F_VALID;
+        if !matches!(svc.spec.mode, Mode::Gue { .. }) {
+            v.flags &= !BACKEND_F_HOP;
+        }
+        v
+    }
+
+    /// The entry of a former backend of a gue service: a hop, not a flow's backend.
+    fn hop_value(svc: &Service, b: &BackendSpec) -> BackendValue {
+        let mut flags = BACKEND_F_HOP;
         if b.addr.is_ipv6() {
             flags |= BACKEND_F_V6;
         }
@@ -553,12 +613,24 @@ impl<W: MapWriter> ControlPlane<W> {
     /// error `svc` and the datapath are as before, or, if an undo write failed too,
     /// `svc` is what the datapath now has (see the module doc).
     fn commit_backends(&mut self, svc: &mut Service, specs: Vec<BackendSpec>, create_vip: bool) -> Result<(), ControlError> {
-        // Ids: keep a backend's id across changes (its flows stay valid), allocate new.
+        let gue = matches!(svc.spec.mode, Mode::Gue { .. });
+        let now = Instant::now();
+        let window_open = gue && svc.window_until.is_some_and(|t| now < t);
+        // The set the secondaries refer to (module doc): kept while the window is open.
+        let before_set: Vec<Backend> = if !gue {
+            Vec::new()
+        } else if window_open {
+            svc.before.clone()
+        } else {
+            svc.backends.clone()
+        };
+        // Ids: keep a backend's id across changes (its flows stay valid), a former
+        // backend's when it comes back, allocate new.
         let mut ids = self.free_backend_ids.clone();
         let mut next: Vec<Backend> = Vec::with_capacity(specs.len());
         let mut fresh = Vec::new();
         for spec in specs {
-            let id = match svc.backends.iter().find(|b| b.spec.addr == spec.addr) {
+            let id = match svc.backends.iter().chain(&svc.former).find(|b| b.spec.addr == spec.addr) {
                 Some(b) => b.id,
                 None => {
                     let id = ids.pop_front().ok_or(ControlError::TooManyBackends)?;
@@ -569,17 +641,21 @@ impl<W: MapWriter> ControlPlane<W> {
             next.push(Backend { spec, id });
         }
         next.sort_by_key(|b| b.spec.addr);
+        let former: Vec<Backend> = before_set.iter().filter(|b| !next.iter().any(|n| n.spec.addr == b.spec.addr)).cloned().collect();
 
-        let table = maglev::build(
-            &next.iter().map(|b| MaglevBackend { addr: addr_bytes(b.spec.addr), weight: b.spec.weight, id: b.id }).collect::<Vec<_>>(),
-            svc.spec.table_size,
-        )
+        let maglev_set = |bs: &[Backend]| bs.iter().map(|b| MaglevBackend { addr: addr_bytes(b.spec.addr), weight: b.spec.weight, id: b.id }).collect::<Vec<_>>();
+        let live = maglev_set(&next);
+        let table: Vec<TableEntry> = if gue {
+            maglev::build_entries(&live, &maglev_set(&before_set), svc.spec.table_size)
+        } else {
+            maglev::build(&live, svc.spec.table_size).map(|t| t.into_iter().map(|primary| TableEntry { primary, secondary: NO_BACKEND }).collect())
+        }
         .map_err(|e| match e {
             maglev::MaglevError::NotPrime(m) => ControlError::BadTableSize(m),
             maglev::MaglevError::DuplicateBackend(_) => ControlError::DuplicateBackend(next[0].spec.addr, svc.spec.name.clone()),
         })?;
         let idle = 1 - svc.active_slot;
-        let vip = VipValue { service_id: svc.id, mode: svc.spec.mode.datapath(), active_slot: idle, table_size: svc.spec.table_size };
+        let vip = VipValue { service_id: svc.id, mode: svc.spec.mode.datapath(), active_slot: idle, table_size: svc.spec.table_size, flags: 0 };
         let old_vip = VipValue { active_slot: svc.active_slot, ..vip };
         // What each entry held before (None: a fresh id, unreferenced).
         let before = |id: u32| svc.backends.iter().find(|b| b.id == id).map(|b| Self::backend_value(svc, &b.spec));
@@ -605,12 +681,19 @@ impl<W: MapWriter> ControlPlane<W> {
             return Err(e.into());
         }
         // Committed: the datapath uses the new table. Removed backends' entries are
-        // invalidated so their flows re-steer.
+        // invalidated so their flows re-steer; in gue mode those of `before` become
+        // hops only (formers), and formers no longer needed are invalidated.
         let removed: Vec<Backend> = svc.backends.iter().filter(|b| !next.iter().any(|n| n.id == b.id)).cloned().collect();
+        let dropped_formers: Vec<u32> =
+            svc.former.iter().filter(|b| !next.iter().any(|n| n.id == b.id) && !former.iter().any(|f| f.id == b.id)).map(|b| b.id).collect();
         let mut invalidated = Vec::new();
+        let mut made_hops = Vec::new();
         let mut failed = None;
         for b in &removed {
-            match self.w.put_backend(b.id, &BackendValue::default()) {
+            let is_former = former.iter().any(|f| f.id == b.id);
+            let v = if is_former { Self::hop_value(svc, &b.spec) } else { BackendValue::default() };
+            match self.w.put_backend(b.id, &v) {
+                Ok(()) if is_former => made_hops.push(b.id),
                 Ok(()) => invalidated.push(b.id),
                 Err(e) => {
                     failed = Some(e);
@@ -621,13 +704,33 @@ impl<W: MapWriter> ControlPlane<W> {
         let Some(e) = failed else {
             svc.backends = next;
             svc.active_slot = idle;
+            if gue {
+                // Only a change that takes connections' backends away (removed, or
+                // drained) opens a window; additions alone (a service's first backends
+                // arriving one by one) keep the one-step rule.
+                if !window_open {
+                    let shrinks = before_set.iter().any(|b| {
+                        svc.backends.iter().find(|n| n.spec.addr == b.spec.addr).is_none_or(|n| n.spec.weight == 0 && b.spec.weight > 0)
+                    });
+                    svc.window_until = shrinks.then_some(now + SECOND_CHANCE_WINDOW);
+                }
+                svc.before = before_set;
+                svc.former = former;
+            }
             self.free_backend_ids.retain(|id| !fresh.contains(id));
             self.free_backend_ids.extend(invalidated);
+            // The new table no longer names these: a failed write is owed.
+            for id in dropped_formers {
+                match self.w.put_backend(id, &BackendValue::default()) {
+                    Ok(()) => self.free_backend_ids.push_back(id),
+                    Err(_) => self.pending_invalid.push(id),
+                }
+            }
             return Ok(());
         };
         // Undo: the old table (intact in the old slot) may only go live again once
         // every entry it names is valid again.
-        let revalidated = invalidated.iter().all(|&id| before(id).is_some_and(|v| self.w.put_backend(id, &v).is_ok()));
+        let revalidated = invalidated.iter().chain(&made_hops).all(|&id| before(id).is_some_and(|v| self.w.put_backend(id, &v).is_ok()));
         if revalidated && self.w.put_vip(&svc.spec.vip.key(), &old_vip).is_ok() {
             self.restore_entries(&written, &before);
             return Err(e.into());
@@ -715,6 +818,65 @@ mod tests {
         assert!("10.0.0.100:80".parse::<Vip>().unwrap_err().contains("expected"));
         assert!("10.0.0.100:80/sctp".parse::<Vip>().unwrap_err().contains("sctp"));
         assert!("10.0.0.300:80/tcp".parse::<Vip>().unwrap_err().contains("bad address"));
+    }
+
+    #[test]
+    fn gue_removed_backend_stays_a_hop_and_the_old_owners_stay_secondaries() {
+        let mut c = cp();
+        let bs: Vec<_> = (1..=5).map(|i| be(&format!("10.1.0.{i}"), 1)).collect();
+        c.add_service(svc("g", "10.0.0.100:80/tcp", Mode::Gue { port: 6080 }), bs).unwrap();
+        let key = |c: &ControlPlane<MemMaps>| {
+            let v = c.services["g"].clone();
+            c.writer().pairs[&(v.id, v.active_slot)].clone()
+        };
+        let t0 = key(&c);
+        assert!(t0.iter().all(|e| e.secondary != NO_BACKEND && e.secondary != e.primary), "secondaries drawn at creation");
+        let gone = c.backend_id("g", "10.1.0.3".parse().unwrap()).unwrap();
+        c.remove_backend("g", "10.1.0.3".parse().unwrap()).unwrap();
+        let v = c.writer().backends[&gone];
+        assert_eq!(v.flags & (BACKEND_F_VALID | BACKEND_F_HOP), BACKEND_F_HOP, "a former backend: a hop, not a flow's backend");
+        c.add_backend("g", be("10.1.0.9", 1)).unwrap();
+        let t2 = key(&c);
+        for (i, (a, b)) in t0.iter().zip(&t2).enumerate() {
+            assert_ne!(b.primary, gone);
+            if a.primary != b.primary {
+                assert_eq!(b.secondary, a.primary, "slot {i}: the owner before the window is the secondary");
+            }
+        }
+        assert!(t2.iter().any(|e| e.secondary == gone));
+        // Back again: its id and a valid entry; no longer a former.
+        c.add_backend("g", be("10.1.0.3", 1)).unwrap();
+        assert_eq!(c.backend_id("g", "10.1.0.3".parse().unwrap()), Some(gone));
+        assert!(c.writer().backends[&gone].flags & BACKEND_F_VALID != 0);
+        // Removing the service frees the former ids too.
+        c.remove_backend("g", "10.1.0.1".parse().unwrap()).unwrap();
+        let f = c.backend_id("g", "10.1.0.2".parse().unwrap()).unwrap();
+        c.remove_service("g").unwrap();
+        assert!(c.writer().backends.values().all(|v| v.flags == 0), "{f}");
+        // ipip: no secondaries, no hop flag.
+        c.add_service(svc("i", "10.0.0.101:80/tcp", Mode::Ipip), vec![be("10.1.0.1", 1), be("10.1.0.2", 1)]).unwrap();
+        let v = c.services["i"].clone();
+        assert!(c.writer().pairs[&(v.id, v.active_slot)].iter().all(|e| e.secondary == NO_BACKEND));
+        assert!(c.writer().backends.values().all(|b| b.flags & BACKEND_F_HOP == 0));
+    }
+
+    #[test]
+    fn gue_mode_parses_prints_and_carries_its_port() {
+        assert_eq!("gue".parse::<Mode>().unwrap(), Mode::Gue { port: gue::DEFAULT_PORT });
+        assert_eq!("gue:7000".parse::<Mode>().unwrap(), Mode::Gue { port: 7000 });
+        for m in ["ipip", "dsr-l2", "gue", "gue:7000"] {
+            assert_eq!(m.parse::<Mode>().unwrap().to_string(), m);
+        }
+        assert_eq!("gue:6080".parse::<Mode>().unwrap().to_string(), "gue");
+        for bad in ["gue:0", "gue:65536", "gue:", "gue:x"] {
+            assert!(bad.parse::<Mode>().unwrap_err().contains("1-65535"), "{bad}");
+        }
+        let mut c = cp();
+        c.add_service(svc("g", "10.0.0.100:80/tcp", Mode::Gue { port: 7000 }), vec![be("10.1.0.1", 1)]).unwrap();
+        let v = c.writer().vips[&VipKey::new("10.0.0.100".parse().unwrap(), 80, PROTO_TCP)];
+        assert_eq!((v.mode & lb_common::MODE_MASK, v.mode >> 16), (MODE_GUE, 7000));
+        assert_eq!(Mode::Gue { port: 1 }.outer_len(false), Some(52));
+        assert_eq!(Mode::Gue { port: 1 }.outer_len(true), Some(72));
     }
 
     #[test]

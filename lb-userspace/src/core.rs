@@ -1114,7 +1114,7 @@ mod fault_tests {
             self.tick("VIP_ADDRS")?;
             self.m.put_vip_addrs(addrs)
         }
-        fn put_table(&mut self, service_id: u32, slot: u32, entries: &[u32]) -> Result<(), MapWriteError> {
+        fn put_table(&mut self, service_id: u32, slot: u32, entries: &[lb_common::TableEntry]) -> Result<(), MapWriteError> {
             self.tick("TABLES")?;
             self.m.put_table(service_id, slot, entries)
         }

@@ -1,7 +1,7 @@
 //! The decap program on a backend: attach, detach, counters, and its two address sets.
 //!
 //! Pinned under `/sys/fs/bpf/lb-decap/<interface>/` (`link`, `DECAP_STATS`,
-//! `DECAP_ALLOW`, `DECAP_LOCAL`), so it keeps running after the command exits and
+//! `DECAP_ALLOW`, `DECAP_LOCAL`, `DECAP_GUE_PORTS`), so it keeps running after the command exits and
 //! survives restarts of anything else; `detach` removes the pins, which detaches it.
 //!
 //! It decapsulates only packets from an allowed balancer (`DECAP_ALLOW`, given at
@@ -21,7 +21,7 @@ use aya::programs::{
     Xdp, XdpMode,
     links::{FdLink, PinnedLink},
 };
-use lb_common::{Counter, DECAP_MAX_ALLOW, DECAP_MAX_LOCAL, addr_from_words, addr_words, decap_reason, map_names, prog_names};
+use lb_common::{Counter, DECAP_MAX_ALLOW, DECAP_MAX_GUE_PORTS, DECAP_MAX_LOCAL, addr_from_words, addr_words, decap_reason, map_names, prog_names};
 
 /// One of the decap program's address sets (`DECAP_ALLOW`, `DECAP_LOCAL`).
 pub type AddrSet<T> = BpfHashMap<T, [u32; 4], u32>;
@@ -149,16 +149,38 @@ pub fn read_set<T: std::borrow::Borrow<MapData>>(set: &AddrSet<T>) -> Vec<IpAddr
 }
 
 /// Attaches the decap program to `interface` in `mode` and pins it; it decapsulates
-/// only from the balancers in `allow` to this host's addresses.
+/// only from the balancers in `allow` to this host's addresses. GUE is read on the
+/// default port (6080); `attach_gue` takes others.
 pub fn attach(interface: &str, mode: XdpMode, allow: &[IpAddr]) -> anyhow::Result<()> {
+    attach_gue(interface, mode, allow, &[lb_common::gue::DEFAULT_PORT])
+}
+
+/// `attach`, reading UDP to `gue_ports` as GUE (the ports of the balancers' `gue`
+/// services); UDP to any other port passes untouched.
+pub fn attach_gue(interface: &str, mode: XdpMode, allow: &[IpAddr], gue_ports: &[u16]) -> anyhow::Result<()> {
     if allow.is_empty() {
         bail!("no balancer address to allow: decap would drop every IPIP packet");
     }
     let local = host_addresses()?;
     attach_program(interface, mode, prog_names::DECAP, |ebpf| {
         write_set(&mut addr_set(ebpf, map_names::DECAP_ALLOW)?, allow).context("writing DECAP_ALLOW")?;
-        write_set(&mut addr_set(ebpf, map_names::DECAP_LOCAL)?, &local).context("writing DECAP_LOCAL")
+        write_set(&mut addr_set(ebpf, map_names::DECAP_LOCAL)?, &local).context("writing DECAP_LOCAL")?;
+        write_gue_ports(ebpf, gue_ports)
     })
+}
+
+/// Writes the GUE ports of a loaded decap object (`DECAP_GUE_PORTS`, network order).
+pub fn write_gue_ports(ebpf: &mut aya::Ebpf, ports: &[u16]) -> anyhow::Result<()> {
+    if ports.len() > DECAP_MAX_GUE_PORTS as usize || ports.contains(&0) {
+        bail!("GUE ports {ports:?}: 1 to {DECAP_MAX_GUE_PORTS} ports, each 1-65535");
+    }
+    let name = map_names::DECAP_GUE_PORTS;
+    let m = ebpf.map_mut(name).with_context(|| format!("{name} missing from the decap object"))?;
+    let mut set: BpfHashMap<_, u16, u32> = BpfHashMap::try_from(m).with_context(|| format!("{name} is not a hash of ports"))?;
+    for p in ports {
+        set.insert(p.to_be(), 1, 0).with_context(|| format!("writing {name}"))?;
+    }
+    Ok(())
 }
 
 /// Attaches the XDP_PASS program instead (same pins, same `detach`): for the peer of a
@@ -232,7 +254,7 @@ fn attach_program(
     let link: FdLink = prog.take_link(link_id)?.try_into().context("XDP link is not an fd link")?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let pinned = (|| -> anyhow::Result<()> {
-        for m in [map_names::DECAP_STATS, map_names::DECAP_ALLOW, map_names::DECAP_LOCAL] {
+        for m in [map_names::DECAP_STATS, map_names::DECAP_ALLOW, map_names::DECAP_LOCAL, map_names::DECAP_GUE_PORTS] {
             let map = ebpf.map(m).with_context(|| format!("{m} missing"))?;
             map.pin(dir.join(m)).with_context(|| format!("pinning {m}"))?;
         }

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use lb_common::{
-    BACKEND_F_VALID, BackendValue, MAX_BACKENDS, MAX_TABLE_SIZE, Settings, TABLES_ENTRIES, TrafficCounter,
+    BACKEND_F_VALID, BackendValue, MAX_BACKENDS, MAX_TABLE_SIZE, Settings, TABLES_ENTRIES, TableEntry, TrafficCounter,
     VipBloom, VipKey, VipValue, map_names, table_index,
 };
 
@@ -34,7 +34,7 @@ pub trait MapWriter {
     /// Makes VIP_ADDRS hold exactly `addrs` (address words -> services on it).
     fn put_vip_addrs(&mut self, addrs: &std::collections::BTreeMap<[u32; 4], u32>) -> Result<(), MapWriteError>;
     /// Writes `entries` (len = the service's table size) into a service's table slot.
-    fn put_table(&mut self, service_id: u32, slot: u32, entries: &[u32]) -> Result<(), MapWriteError>;
+    fn put_table(&mut self, service_id: u32, slot: u32, entries: &[TableEntry]) -> Result<(), MapWriteError>;
     fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapWriteError>;
     fn put_settings(&mut self, settings: &Settings) -> Result<(), MapWriteError>;
     /// Zeroes a service's counters (a freshly allocated id must not show its previous
@@ -47,7 +47,7 @@ pub trait MapWriter {
 /// is one pass over memory instead of 65537 syscalls. Safe to write a slot while the
 /// datapath reads the other one; the slot flip (a syscall on `VIPS`) orders the writes
 /// before it. The kernel stores array elements at an 8-byte stride (value size rounded
-/// up to 8), so entry i is the low half of u64 i.
+/// up to 8), so entry i is the u64 i: one (primary, secondary) `TableEntry`.
 struct TableMmap {
     ptr: *mut u64,
     len_bytes: usize,
@@ -72,14 +72,15 @@ impl TableMmap {
         Ok(Self { ptr: p as *mut u64, len_bytes, _map: map })
     }
 
-    fn write(&mut self, start: u32, entries: &[u32]) {
+    fn write(&mut self, start: u32, entries: &[TableEntry]) {
         assert!(start as usize + entries.len() <= TABLES_ENTRIES as usize);
         // SAFETY: bounds asserted above; the mapping covers TABLES_ENTRIES elements.
         unsafe {
             let dst = self.ptr.add(start as usize);
             for (i, e) in entries.iter().enumerate() {
                 // Volatile: the datapath reads this memory concurrently.
-                std::ptr::write_volatile(dst.add(i), *e as u64);
+                // SAFETY (of the cast): TableEntry is 8 bytes of two u32, repr(C).
+                std::ptr::write_volatile(dst.add(i), std::mem::transmute::<TableEntry, u64>(*e));
             }
         }
     }
@@ -239,7 +240,7 @@ impl MapWriter for AyaMaps {
         }
         Ok(())
     }
-    fn put_table(&mut self, service_id: u32, slot: u32, entries: &[u32]) -> Result<(), MapWriteError> {
+    fn put_table(&mut self, service_id: u32, slot: u32, entries: &[TableEntry]) -> Result<(), MapWriteError> {
         if entries.len() > MAX_TABLE_SIZE as usize {
             return Err(MapWriteError::new(map_names::TABLES, "table larger than MAX_TABLE_SIZE"));
         }
@@ -266,7 +267,10 @@ pub struct MemMaps {
     pub vips: HashMap<VipKey, VipValue>,
     pub bloom: VipBloom,
     pub vip_addrs: std::collections::BTreeMap<[u32; 4], u32>,
+    /// The primaries of each (service, slot) table.
     pub tables: HashMap<(u32, u32), Vec<u32>>,
+    /// The whole (primary, secondary) entries of each (service, slot) table.
+    pub pairs: HashMap<(u32, u32), Vec<TableEntry>>,
     pub backends: HashMap<u32, BackendValue>,
     pub settings: Settings,
     pub cleared_service_stats: Vec<u32>,
@@ -295,6 +299,13 @@ impl MemMaps {
         let t = self.tables.get(&(v.service_id, v.active_slot))?;
         Some(lb_common::maglev::pick(t, flow))
     }
+
+    /// The (primary, secondary) pair the datapath reads for `flow` (maglev::pick_pair).
+    pub fn pick_pair(&self, key: &VipKey, flow: &lb_common::FlowKey) -> Option<TableEntry> {
+        let v = self.vips.get(key)?;
+        let t = self.pairs.get(&(v.service_id, v.active_slot))?;
+        Some(lb_common::maglev::pick_pair(t, flow))
+    }
 }
 
 impl MapWriter for MemMaps {
@@ -317,9 +328,10 @@ impl MapWriter for MemMaps {
         self.vip_addrs = addrs.clone();
         Ok(())
     }
-    fn put_table(&mut self, service_id: u32, slot: u32, entries: &[u32]) -> Result<(), MapWriteError> {
+    fn put_table(&mut self, service_id: u32, slot: u32, entries: &[TableEntry]) -> Result<(), MapWriteError> {
         self.step(map_names::TABLES)?;
-        self.tables.insert((service_id, slot), entries.to_vec());
+        self.tables.insert((service_id, slot), entries.iter().map(|e| e.primary).collect());
+        self.pairs.insert((service_id, slot), entries.to_vec());
         Ok(())
     }
     fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapWriteError> {

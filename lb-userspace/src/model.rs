@@ -169,13 +169,13 @@ impl ServiceDef {
                 _ => "address",
             };
             push(Key::Backend(i, key), Cp::check_backend(&spec, &bs));
-            if self.mode == Mode::Ipip {
+            if let Some(outer) = self.mode.outer_len(b.address.is_ipv6()) {
                 let (v4, have, name) = if b.address.is_ipv4() { (true, env.encap_v4, "encap_source_v4") } else { (false, env.encap_v6, "encap_source_v6") };
                 if !have {
                     let fam = if v4 { "IPv4" } else { "IPv6" };
-                    push(Key::Backend(i, "address"), Err(ControlError::Invalid(format!("backend {} is {fam} in ipip mode: set {name}", b.address))));
+                    let mode = if self.mode == Mode::Ipip { "ipip" } else { "gue" };
+                    push(Key::Backend(i, "address"), Err(ControlError::Invalid(format!("backend {} is {fam} in {mode} mode: set {name}", b.address))));
                 }
-                let outer = if v4 { 20 } else { 40 };
                 widest_outer = widest_outer.max(Some(outer));
             }
         }

@@ -114,6 +114,23 @@ impl Datapath {
         let id = predict(&bes, view.spec.table_size, key).expect("maglev table");
         view.backends.iter().find(|(_, i)| *i == id).expect("backend of the table").0.addr
     }
+
+    /// The (primary, secondary) pair of the service's table for `key`, computed in
+    /// userspace (lb_common::maglev::predict_pair) from its backends and the set
+    /// `before` its open change window (none for a service not changed since created).
+    pub fn predict_pair(&self, service: &str, before: &[IpAddr], key: &FlowKey) -> (IpAddr, Option<IpAddr>) {
+        use lb_common::maglev::{MaglevBackend, predict_pair};
+        let view = self.control.service(service).expect("service");
+        let bes: Vec<_> = view
+            .backends
+            .iter()
+            .map(|(b, id)| MaglevBackend { addr: lb_common::addr_bytes(b.addr), weight: b.weight, id: *id })
+            .collect();
+        let before: Vec<_> = bes.iter().copied().filter(|b| before.iter().any(|a| lb_common::addr_bytes(*a) == b.addr)).collect();
+        let e = predict_pair(&bes, &before, view.spec.table_size, key).expect("maglev table");
+        let addr = |id: u32| view.backends.iter().find(|(_, i)| *i == id).map(|b| b.0.addr);
+        (addr(e.primary).expect("primary of the table"), addr(e.secondary))
+    }
 }
 
 /// Runs `frame` through `prog` once with BPF_PROG_TEST_RUN.
@@ -121,6 +138,20 @@ pub fn run_prog(prog: &Xdp, frame: &[u8]) -> (u32, Vec<u8>) {
     let mut out = vec![0u8; frame.len() + OUT_ROOM];
     let r = prog
         .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::new() })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
+/// Runs `frame` through `prog` once as if it arrived on interface `ifindex` (of the
+/// calling thread's network namespace): socket and FIB lookups see that namespace.
+pub fn run_prog_on(prog: &Xdp, frame: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; frame.len() + OUT_ROOM];
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+    // egress_ifindex.
+    let ctx: Vec<u8> = [0, frame.len() as u32, 0, ifindex, 0, 0].iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let r = prog
+        .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ctx_in: Some(&ctx), ..TestRunOptions::new() })
         .expect("BPF_PROG_TEST_RUN");
     out.truncate(r.data_size_out as usize);
     (r.return_value, out)
@@ -143,6 +174,17 @@ impl Decap {
     pub fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
         let prog: &Xdp = self.ebpf.program(prog_names::DECAP).expect("lb_decap").try_into().expect("xdp");
         run_prog(prog, frame)
+    }
+
+    /// `run` as if the frame arrived on interface `ifindex`.
+    pub fn run_on(&self, frame: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
+        let prog: &Xdp = self.ebpf.program(prog_names::DECAP).expect("lb_decap").try_into().expect("xdp");
+        run_prog_on(prog, frame, ifindex)
+    }
+
+    /// Sets the UDP ports decap reads as GUE (`DECAP_GUE_PORTS`).
+    pub fn gue_ports(&mut self, ports: &[u16]) {
+        lb_userspace::decap::write_gue_ports(&mut self.ebpf, ports).expect("write DECAP_GUE_PORTS");
     }
 
     /// Sets the balancers decap accepts IPIP from (`DECAP_ALLOW`).

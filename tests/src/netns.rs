@@ -400,6 +400,25 @@ impl Topology {
         ip(&["-n", &self.client.ns, "-6", "route", "replace", VIP_NET_V6, "dev", dev, "mtu", &mtu]);
     }
 
+    /// Readies the backends for GUE second chance (issue 15): forwarding on their
+    /// interface (bpf_fib_lookup answers only there), every other backend a permanent
+    /// neighbour (the FIB helper needs the next hop's MAC at once), and lb_pass on their
+    /// bridge ports (native XDP_TX on a veth needs a program on the peer).
+    pub fn enable_second_chance(&self) {
+        for b in &self.backends {
+            sysctl(&b.ns, &format!("net.ipv4.conf.{}.forwarding", b.ifname), "1").unwrap();
+            sysctl(&b.ns, &format!("net.ipv6.conf.{}.forwarding", b.ifname), "1").unwrap();
+            for o in self.backends.iter().filter(|o| o.name != b.name) {
+                for a in [o.v4.to_string(), o.v6.to_string()] {
+                    ip(&["-n", &b.ns, "neigh", "replace", &a, "lladdr", &mac_str(&o.mac), "dev", &b.ifname, "nud", "permanent"]);
+                }
+            }
+            self.pins.lock().unwrap().push(b.peer.clone());
+            in_ns(&self.switch_ns, || decap::attach_pass(&b.peer, XdpMode::Driver))
+                .unwrap_or_else(|e| panic!("attaching lb_pass to {} in {}: {e:#}", b.peer, self.switch_ns));
+        }
+    }
+
     /// Puts `vip` on `lo` of every backend (idempotent).
     pub fn add_vip_to_backends(&self, vip: IpAddr) {
         let mut vips = self.vips.lock().unwrap();

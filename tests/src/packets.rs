@@ -112,12 +112,43 @@ pub fn fix_ipv4_checksum(frame: &mut [u8], l3: usize) {
 /// trailing bytes) behind a new outer header from `outer_src` to `outer_dst`, in a frame
 /// from `our_mac` to `next_hop`, with the input's VLAN tag kept.
 pub fn ipip_expected(input: &[u8], outer_src: &str, outer_dst: &str, next_hop: [u8; 6], our_mac: [u8; 6]) -> Vec<u8> {
+    encap_expected(input, outer_src, outer_dst, next_hop, our_mac, None, None)
+}
+
+/// What the balancer must emit in gue mode for `input` (a TCP or UDP packet without
+/// IPv6 extension headers): as `ipip_expected`, with protocol 17, then UDP from the
+/// flow hash's port to `port` (checksum 0), GUE variant 0 (hlen 1, proto 4/41, flags 0)
+/// and an empty version-1 hop list (lb_common::gue) before the inner packet.
+pub fn gue_expected(input: &[u8], outer_src: &str, outer_dst: &str, next_hop: [u8; 6], our_mac: [u8; 6], port: u16) -> Vec<u8> {
+    encap_expected(input, outer_src, outer_dst, next_hop, our_mac, Some(port), None)
+}
+
+/// `gue_expected` with one hop (the slot's secondary, `hop`) in the hop list: GUE hlen
+/// 5, hops 1, next 0, then the hop's 16-byte address (IPv4-mapped for IPv4).
+pub fn gue_expected_hop(input: &[u8], outer_src: &str, outer_dst: &str, next_hop: [u8; 6], our_mac: [u8; 6], port: u16, hop: &str) -> Vec<u8> {
+    encap_expected(input, outer_src, outer_dst, next_hop, our_mac, Some(port), Some(hop.parse().expect("hop")))
+}
+
+/// The client flow of a TCP/UDP frame, as the balancer keys it.
+pub fn flow_of(frame: &[u8]) -> lb_common::FlowKey {
+    let l3 = l3_offset(frame);
+    let b = &frame[l3..];
+    let (proto, l4) = if b[0] >> 4 == 4 { (b[9], ((b[0] & 0x0f) as usize) * 4) } else { (b[6], 40) };
+    assert!(proto == 6 || proto == 17, "flow_of: protocol {proto} is not TCP/UDP (or an IPv6 extension header)");
+    let (src, dst) = ip_addrs(frame);
+    let port = |o: usize| u16::from_be_bytes([b[l4 + o], b[l4 + o + 1]]);
+    lb_common::FlowKey::new(src, port(0), dst, port(2), proto)
+}
+
+fn encap_expected(input: &[u8], outer_src: &str, outer_dst: &str, next_hop: [u8; 6], our_mac: [u8; 6], gue_port: Option<u16>, hop: Option<IpAddr>) -> Vec<u8> {
     let l3 = l3_offset(input);
     let inner = &input[l3..];
     let len = ip_len(input, l3);
     let inner_v6 = inner[0] >> 4 == 6;
     let tos = if inner_v6 { (inner[0] << 4) | (inner[1] >> 4) } else { inner[1] };
-    let proto = if inner_v6 { IpNumber(41) } else { IpNumber(4) };
+    let inner_proto = if inner_v6 { IpNumber(41) } else { IpNumber(4) };
+    let hops = hop.is_some() as usize;
+    let (proto, extra) = if gue_port.is_some() { (IpNumber::UDP, lb_common::gue::overhead(hops)) } else { (inner_proto, 0) };
     let dst: IpAddr = outer_dst.parse().expect("outer dst");
     let mut out = next_hop.to_vec();
     out.extend_from_slice(&our_mac);
@@ -127,7 +158,7 @@ pub fn ipip_expected(input: &[u8], outer_src: &str, outer_dst: &str, next_hop: [
     match dst {
         IpAddr::V4(d) => {
             out.extend_from_slice(&0x0800u16.to_be_bytes());
-            let mut h = Ipv4Header::new(len as u16, 64, proto, v4_octets(outer_src), d.octets()).expect("outer v4");
+            let mut h = Ipv4Header::new((len + extra) as u16, 64, proto, v4_octets(outer_src), d.octets()).expect("outer v4");
             h.dscp = IpDscp::try_new(tos >> 2).expect("dscp");
             h.ecn = IpEcn::try_new(tos & 3).expect("ecn");
             h.identification = 0;
@@ -140,13 +171,25 @@ pub fn ipip_expected(input: &[u8], outer_src: &str, outer_dst: &str, next_hop: [
             let h = Ipv6Header {
                 traffic_class: tos,
                 flow_label: Default::default(),
-                payload_length: len as u16,
+                payload_length: (len + extra) as u16,
                 next_header: proto,
                 hop_limit: 64,
                 source: v6_octets(outer_src),
                 destination: d.octets(),
             };
             h.write(&mut out).expect("write outer v6");
+        }
+    }
+    if let Some(port) = gue_port {
+        let sport = lb_common::gue::source_port(lb_common::flow_hash(&flow_of(input)));
+        let udp = etherparse::UdpHeader { source_port: sport, destination_port: port, length: (len + extra) as u16, checksum: 0 };
+        udp.write(&mut out).expect("write udp");
+        // GUE: ver 0, C 0, hlen 1 + 4 per hop (the hop list's words); proto; flags 0.
+        out.extend_from_slice(&[1 + 4 * hops as u8, inner_proto.0, 0, 0]);
+        // Hop list: version 1, hops, next 0, reserved; the hop's address.
+        out.extend_from_slice(&[lb_common::gue::HOPS_VERSION, hops as u8, 0, 0]);
+        if let Some(h) = hop {
+            out.extend_from_slice(&lb_common::addr_bytes(h));
         }
     }
     out.extend_from_slice(inner);
@@ -194,6 +237,24 @@ pub fn with_ipv6_ext(frame: &[u8], nh_type: u8) -> Vec<u8> {
         out.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
     }
     out.extend_from_slice(&frame[l3 + 40..]);
+    out
+}
+
+/// A UDP frame from `src` to `dst` (both IPv4 or both IPv6) to port `dport` whose
+/// payload is `gue` (the 4-byte GUE header), `private` (the hop list) and `inner`.
+pub fn gue_frame(src: &str, dst: &str, dport: u16, gue: [u8; 4], private: &[u8], inner: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC);
+    let b = match (src.parse::<IpAddr>().expect("src"), dst.parse::<IpAddr>().expect("dst")) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => b.ipv4(s.octets(), d.octets(), 64),
+        (IpAddr::V6(s), IpAddr::V6(d)) => b.ipv6(s.octets(), d.octets(), 64),
+        _ => panic!("gue_frame: mixed families"),
+    };
+    let b = b.udp(49152, dport);
+    let mut payload = gue.to_vec();
+    payload.extend_from_slice(private);
+    payload.extend_from_slice(inner);
+    let mut out = Vec::new();
+    b.write(&mut out, &payload).expect("write");
     out
 }
 

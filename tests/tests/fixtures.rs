@@ -217,6 +217,87 @@ fn balancer_fixtures() {
     run_cases(&mut dp, cases);
 }
 
+/// The balancer with gue services: IPv4 and IPv6 outers, 4in6 and 6in4, two ports.
+fn gue_setup() -> Datapath {
+    let mut dp = Datapath::load();
+    let c = &mut dp.control;
+    c.set_settings(settings(ENCAP4, ENCAP6, Some(GW_MAC), 1500)).unwrap();
+    let add = |c: &mut lb_userspace::ControlPlane<_>, name, vip, mode, bes: Vec<_>| c.add_service(service(name, vip, mode, 251), bes).unwrap();
+    let gue = Mode::Gue { port: lb_common::gue::DEFAULT_PORT };
+    add(c, "gue4", "10.0.0.110:80/tcp", gue, vec![backend("10.1.10.1", 1, None)]);
+    add(c, "gue4_udp", "10.0.0.110:53/udp", Mode::Gue { port: 7000 }, vec![backend("10.1.10.2", 1, Some(BE_MAC))]);
+    add(c, "gue6", "[2001:db8::110]:443/tcp", gue, vec![backend("2001:db8:1::a1", 1, None)]);
+    add(c, "gue4in6", "10.0.0.111:80/tcp", gue, vec![backend("2001:db8:1::a2", 1, None)]);
+    add(c, "gue6in4", "[2001:db8::111]:80/tcp", gue, vec![backend("10.1.10.3", 1, None)]);
+    add(c, "gue_pair", "10.0.0.112:80/tcp", gue, vec![backend("10.1.10.4", 1, None), backend("10.1.10.5", 1, None)]);
+    dp
+}
+
+/// Mode gue: outer IPv4/IPv6 + UDP (source port from the flow hash, destination port
+/// per service) + GUE variant 0 with an empty hop list, under the ipip rules: DF, TOS /
+/// traffic class copied, the VLAN tag kept, too big answered at the MTU minus the
+/// whole outer overhead (36 bytes over IPv4, 56 over IPv6).
+#[test]
+fn gue_fixtures() {
+    let mut dp = gue_setup();
+    let gue4 = |input: &[u8], be: &str, nh, port| Expect::Frame(gue_expected(input, ENCAP4, be, nh, LB_MAC, port));
+    let gue6 = |input: &[u8], be: &str, nh, port| Expect::Frame(gue_expected(input, ENCAP6, be, nh, LB_MAC, port));
+
+
+    let syn = v4(CLIENT, "10.0.0.110", L4::Tcp(41000, 80, Tcp::Syn), b"");
+    let ack = v4(CLIENT, "10.0.0.110", L4::Tcp(41000, 80, Tcp::Ack), b"hello");
+    let other = v4(CLIENT, "10.0.0.110", L4::Tcp(41001, 80, Tcp::Syn), b"");
+    let udp = v4(CLIENT, "10.0.0.110", L4::Udp(5353, 53), b"query");
+    let syn6 = v6(CLIENT6, "2001:db8::110", L4::Tcp(41002, 443, Tcp::Syn), b"");
+    let syn4in6 = v4(CLIENT, "10.0.0.111", L4::Tcp(41003, 80, Tcp::Syn), b"");
+    let syn6in4 = v6(CLIENT6, "2001:db8::111", L4::Tcp(41004, 80, Tcp::Syn), b"");
+    let tos = with_tos(&v4(CLIENT, "10.0.0.110", L4::Tcp(41005, 80, Tcp::Ack), b"x"), 0xb9);
+    let tos6 = with_tos(&v6(CLIENT6, "2001:db8::110", L4::Tcp(41006, 443, Tcp::Ack), b"x"), 0x2a);
+    let tagged = vlan(&v4(CLIENT, "10.0.0.110", L4::Tcp(41007, 80, Tcp::Syn), b""), 42);
+    // The largest inner packets that fit: MTU 1500 minus 20 + 8 + 4 + 4 (IPv4 outer)
+    // or 40 + 8 + 4 + 4 (IPv6 outer).
+    let fits = v4(CLIENT, "10.0.0.110", L4::Tcp(41008, 80, Tcp::Ack), &[0u8; 1464 - 40]);
+    let big = v4(CLIENT, "10.0.0.110", L4::Tcp(41009, 80, Tcp::Ack), &[0u8; 1464 - 40 + 1]);
+    let fits6 = v6(CLIENT6, "2001:db8::110", L4::Tcp(41010, 443, Tcp::Ack), &[0u8; 1444 - 60]);
+    let big6 = v6(CLIENT6, "2001:db8::110", L4::Tcp(41011, 443, Tcp::Ack), &[0u8; 1444 - 60 + 1]);
+    let big4in6 = v4(CLIENT, "10.0.0.111", L4::Tcp(41012, 80, Tcp::Ack), &[0u8; 1444 - 40 + 1]);
+    // Two backends: every packet of a TCP flow carries the slot's secondary as its hop.
+    let pair_syn = v4(CLIENT, "10.0.0.112", L4::Tcp(41013, 80, Tcp::Syn), b"");
+    let pair_ack = v4(CLIENT, "10.0.0.112", L4::Tcp(41013, 80, Tcp::Ack), b"x");
+    let (pp, ps) = dp.predict_pair("gue_pair", &[], &flow_of(&pair_syn));
+    let (pp, ps) = (pp.to_string(), ps.expect("two backends: a secondary").to_string());
+    assert_ne!(pp, ps);
+    let hop4 = |input: &[u8], be: &str, hop: &str| Expect::Frame(gue_expected_hop(input, ENCAP4, be, GW_MAC, LB_MAC, 6080, hop));
+
+    // Two flows of one service leave from different UDP source ports (ECMP / RSS
+    // entropy), each in the dynamic range; the byte-exact rows pin the exact values.
+    let (a, b) = (flow_of(&syn), flow_of(&other));
+    let (pa, pb) = (lb_common::gue::source_port(lb_common::flow_hash(&a)), lb_common::gue::source_port(lb_common::flow_hash(&b)));
+    assert_ne!(pa, pb, "two flows, one source port");
+    assert!(pa >= 49152 && pb >= 49152);
+
+    let cases = vec![
+        row("gue v4: SYN in UDP 6080 + GUE to the backend via the gateway", syn.clone(), XDP_TX, gue4(&syn, "10.1.10.1", GW_MAC, 6080), fwd("gue4", "10.1.10.1", true)),
+        row("gue v4: the flow's next packet, same outer header", ack.clone(), XDP_TX, gue4(&ack, "10.1.10.1", GW_MAC, 6080), fwd("gue4", "10.1.10.1", false)),
+        row("gue v4: another flow, another source port", other.clone(), XDP_TX, gue4(&other, "10.1.10.1", GW_MAC, 6080), fwd("gue4", "10.1.10.1", true)),
+        row("gue v4: udp service on its own GUE port, backend MAC", udp.clone(), XDP_TX, gue4(&udp, "10.1.10.2", BE_MAC, 7000), fwd("gue4_udp", "10.1.10.2", true)),
+        row("gue v6: IPv6 outer, next header 17", syn6.clone(), XDP_TX, gue6(&syn6, "2001:db8:1::a1", GW_MAC, 6080), fwd("gue6", "2001:db8:1::a1", true)),
+        row("gue: IPv4 VIP, IPv6 backend (GUE proto 4 in IPv6)", syn4in6.clone(), XDP_TX, gue6(&syn4in6, "2001:db8:1::a2", GW_MAC, 6080), fwd("gue4in6", "2001:db8:1::a2", true)),
+        row("gue: IPv6 VIP, IPv4 backend (GUE proto 41 in IPv4)", syn6in4.clone(), XDP_TX, gue4(&syn6in4, "10.1.10.3", GW_MAC, 6080), fwd("gue6in4", "10.1.10.3", true)),
+        row("gue v4: TOS copied to the outer header", tos.clone(), XDP_TX, gue4(&tos, "10.1.10.1", GW_MAC, 6080), fwd("gue4", "10.1.10.1", true)),
+        row("gue v6: traffic class copied to the outer header", tos6.clone(), XDP_TX, gue6(&tos6, "2001:db8:1::a1", GW_MAC, 6080), fwd("gue6", "2001:db8:1::a1", true)),
+        row("gue v4: tagged frame keeps its tag", tagged.clone(), XDP_TX, gue4(&tagged, "10.1.10.1", GW_MAC, 6080), fwd("gue4", "10.1.10.1", true)),
+        row("gue v4: exactly at the MTU: forwarded", fits.clone(), XDP_TX, gue4(&fits, "10.1.10.1", GW_MAC, 6080), fwd("gue4", "10.1.10.1", true)),
+        row("gue v4: one byte over: frag-needed (MTU 1464)", big.clone(), XDP_TX, Expect::Frame(too_big_expected(&big, 1464)), counted(reason::TX_TOO_BIG)),
+        row("gue v6: exactly at the MTU: forwarded", fits6.clone(), XDP_TX, gue6(&fits6, "2001:db8:1::a1", GW_MAC, 6080), fwd("gue6", "2001:db8:1::a1", true)),
+        row("gue v6: one byte over: packet too big (MTU 1444)", big6.clone(), XDP_TX, Expect::Frame(too_big_expected(&big6, 1444)), counted(reason::TX_TOO_BIG)),
+        row("gue: IPv4 VIP, IPv6 backend, over: frag-needed (MTU 1444)", big4in6.clone(), XDP_TX, Expect::Frame(too_big_expected(&big4in6, 1444)), counted(reason::TX_TOO_BIG)),
+        row("gue pair: SYN carries the slot's secondary as its one hop", pair_syn.clone(), XDP_TX, hop4(&pair_syn, &pp, &ps), fwd("gue_pair", &pp, true)),
+        row("gue pair: the flow-table hit carries the same hop", pair_ack.clone(), XDP_TX, hop4(&pair_ack, &pp, &ps), fwd("gue_pair", &pp, false)),
+    ];
+    run_cases(&mut dp, cases);
+}
+
 /// ICMP steering, echo, fragments, extension headers, too big, empty-service replies.
 #[test]
 fn completeness_fixtures() {
@@ -575,7 +656,7 @@ fn decap_fixtures() {
     let mixed = v4(CLIENT, "10.0.0.104", L4::Tcp(40009, 80, Tcp::Syn), b"");
     let vlan_syn = vlan(&syn, 42);
 
-    let mut cases: Vec<(&str, Vec<u8>, u32, Vec<u8>, u32)> = Vec::new();
+    let mut cases: Vec<DecapCase> = Vec::new();
     // Round trip: what the balancer emits, the decap program turns back into the
     // client's packet addressed (at L2) to the backend.
     for (name, input) in [("ipip v4 round trip", &syn), ("ip6ip6 round trip", &syn6), ("4in6 round trip", &mixed), ("ipip with VLAN round trip", &vlan_syn)] {
@@ -598,6 +679,77 @@ fn decap_fixtures() {
     fix_ipv4_checksum(&mut wrong_inner, 14);
     cases.push(("IPIP announcing the wrong inner family: dropped", wrong_inner.clone(), XDP_DROP, wrong_inner, decap_reason::DROP_MALFORMED));
 
+    run_decap_cases(&decap, cases);
+}
+
+/// GUE in lb_decap: what the balancer's gue mode emits comes back as the client's
+/// packet; the allow-list and local checks apply as for IPIP; UDP to other ports and
+/// GUE it does not send (another version, a control message, flags, an unknown inner
+/// protocol) are told apart; a hop list of any length is skipped.
+#[test]
+fn gue_decap_fixtures() {
+    let dp = gue_setup();
+    let mut decap = Decap::load();
+    decap.allow(&[ENCAP4, ENCAP6]);
+    decap.local(&["10.1.10.1", "10.1.10.2", "2001:db8:1::a1", "2001:db8:1::a2"]);
+    decap.gue_ports(&[6080, 7000]);
+    let syn = v4(CLIENT, "10.0.0.110", L4::Tcp(41000, 80, Tcp::Syn), b"payload");
+    let udp = v4(CLIENT, "10.0.0.110", L4::Udp(5353, 53), b"query");
+    let syn6 = v6(CLIENT6, "2001:db8::110", L4::Tcp(41002, 443, Tcp::Syn), b"");
+    let syn4in6 = v4(CLIENT, "10.0.0.111", L4::Tcp(41003, 80, Tcp::Syn), b"");
+    let tagged = vlan(&syn, 42);
+
+    let mut cases: Vec<DecapCase> = Vec::new();
+    for (name, input) in [("gue v4 round trip", &syn), ("gue v4 on port 7000 round trip", &udp), ("gue v6 round trip", &syn6), ("gue 4in6 round trip", &syn4in6), ("gue with VLAN round trip", &tagged)] {
+        let (action, encapsulated) = dp.run(input);
+        assert_eq!(action, XDP_TX, "{name}: balancer forwards");
+        let l3_in = l3_offset(input);
+        let mut want = encapsulated[..l3_in].to_vec();
+        want[l3_in - 2..l3_in].copy_from_slice(&input[l3_in - 2..l3_in]);
+        want.extend_from_slice(&input[l3_in..]);
+        cases.push((name, encapsulated, XDP_PASS, want, decap_reason::DECAPSULATED_GUE));
+    }
+    let inner = &syn[14..];
+    // UDP never takes a second chance (no socket state to ask): decapsulated whatever
+    // its hop list holds. TCP second chances: gue_second_chance.rs, with real sockets.
+    let inner_udp = &udp[14..];
+    let hop = lb_common::addr_bytes(ip("10.1.10.2"));
+    let mut two_hops = vec![1, 2, 0, 0];
+    two_hops.extend_from_slice(&hop);
+    two_hops.extend_from_slice(&hop);
+    let with_hops = gue_frame(ENCAP4, "10.1.10.1", 6080, [9, 4, 0, 0], &two_hops, inner_udp);
+    let mut want = with_hops[..12].to_vec();
+    want.extend_from_slice(&0x0800u16.to_be_bytes());
+    want.extend_from_slice(inner_udp);
+    cases.push(("gue udp with a two-hop list: list skipped whole, no second chance", with_hops, XDP_PASS, want, decap_reason::DECAPSULATED_GUE));
+    let untouched: Vec<(&str, Vec<u8>, u32)> = vec![
+        ("UDP to another port from a balancer: untouched", gue_frame(ENCAP4, "10.1.10.1", 6081, [1, 4, 0, 0], &[1, 0, 0, 0], inner), decap_reason::PASS_NOT_ENCAP),
+        ("plain UDP: untouched", v4(CLIENT, "10.1.10.1", L4::Udp(5353, 53), b"query"), decap_reason::PASS_NOT_ENCAP),
+    ];
+    for (name, f, r) in untouched {
+        cases.push((name, f.clone(), XDP_PASS, f, r));
+    }
+    let dropped: Vec<(&str, Vec<u8>, u32)> = vec![
+        ("gue from a source not allowed: dropped", gue_frame("10.9.9.9", "10.1.10.1", 6080, [1, 4, 0, 0], &[1, 0, 0, 0], inner), decap_reason::DROP_SOURCE_NOT_ALLOWED),
+        ("gue v6 from a source not allowed: dropped", gue_frame("2001:db8::99", "2001:db8:1::a1", 6080, [1, 4, 0, 0], &[1, 0, 0, 0], inner), decap_reason::DROP_SOURCE_NOT_ALLOWED),
+        ("gue to another host: dropped", gue_frame(ENCAP4, "10.1.10.9", 6080, [1, 4, 0, 0], &[1, 0, 0, 0], inner), decap_reason::DROP_NOT_LOCAL),
+        ("gue version 1: dropped", gue_frame(ENCAP4, "10.1.10.1", 6080, [0x41, 4, 0, 0], &[1, 0, 0, 0], inner), decap_reason::DROP_MALFORMED),
+        ("gue control message: dropped", gue_frame(ENCAP4, "10.1.10.1", 6080, [0x21, 4, 0, 0], &[1, 0, 0, 0], inner), decap_reason::DROP_MALFORMED),
+        ("gue with flags: dropped", gue_frame(ENCAP4, "10.1.10.1", 6080, [1, 4, 0x80, 0], &[1, 0, 0, 0], inner), decap_reason::DROP_MALFORMED),
+        ("gue carrying protocol 17: dropped", gue_frame(ENCAP4, "10.1.10.1", 6080, [1, 17, 0, 0], &[1, 0, 0, 0], inner), decap_reason::DROP_MALFORMED),
+        ("gue announcing IPv6, carrying IPv4: dropped", gue_frame(ENCAP4, "10.1.10.1", 6080, [1, 41, 0, 0], &[1, 0, 0, 0], inner), decap_reason::DROP_MALFORMED),
+        ("gue hop list beyond the frame: dropped", gue_frame(ENCAP4, "10.1.10.1", 6080, [31, 4, 0, 0], &[1, 0, 0, 0], &inner[..20]), decap_reason::DROP_MALFORMED),
+    ];
+    for (name, f, r) in dropped {
+        cases.push((name, f.clone(), XDP_DROP, f, r));
+    }
+    run_decap_cases(&decap, cases);
+}
+
+/// A decap row: name, input, action, output, the one reason counted.
+type DecapCase<'a> = (&'a str, Vec<u8>, u32, Vec<u8>, u32);
+
+fn run_decap_cases(decap: &Decap, cases: Vec<DecapCase>) {
     let mut failures = Vec::new();
     for (name, input, action, want, r) in cases {
         let before = decap.counts();

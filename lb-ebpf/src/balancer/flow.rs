@@ -87,13 +87,18 @@ pub(crate) const PICK_INSERT_FAILED: Pick = 4;
 
 /// The flow's backend: its flow-table entry (if `lookup`) when that backend still
 /// serves this service, else the Maglev pick (recorded in the flow table if `create`
-/// and this CPU is within its new-flow limit).
+/// and this CPU is within its new-flow limit). With it, a gue service's second-chance
+/// hop (`NO_BACKEND` for other modes): the slot's secondary, or for a flow-table hit
+/// the slot's other backend. TCP of a `flow_table = "off"` gue service
+/// (VIP_F_NO_FLOW_TABLE) never touches the flow table.
 #[inline(always)]
-pub(crate) fn pick_backend(vip: &VipValue, flow: &FlowKey, lookup: bool, create: bool) -> Result<(u32, BackendValue, Pick), Verdict> {
+pub(crate) fn pick_backend(vip: &VipValue, flow: &FlowKey, lookup: bool, create: bool) -> Result<(u32, BackendValue, Pick, u32), Verdict> {
     if vip.service_id >= MAX_SERVICES {
         return Err(drop_with(reason::DROP_BAD_STATE));
     }
-    if lookup && let Some(fv) = FLOWS.get_ptr_mut(flow) {
+    let gue = vip.mode & MODE_MASK == MODE_GUE;
+    let stateless = gue && vip.flags & VIP_F_NO_FLOW_TABLE != 0 && flow.proto == PROTO_TCP;
+    if lookup && !stateless && let Some(fv) = FLOWS.get_ptr_mut(flow) {
         // SAFETY: a live map value; its fields are read once.
         let (id, reported) = unsafe { ((*fv).backend_id, (*fv).created_ns) };
         if let Some(be) = BACKENDS.get(id)
@@ -103,41 +108,53 @@ pub(crate) fn pick_backend(vip: &VipValue, flow: &FlowKey, lookup: bool, create:
             if create && reported == 0 {
                 report_proven_flow(fv, flow, id, vip.service_id);
             }
-            return Ok((id, *be, PICK_EXISTING));
+            let hop = if gue {
+                let e = table_entry(vip, flow)?;
+                if e.primary != id { e.primary } else { e.secondary }
+            } else {
+                NO_BACKEND
+            };
+            return Ok((id, *be, PICK_EXISTING, hop));
         }
     }
-    let m = vip.table_size;
-    if m == 0 || m > MAX_TABLE_SIZE {
-        return Err(drop_with(reason::DROP_BAD_STATE));
-    }
-    let pos = flow_hash(flow) % m;
-    let id = *TABLES
-        .get(table_index(vip.service_id, vip.active_slot, pos))
-        .ok_or(drop_with(reason::DROP_BAD_STATE))?;
+    let e = table_entry(vip, flow)?;
+    let id = e.primary;
     if id == NO_BACKEND {
         return Err(drop_with(reason::DROP_NO_BACKEND));
     }
+    let hop = if gue { e.secondary } else { NO_BACKEND };
     let be = *BACKENDS.get(id).ok_or(drop_with(reason::DROP_BAD_STATE))?;
     if be.flags & BACKEND_F_VALID == 0 {
         return Err(drop_with(reason::DROP_BAD_STATE));
     }
-    if !create {
-        return Ok((id, be, PICK_UNRECORDED));
+    if !create || stateless {
+        return Ok((id, be, PICK_UNRECORDED, hop));
     }
     let settings = SETTINGS.get(0);
     let limit = settings.map_or(0, |s| s.max_new_flows);
     if limit != 0 && over_new_flow_limit(limit) {
-        return Ok((id, be, PICK_FLOOD));
+        return Ok((id, be, PICK_FLOOD, hop));
     }
     // No clock read: nothing reads a flow's age (the LRU evicts by use).
     let v = FlowValue { backend_id: id, _pad: 0, created_ns: 0 };
     // A failed insert (map full of in-flight updates) only costs stickiness for this
     // packet; the next packet retries.
     if FLOWS.insert(flow, v, 0).is_err() {
-        return Ok((id, be, PICK_INSERT_FAILED));
+        return Ok((id, be, PICK_INSERT_FAILED, hop));
     }
     // A new flow is one we recorded; a RST that misses is forwarded but not remembered.
-    Ok((id, be, PICK_RECORDED))
+    Ok((id, be, PICK_RECORDED, hop))
+}
+
+/// The flow's (primary, secondary) in the service's live table.
+#[inline(always)]
+pub(crate) fn table_entry(vip: &VipValue, flow: &FlowKey) -> Result<TableEntry, Verdict> {
+    let m = vip.table_size;
+    if m == 0 || m > MAX_TABLE_SIZE {
+        return Err(drop_with(reason::DROP_BAD_STATE));
+    }
+    let pos = flow_hash(flow) % m;
+    TABLES.get(table_index(vip.service_id, vip.active_slot, pos)).copied().ok_or(drop_with(reason::DROP_BAD_STATE))
 }
 
 /// Flood mode: counts one new flow in this CPU's one-second window and says whether the

@@ -18,11 +18,12 @@ pub(crate) static VIP_ADDRS: HashMap<[u32; 4], u32> = HashMap::with_max_entries(
 #[map]
 pub(crate) static VIP_BLOOM: Array<VipBloom> = Array::with_max_entries(1, 0);
 
-/// Maglev rings: (service id * 2 + slot) * MAX_TABLE_SIZE + position -> backend id.
+/// Maglev rings: (service id * 2 + slot) * MAX_TABLE_SIZE + position -> (primary,
+/// secondary) backend ids.
 /// Two slots per service: userspace fills the idle one, then flips VipValue::active_slot.
 /// Mmapable, so userspace writes a whole table with one memcpy.
 #[map]
-pub(crate) static TABLES: Array<u32> = Array::with_max_entries(TABLES_ENTRIES, TABLES_FLAGS);
+pub(crate) static TABLES: Array<TableEntry> = Array::with_max_entries(TABLES_ENTRIES, TABLES_FLAGS);
 
 /// Backend id -> address, next-hop MAC, flags, owning service.
 #[map]

@@ -112,6 +112,11 @@ enum DecapCmd {
         /// on which the balancer transmits with native XDP_TX.
         #[arg(long, conflicts_with_all = ["allow", "allow_file"])]
         pass: bool,
+        /// UDP ports read as GUE (the balancers' `gue:PORT` services), comma-separated
+        /// or repeated; UDP to other ports passes untouched. Second chance needs
+        /// forwarding on the interface (README, "GUE").
+        #[arg(long, value_name = "PORT[,PORT...]", value_delimiter = ',', default_value = "6080", conflicts_with = "pass")]
+        gue_port: Vec<u16>,
     },
     /// Re-read this host's addresses into the attached decap program (run after an
     /// address change); with --allow/--allow-file, replace the balancer list too.
@@ -248,7 +253,7 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
 
 fn decap_cmd(cmd: DecapCmd) -> anyhow::Result<()> {
     match cmd {
-        DecapCmd::Attach { interface, xdp_mode, allow, allow_file, pass } => {
+        DecapCmd::Attach { interface, xdp_mode, allow, allow_file, pass, gue_port } => {
             let mode = match xdp_mode {
                 Mode::Native => XdpMode::Driver,
                 Mode::Generic => XdpMode::Skb,
@@ -257,7 +262,7 @@ fn decap_cmd(cmd: DecapCmd) -> anyhow::Result<()> {
                 lb_userspace::decap::attach_pass(&interface, mode).context("pass attach")?;
             } else {
                 let allow = decap::parse_allow(&allow, allow_file.as_deref()).map_err(|e| UsageError(format!("{e:#}")))?;
-                decap::attach(&interface, mode, &allow).context("decap attach")?;
+                decap::attach_gue(&interface, mode, &allow, &gue_port).context("decap attach")?;
             }
             println!("decap attached to {interface}, pinned at {}", lb_userspace::decap::pin_dir(&interface).display());
         }

@@ -153,7 +153,7 @@ fn start_lab() -> anyhow::Result<Lab> {
 /// The pinned maps the XDP program reads.
 struct Visible {
     vips: BpfHashMap<MapData, VipKey, VipValue>,
-    tables: Array<MapData, u32>,
+    tables: Array<MapData, lb_common::TableEntry>,
     key: VipKey,
 }
 
@@ -169,7 +169,7 @@ impl Visible {
     /// The backend id at `pos` of the live table.
     fn at(&self, pos: u32) -> anyhow::Result<u32> {
         let v = self.vips.get(&self.key, 0)?;
-        Ok(self.tables.get(&table_index(v.service_id, v.active_slot, pos), 0)?)
+        Ok(self.tables.get(&table_index(v.service_id, v.active_slot, pos), 0)?.primary)
     }
 }
 

@@ -147,10 +147,12 @@ fn main() -> anyhow::Result<()> {
     dp.control.set_settings(base_settings)?;
     let bes: Vec<_> = (1..=10).map(|i| backend(&format!("10.1.0.{i}"), 1, None)).collect();
     dp.control.add_service(service("web", "10.0.0.100:80/tcp", Mode::Ipip, 65537), bes.clone())?;
-    dp.control.add_service(service("dns", "10.0.0.100:53/udp", Mode::Ipip, 65537), bes)?;
+    dp.control.add_service(service("dns", "10.0.0.100:53/udp", Mode::Ipip, 65537), bes.clone())?;
+    dp.control.add_service(service("gue", "10.0.0.102:80/tcp", Mode::Gue { port: lb_common::gue::DEFAULT_PORT }, 65537), bes)?;
     dp.control.add_service(service("empty", "10.0.0.101:80/tcp", Mode::Ipip, 251), vec![])?;
     let web = dp.control.service("web").context("web")?.id;
     let dns = dp.control.service("dns").context("dns")?.id;
+    let gue = dp.control.service("gue").context("gue")?.id;
     let ring = RingBuf::try_from(dp.ebpf.take_map(map_names::FLOW_EVENTS).context("FLOW_EVENTS")?)?;
     let sync_lost = || -> anyhow::Result<u64> {
         let m = dp.ebpf.map(map_names::SYNC_STATS).context("SYNC_STATS")?;
@@ -174,6 +176,7 @@ fn main() -> anyhow::Result<()> {
     let syn = padded(v4("192.0.2.10", "10.0.0.100", L4::Tcp(40000, 80, Tcp::Syn), b""));
     let ack = padded(v4("192.0.2.10", "10.0.0.100", L4::Tcp(40001, 80, Tcp::Ack), b""));
     let udp = padded(v4("192.0.2.10", "10.0.0.100", L4::Udp(40002, 53), b""));
+    let gue_ack = padded(v4("192.0.2.10", "10.0.0.102", L4::Tcp(40006, 80, Tcp::Ack), b""));
     let other = padded(v4("192.0.2.10", "10.0.0.200", L4::Tcp(40003, 80, Tcp::Ack), b""));
     // ICMP frag-needed about the established flow (40001), quoting IP + TCP header.
     let inner = from_vip("10.0.0.100", "192.0.2.10", L4::Tcp(80, 40001, Tcp::Ack), b"");
@@ -212,6 +215,7 @@ fn main() -> anyhow::Result<()> {
     let mut cases = vec![
         Case { name: "established", frame: ack, vary: 0, want: XDP_TX, kind: Kind::Plain, samples: vec![] },
         Case { name: "udp", frame: udp, vary: 0, want: XDP_TX, kind: Kind::Plain, samples: vec![] },
+        Case { name: "gue", frame: gue_ack, vary: 0, want: XDP_TX, kind: Kind::Plain, samples: vec![] },
         Case { name: "pass", frame: other, vary: 0, want: XDP_PASS, kind: Kind::Plain, samples: vec![] },
         Case { name: "newflow", frame: syn, vary: 1, want: XDP_TX, kind: Kind::Plain, samples: vec![] },
         Case { name: "newflow_flood", frame: syn, vary: 1, want: XDP_TX, kind: Kind::Flood, samples: vec![] },
@@ -269,6 +273,7 @@ fn main() -> anyhow::Result<()> {
             let total = repeat as u64 * if c.kind == Kind::TwoCpu { 2 } else { 1 };
             let before_web = dp.stats.service(web)?;
             let before_dns = dp.stats.service(dns)?;
+            let before_gue = dp.stats.service(gue)?;
             let before_reasons = dp.stats.reasons()?;
             let mut case_ns = 0.0;
             let mut base_ns = 0.0;
@@ -287,12 +292,14 @@ fn main() -> anyhow::Result<()> {
             // What the iterations did, from the counters.
             let web_d = dp.stats.service(web)?;
             let dns_d = dp.stats.service(dns)?;
+            let gue_d = dp.stats.service(gue)?;
             let reasons = dp.stats.reasons()?;
             let rd = |r: u32| reasons[r as usize].packets - before_reasons[r as usize].packets;
             let new_flows = web_d.new_flows - before_web.new_flows;
             match c.name {
                 "established" => ensure!(web_d.packets - before_web.packets == total && new_flows == 0, "established: {} packets, {new_flows} new flows for {total}", web_d.packets - before_web.packets),
                 "udp" => ensure!(dns_d.packets - before_dns.packets == total && dns_d.new_flows == before_dns.new_flows, "udp: {} packets for {total}", dns_d.packets - before_dns.packets),
+                "gue" => ensure!(gue_d.packets - before_gue.packets == total && gue_d.new_flows == before_gue.new_flows, "gue: {} packets for {total}", gue_d.packets - before_gue.packets),
                 "pass" => ensure!(rd(reason::PASS_NOT_VIP) == total, "pass: {} counted for {total}", rd(reason::PASS_NOT_VIP)),
                 "newflow" | "newflow_2cpu" => ensure!(new_flows == total, "{}: {new_flows} new flows for {total}", c.name),
                 // Reported on their second packet: a flow of one packet never is.
@@ -360,7 +367,7 @@ fn main() -> anyhow::Result<()> {
                     extra += &format!(" (per synced flow: {:.1} ns) events={events} lost={lost} of {sync_iterations} flows", 2.0 * median(&diff));
                 }
             }
-            "newflow_flood" => {
+            "newflow_flood" | "gue" => {
                 let est = ratio_of("established");
                 let rel: Vec<f64> = ratios.iter().zip(&est).map(|(a, b)| a / b).collect();
                 extra = format!(" over_established_ratio={:.2}", median(&rel));
