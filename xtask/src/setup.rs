@@ -20,6 +20,8 @@ const APT_PACKAGES: &[&str] = &[
     "mariadb-server",
     "mariadb-client",
     "haproxy",
+    // BIRD 2: the BGP speaker lbd drives in active-active mode ([bgp]).
+    "bird2",
 ];
 /// Tells invoke-rc.d not to start services: the lab runs nginx/MariaDB/HAProxy only
 /// inside its namespaces, never as the distribution's services on this machine.
