@@ -206,13 +206,13 @@ impl BgpConfig {
                 ),
             ));
         }
-        if let Some(p) = &self.bird_config {
-            if !p.is_absolute() || p.to_str().is_none_or(|s| s.contains('"')) {
-                e.push(invalid(
-                    "bird_config",
-                    format!("{}: must be an absolute path without '\"'", p.display()),
-                ));
-            }
+        if let Some(p) = &self.bird_config
+            && (!p.is_absolute() || p.to_str().is_none_or(|s| s.contains('"')))
+        {
+            e.push(invalid(
+                "bird_config",
+                format!("{}: must be an absolute path without '\"'", p.display()),
+            ));
         }
         e
     }
