@@ -41,6 +41,11 @@ pub enum Request {
     ClusterStatus {},
     /// Hand the active role to the peer (run on the active node).
     ClusterFailover {},
+    /// Withdraw every BGP route for maintenance (the node keeps forwarding what
+    /// still reaches it).
+    NodeDrain {},
+    /// Announce again after a drain.
+    NodeUndrain {},
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -105,6 +110,24 @@ pub struct StatusView {
     /// Cluster role, peer state, last heartbeat, config on both sides; none when standalone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<String>,
+    /// BGP announcement state; none without `[bgp]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<BgpView>,
+}
+
+/// `lbctl status`'s BGP part.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct BgpView {
+    /// `lbctl node drain` is in force: nothing is announced.
+    pub drained: bool,
+    /// The routes lbd wants announced now: VIPs with a usable backend, none while
+    /// drained or stopping.
+    pub wanted: Vec<IpAddr>,
+    /// BIRD accepted exactly the wanted set.
+    pub in_sync: bool,
+    /// What BIRD last accepted, its errors and sessions.
+    #[serde(flatten)]
+    pub bird: crate::bgp::task::TaskState,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

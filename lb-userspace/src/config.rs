@@ -51,6 +51,7 @@ struct Raw {
     services: Vec<toml::Spanned<ServiceDef>>,
     cluster: Option<toml::Spanned<crate::cluster::ClusterConfig>>,
     metrics: Option<MetricsConfig>,
+    bgp: Option<toml::Spanned<crate::bgp::BgpConfig>>,
 }
 
 /// `[metrics]`: serve `GET /metrics` (Prometheus text) on `listen`. Absent: off.
@@ -84,6 +85,8 @@ pub struct Config {
     pub cluster: Option<crate::cluster::ClusterConfig>,
     /// The Prometheus endpoint; none = off.
     pub metrics: Option<MetricsConfig>,
+    /// Active-active: VIPs announced over BGP by BIRD; none = no BGP.
+    pub bgp: Option<crate::bgp::BgpConfig>,
 }
 
 /// Every problem found, one line each, naming the key and line.
@@ -351,6 +354,17 @@ impl Config {
                 errs.push(spans.at(&[K("metrics"), K("listen")], format!("metrics.listen {}: not a unicast address", m.listen)));
             }
         }
+        if let Some(b) = &raw.bgp {
+            for e in b.get_ref().validate() {
+                errs.push(spans.at(&[K("bgp"), K(e.key)], e.to_string()));
+            }
+            if raw.cluster.is_some() {
+                errs.push(spans.at(
+                    &[K("bgp")],
+                    "[bgp] and [cluster] together: active-active BGP nodes with cluster peers is not supported yet; use one or the other",
+                ));
+            }
+        }
         if !errs.is_empty() {
             return Err(ConfigErrors(errs));
         }
@@ -370,6 +384,7 @@ impl Config {
             services,
             cluster: raw.cluster.map(|c| c.into_inner()),
             metrics: raw.metrics,
+            bgp: raw.bgp.map(|b| b.into_inner()),
         })
     }
 
@@ -419,6 +434,9 @@ impl Config {
         if new.metrics != self.metrics {
             return Err("[metrics] changed: lbd binds metrics.listen only at start, restart needed".into());
         }
+        if new.bgp.is_some() != self.bgp.is_some() {
+            return Err("[bgp] added or removed: lbd starts its BGP task only at start, restart needed".into());
+        }
         Ok(())
     }
 
@@ -451,6 +469,20 @@ impl Config {
         }
         if let Some(m) = &self.metrics {
             let _ = writeln!(o, "metrics on http://{}/metrics", m.listen);
+        }
+        if let Some(b) = &self.bgp {
+            let n: Vec<String> = b.neighbors.iter().map(|n| format!("{} as {}", n.address, n.asn)).collect();
+            let _ = writeln!(
+                o,
+                "bgp as {} router id {} neighbours {}, bfd {}, drain {} ms, BIRD socket {}, file {}",
+                b.local_as,
+                b.router_id,
+                n.join(", "),
+                if b.bfd { format!("{} ms x {}", b.bfd_interval_ms, b.bfd_multiplier) } else { "off".into() },
+                b.drain_ms,
+                b.control_socket.display(),
+                b.bird_config_path(&self.instance).display()
+            );
         }
         for s in &self.services {
             let health = s.health.as_ref().map_or("none".to_string(), |h| {
@@ -562,6 +594,26 @@ mac = "02:00:00:00:03:11"
         let gue = Config::parse(&GOOD.replacen("mode = \"ipip\"", "mode = \"gue:7000\"", 1)).unwrap();
         assert_eq!(gue.services[0].mode, Mode::Gue { port: 7000 }, "gue with its UDP port");
         assert!(c.describe().contains("backend 10.0.1.12 weight 1 mac neighbour table"));
+    }
+
+    #[test]
+    fn bgp_section_parses_and_its_errors_name_key_and_line() {
+        let bgp = "\n[bgp]\nlocal_as = 65001\nrouter_id = \"10.0.0.5\"\ndrain_ms = 500\n[[bgp.neighbor]]\naddress = \"10.0.0.254\"\nas = 65000\n";
+        let c = Config::parse(&format!("{GOOD}{bgp}")).unwrap();
+        let b = c.bgp.as_ref().unwrap();
+        assert_eq!((b.local_as, b.drain_ms, b.bfd), (65001, 500, true));
+        assert!(c.describe().contains("bgp as 65001 router id 10.0.0.5 neighbours 10.0.0.254 as 65000, bfd 100 ms x 3"), "{}", c.describe());
+        assert!(Config::parse(GOOD).unwrap().bgp.is_none());
+        let lines = GOOD.matches('\n').count() + 1;
+        let e = Config::parse(&format!("{GOOD}{}", bgp.replace("drain_ms = 500", "drain_ms = 900000"))).unwrap_err().to_string();
+        assert!(e.contains(&format!("line {}: bgp.drain_ms", lines + 4)), "{e}");
+        let e = Config::parse(&format!("{GOOD}{}", bgp.replace("as = 65000", "as = 65000\npassword = \"a\\\"b\""))).unwrap_err().to_string();
+        assert!(e.contains("bgp.neighbor: 10.0.0.254: password"), "{e}");
+        let e = Config::parse(&format!("{GOOD}{}", bgp.replace("local_as", "localas"))).unwrap_err().to_string();
+        assert!(e.contains("localas"), "{e}");
+        // BGP is reloadable: a changed [bgp] is no restart.
+        let other = Config::parse(&format!("{GOOD}{}", bgp.replace("drain_ms = 500", "drain_ms = 800"))).unwrap();
+        assert!(c.check_reload(&other).is_ok());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod announce;
 pub mod api;
+pub mod bgp;
 pub mod cluster;
 pub mod config;
 pub mod control;

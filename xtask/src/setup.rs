@@ -24,6 +24,8 @@ const APT_PACKAGES: &[&str] = &[
     "prometheus",
     "curl",
     "systemd",
+    // BIRD 2: the BGP speaker lbd drives in active-active mode ([bgp]).
+    "bird2",
 ];
 /// Tells invoke-rc.d not to start services: the lab runs nginx/MariaDB/HAProxy (and the
 /// tests Prometheus) only

@@ -113,6 +113,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ClusterCmd,
     },
+    /// This node's BGP announcements: drain (withdraw every route) or undrain.
+    #[command(after_help = "Example:\n  lbctl node drain\n  lbctl status\n  lbctl node undrain")]
+    Node {
+        #[command(subcommand)]
+        cmd: NodeCmd,
+    },
     /// Print shell completions for lbctl.
     #[command(after_help = "Example:\n  lbctl completions bash > /etc/bash_completion.d/lbctl")]
     Completions {
@@ -213,6 +219,16 @@ enum ServiceCmd {
         /// Service name.
         name: String,
     },
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Withdraw every VIP route (maintenance); the node forwards what still reaches it.
+    #[command(after_help = "Example:\n  lbctl node drain")]
+    Drain,
+    /// Announce the VIP routes again.
+    #[command(after_help = "Example:\n  lbctl node undrain")]
+    Undrain,
 }
 
 #[derive(Subcommand)]
@@ -426,6 +442,8 @@ fn run(cli: Cli) -> Result<(), Fail> {
         Cmd::Reload => Request::Reload {},
         Cmd::Cluster { cmd: ClusterCmd::Status } => Request::ClusterStatus {},
         Cmd::Cluster { cmd: ClusterCmd::Failover } => Request::ClusterFailover {},
+        Cmd::Node { cmd: NodeCmd::Drain } => Request::NodeDrain {},
+        Cmd::Node { cmd: NodeCmd::Undrain } => Request::NodeUndrain {},
         Cmd::Service { cmd } => match cmd {
             ServiceCmd::List => Request::ServiceList {},
             ServiceCmd::Show { name } => Request::ServiceShow { name },
@@ -819,7 +837,7 @@ fn render(req: &Request, data: serde_json::Value) -> String {
         }
         Request::ServiceRemove { name } => Ok(format!("service {name} removed\n")),
         Request::ClusterStatus {} => serde_json::from_value::<ClusterView>(data.clone()).map(|c| cluster_table(&c)),
-        Request::ClusterFailover {} => Ok(data.get("result").and_then(|v| v.as_str()).unwrap_or("ok").to_string() + "\n"),
+        Request::ClusterFailover {} | Request::NodeDrain {} | Request::NodeUndrain {} => Ok(data.get("result").and_then(|v| v.as_str()).unwrap_or("ok").to_string() + "\n"),
     };
     r.unwrap_or_else(|_| serde_json::to_string_pretty(&data).unwrap_or_default() + "\n")
 }
@@ -870,6 +888,24 @@ fn status_table(s: &StatusView) -> String {
         s.backends_drained,
         s.backends_pending
     ) + &s.cluster.as_ref().map_or(String::new(), |c| format!("cluster      {c}\n"))
+        + &s.bgp.as_ref().map_or(String::new(), bgp_lines)
+}
+
+fn bgp_lines(b: &api::BgpView) -> String {
+    let list = |v: &[std::net::IpAddr]| if v.is_empty() { "none".to_string() } else { v.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ") };
+    let bird = match (&b.bird.error, b.bird.bird_ok) {
+        (Some(e), _) => format!("ERROR {e} ({} failed in a row, retrying)", b.bird.failures),
+        (None, true) => format!("ok ({})", b.bird.bird_version),
+        (None, false) => "not contacted yet".to_string(),
+    };
+    format!(
+        "bgp          {}wanted {}; announced {}{}\nbird         {bird}\nsessions     {}\n",
+        if b.drained { "DRAINED; " } else { "" },
+        list(&b.wanted),
+        list(&b.bird.announced),
+        if b.in_sync { "" } else { " (not in sync yet)" },
+        if b.bird.sessions.is_empty() { "-".to_string() } else { b.bird.sessions.join(", ") }
+    )
 }
 
 fn services_table(v: &[ServiceView]) -> String {

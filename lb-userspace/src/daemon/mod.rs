@@ -313,6 +313,16 @@ async fn run_async(config_path: &Path) -> anyhow::Result<()> {
         Some(crate::hooks::NotifyHook::spawn(script, Duration::from_millis(c.notify_timeout_ms.into()), None))
     });
 
+    // BGP: its own task drives BIRD; the owner hands it the wanted routes.
+    let bgp_tx = owner.cfg.bgp.as_ref().map(|_| {
+        let (wtx, wrx) = watch::channel(crate::bgp::task::Wanted::default());
+        let (stx, srx) = watch::channel(crate::bgp::task::TaskState::default());
+        tokio::spawn(crate::bgp::task::run(wrx, stx));
+        owner.bgp = Some(owner::OwnerBgp { drained: false, state: srx, last: Default::default() });
+        wtx
+    });
+    push_bgp(&mut owner, bgp_tx.as_ref());
+
     let mut runner = health::Runner::default();
     sync_health(&owner, &mut runner, &health_tx);
     let mut held: BTreeSet<IpAddr> = BTreeSet::new();
@@ -383,6 +393,19 @@ async fn run_async(config_path: &Path) -> anyhow::Result<()> {
                 let _ = c.send(m);
             }
         }
+        if fx.index || fx.vips {
+            push_bgp(&mut owner, bgp_tx.as_ref());
+        }
+    }
+    // Withdraw before traffic stops: routes out, `drain_ms` for the routers to move
+    // the flows, then stop (or detach).
+    withdraw_and_drain(&mut owner, bgp_tx.as_ref()).await;
+    if owner.detach_after_drain {
+        match owner.dp.detach_all(&owner.cfg.instance) {
+            Ok(ifaces) => info!(interfaces = ?ifaces, "detached after the drain"),
+            Err(e) => error!(error = %format!("{e:#}"), "detaching after the drain"),
+        }
+        remove_lock_file(&owner.cfg.instance);
     }
     crate::systemd::stopping();
     runner.stop_all();
@@ -400,6 +423,33 @@ async fn run_async(config_path: &Path) -> anyhow::Result<()> {
     drop(lock_file);
     info!("lbd stopped; pinned datapath (if not detached) keeps forwarding");
     Ok(())
+}
+
+/// Hands the BGP task the wanted routes when they changed.
+fn push_bgp<W: crate::maps::MapWriter, D: Datapath>(owner: &mut Owner<W, D>, tx: Option<&watch::Sender<crate::bgp::task::Wanted>>) {
+    if let (Some(tx), Some(w)) = (tx, owner.bgp_wanted()) {
+        tx.send_replace(w);
+    }
+}
+
+/// Stopping with BGP: withdraw every route, wait (at most 3 s) for BIRD to take it,
+/// then `drain_ms` if anything was announced.
+async fn withdraw_and_drain<W: crate::maps::MapWriter, D: Datapath>(owner: &mut Owner<W, D>, tx: Option<&watch::Sender<crate::bgp::task::Wanted>>) {
+    let (Some(tx), Some(b)) = (tx, owner.bgp.as_ref()) else { return };
+    let mut state = b.state.clone();
+    let had = !state.borrow().announced.is_empty();
+    if let Some(w) = owner.bgp_wanted() {
+        let seq = w.seq;
+        tx.send_replace(w);
+        if tokio::time::timeout(Duration::from_secs(3), state.wait_for(|s| s.applied_seq >= Some(seq))).await.is_err() {
+            warn!(error = ?state.borrow().error, "bgp: BIRD did not confirm the withdrawal within 3 s; stopping anyway");
+        }
+    }
+    let ms = owner.cfg.bgp.as_ref().map_or(0, |c| c.drain_ms);
+    if had && ms > 0 {
+        info!(drain_ms = ms, "bgp: routes withdrawn; draining before stopping");
+        tokio::time::sleep(Duration::from_millis(ms as u64)).await;
+    }
 }
 
 fn sync_health<W: crate::maps::MapWriter, D: Datapath>(owner: &Owner<W, D>, runner: &mut health::Runner, tx: &health::Report) {

@@ -101,6 +101,15 @@ pub struct Iface {
 pub const ATTACHED: &str = "attached";
 pub const MISSING: &str = "missing";
 
+/// The BGP facts the owner keeps: drained or not, what it last asked the BGP task
+/// for, and the task's state (read for `lbctl status`).
+pub struct OwnerBgp {
+    pub drained: bool,
+    pub state: watch::Receiver<crate::bgp::task::TaskState>,
+    /// The last `Wanted` handed to the task.
+    pub last: crate::bgp::task::Wanted,
+}
+
 /// The cluster facts the owner keeps: our config position and role.
 pub struct OwnerCluster {
     pub node_id: u32,
@@ -126,6 +135,10 @@ pub struct Owner<W: MapWriter, D: Datapath> {
     samples: VecDeque<(Instant, StatsView)>,
     flow_sync_on: bool,
     pub stopping: bool,
+    /// `[bgp]`: set by the shell after `new` when the section is there.
+    pub bgp: Option<OwnerBgp>,
+    /// `lbctl detach` with BGP: the shell withdraws, waits `drain_ms`, then detaches.
+    pub detach_after_drain: bool,
 }
 
 impl<W: MapWriter, D: Datapath> Owner<W, D> {
@@ -155,6 +168,8 @@ impl<W: MapWriter, D: Datapath> Owner<W, D> {
             samples: VecDeque::new(),
             flow_sync_on: false,
             stopping: false,
+            bgp: None,
+            detach_after_drain: false,
         }
     }
 
@@ -266,6 +281,48 @@ impl<W: MapWriter, D: Datapath> Owner<W, D> {
             Some(c) if c.role == Role::Active && !self.stopping => self.core.services().iter().map(|d| d.vip.addr).collect(),
             _ => BTreeSet::new(),
         }
+    }
+
+    /// The VIP routes to announce over BGP: each VIP with at least one backend in its
+    /// table, none while drained or stopping.
+    pub fn bgp_routes(&self) -> BTreeSet<IpAddr> {
+        match &self.bgp {
+            Some(b) if !b.drained && !self.stopping && self.cfg.bgp.is_some() => self
+                .core
+                .control()
+                .services()
+                .iter()
+                .filter(|s| s.backends.iter().any(|(b, _)| b.weight > 0))
+                .map(|s| s.spec.vip.addr)
+                .collect(),
+            _ => BTreeSet::new(),
+        }
+    }
+
+    /// A new `Wanted` for the BGP task when the routes or `[bgp]` changed since the
+    /// last one.
+    pub fn bgp_wanted(&mut self) -> Option<crate::bgp::task::Wanted> {
+        let routes = self.bgp_routes();
+        let cfg = self.cfg.bgp.clone();
+        let instance = self.cfg.instance.clone();
+        let b = self.bgp.as_mut()?;
+        if b.last.seq > 0 && b.last.routes == routes && b.last.cfg.as_deref() == cfg.as_ref() {
+            return None;
+        }
+        b.last = crate::bgp::task::Wanted { seq: b.last.seq + 1, instance, cfg: cfg.map(Arc::new), routes };
+        Some(b.last.clone())
+    }
+
+    /// `lbctl status`'s BGP part.
+    pub fn bgp_view(&self) -> Option<crate::api::BgpView> {
+        let b = self.bgp.as_ref()?;
+        let st = b.state.borrow().clone();
+        Some(crate::api::BgpView {
+            drained: b.drained,
+            wanted: b.last.routes.iter().copied().collect(),
+            in_sync: st.applied_seq == Some(b.last.seq),
+            bird: st,
+        })
     }
 
     /// VIPs live on the first configured interface; its index when it exists.
@@ -477,6 +534,30 @@ impl<W: MapWriter, D: Datapath> Owner<W, D> {
             Request::BackendEnable { service, address } => self.change(Change::Enable { service: service.clone(), address }, &service, fx)?,
             Request::Stats {} => Response::ok(self.stats_with_pps()?),
             Request::Reload {} => Response::ok(serde_json::json!({ "result": self.reload(fx)? })),
+            Request::Detach {} if self.bgp.is_some() => {
+                // Withdraw first: the shell detaches after `drain_ms`.
+                let ifaces: Vec<String> = self.interfaces.iter().filter(|(_, v)| v.view.state == ATTACHED).map(|(k, _)| k.clone()).collect();
+                self.stopping = true;
+                self.detach_after_drain = true;
+                fx.health = true;
+                fx.vips = true;
+                Response::ok(serde_json::json!({ "detached": ifaces }))
+            }
+            Request::NodeDrain {} | Request::NodeUndrain {} => {
+                let drain = matches!(req, Request::NodeDrain {});
+                let ms = self.cfg.bgp.as_ref().map_or(0, |c| c.drain_ms);
+                let Some(b) = &mut self.bgp else {
+                    return Ok(Response::err("this lbd has no [bgp] section: nothing is announced, nothing to drain"));
+                };
+                if b.drained != drain {
+                    info!(drained = drain, "bgp: node {}", if drain { "drained: withdrawing every route" } else { "undrained: announcing again" });
+                }
+                b.drained = drain;
+                fx.vips = true;
+                Response::ok(serde_json::json!({
+                    "result": if drain { format!("withdrawing every route; traffic leaves within drain_ms ({ms} ms) after BIRD confirms (lbctl status)") } else { "announcing again".to_string() }
+                }))
+            }
             Request::Detach {} => {
                 let ifaces = self.dp.detach_all(&self.cfg.instance)?;
                 super::remove_lock_file(&self.cfg.instance);
@@ -520,6 +601,7 @@ impl<W: MapWriter, D: Datapath> Owner<W, D> {
                 };
                 format!("node {} {}, config {}; {peer}", c.node_id, c.role, c.pos)
             }),
+            bgp: self.bgp_view(),
         }
     }
 
@@ -829,6 +911,46 @@ mod tests {
         // Stop: no VIP, no health target.
         o.handle(Msg::Stop);
         assert!(o.stopping);
+    }
+
+    #[test]
+    fn bgp_routes_follow_usable_backends_drain_and_stop() {
+        let (mut o, _d, _) = owner(false);
+        let (r, _) = api(&mut o, Request::NodeDrain {});
+        assert!(r.error.unwrap().contains("no [bgp] section"));
+        o.cfg.bgp = Some(toml::from_str("local_as = 65001\nrouter_id = \"10.0.0.5\"\n[[neighbor]]\naddress = \"10.0.0.254\"\nas = 65000\n").unwrap());
+        let (_stx, srx) = watch::channel(crate::bgp::task::TaskState::default());
+        o.bgp = Some(OwnerBgp { drained: false, state: srx, last: Default::default() });
+        // No usable backend: nothing to announce, but the task gets a first Wanted.
+        let w = o.bgp_wanted().expect("first");
+        assert!(w.routes.is_empty() && w.seq == 1);
+        assert!(o.bgp_wanted().is_none(), "unchanged: nothing new");
+        // A backend passes its first check: the VIP is announced.
+        let a = ip("10.0.1.3");
+        let (r, _) = api(&mut o, Request::BackendAdd { service: "web".into(), address: a, weight: 1, mac: Some("02:00:00:00:01:03".parse().unwrap()) });
+        assert!(r.ok, "{:?}", r.error);
+        assert!(o.bgp_wanted().is_none(), "pending backends are not usable");
+        let t = o.health_targets().into_iter().find(|t| t.addr == a).unwrap();
+        o.handle(Msg::Health(vec![(t.clone(), Ok(()))]));
+        let w = o.bgp_wanted().expect("announce");
+        assert_eq!(w.routes, BTreeSet::from([ip("10.0.0.100")]));
+        assert!(!o.bgp_view().unwrap().in_sync, "the task has not applied it yet");
+        // Drain withdraws, undrain announces again.
+        let (r, fx) = api(&mut o, Request::NodeDrain {});
+        assert!(r.ok && fx.vips);
+        assert!(o.bgp_wanted().unwrap().routes.is_empty());
+        assert!(o.bgp_view().unwrap().drained);
+        api(&mut o, Request::NodeUndrain {});
+        assert_eq!(o.bgp_wanted().unwrap().routes.len(), 1);
+        // The last backend goes down: withdrawn.
+        o.handle(Msg::Health(vec![(t.clone(), Err("refused".into())), (t.clone(), Err("refused".into()))]));
+        assert!(o.bgp_wanted().unwrap().routes.is_empty(), "{:?}", backend(&o, a));
+        o.handle(Msg::Health(vec![(t.clone(), Ok(())), (t.clone(), Ok(()))]));
+        assert_eq!(o.bgp_wanted().unwrap().routes.len(), 1);
+        // Detach with BGP: answered now, detached by the shell after the drain.
+        let (r, _) = api(&mut o, Request::Detach {});
+        assert!(r.ok && o.stopping && o.detach_after_drain);
+        assert!(o.bgp_wanted().unwrap().routes.is_empty(), "stopping withdraws");
     }
 
     #[test]
