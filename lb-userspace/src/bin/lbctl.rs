@@ -702,7 +702,7 @@ fn flow_lookup(client: &Client, output: Output, c: std::net::SocketAddr, dest: V
     let bad = |name: &str, e: aya::maps::MapError| Fail::Refused(format!("{name}: {e}"));
     let vips: BpfHashMap<MapData, VipKey, VipValue> =
         BpfHashMap::try_from(Map::HashMap(open(map_names::VIPS)?)).map_err(|e| bad(map_names::VIPS, e))?;
-    let tables: Array<MapData, u32> = Array::try_from(Map::Array(open(map_names::TABLES)?)).map_err(|e| bad(map_names::TABLES, e))?;
+    let tables: Array<MapData, lb_common::TableEntry> = Array::try_from(Map::Array(open(map_names::TABLES)?)).map_err(|e| bad(map_names::TABLES, e))?;
     let backends: Array<MapData, BackendValue> =
         Array::try_from(Map::Array(open(map_names::BACKENDS)?)).map_err(|e| bad(map_names::BACKENDS, e))?;
     let flows: BpfHashMap<MapData, FlowKey, FlowValue> =
@@ -721,7 +721,8 @@ fn flow_lookup(client: &Client, output: Output, c: std::net::SocketAddr, dest: V
         return Err(Fail::Refused(format!("service {service}: bad table size {} in the datapath", vip.table_size)));
     }
     let pos = lb_common::flow_hash(&key) % vip.table_size;
-    let maglev = tables.get(&lb_common::table_index(vip.service_id, vip.active_slot, pos), 0).map_err(|e| bad(map_names::TABLES, e))?;
+    // Each position holds (primary, secondary); the primary is Maglev's pick.
+    let maglev = tables.get(&lb_common::table_index(vip.service_id, vip.active_slot, pos), 0).map_err(|e| bad(map_names::TABLES, e))?.primary;
     let maglev_backend = if maglev == NO_BACKEND { None } else { addr_of(maglev) };
     let entry = flows.get(&key, 0).ok();
     let entry_valid = entry.is_some_and(|f| backend_at(f.backend_id).is_some_and(|b| b.service_id == vip.service_id));
