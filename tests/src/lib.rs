@@ -104,13 +104,9 @@ impl Datapath {
     /// The backend the service's Maglev table holds for `key`, computed in userspace
     /// (lb_common::maglev and flow_hash), independently of the datapath.
     pub fn predict(&self, service: &str, key: &FlowKey) -> IpAddr {
-        use lb_common::maglev::{MaglevBackend, predict};
+        use lb_common::maglev::predict;
         let view = self.control.service(service).expect("service");
-        let bes: Vec<_> = view
-            .backends
-            .iter()
-            .map(|(b, id)| MaglevBackend { addr: lb_common::addr_bytes(b.addr), weight: b.weight, id: *id })
-            .collect();
+        let bes = maglev_backends(&view.backends);
         let id = predict(&bes, view.spec.table_size, key).expect("maglev table");
         view.backends.iter().find(|(_, i)| *i == id).expect("backend of the table").0.addr
     }
@@ -119,13 +115,9 @@ impl Datapath {
     /// userspace (lb_common::maglev::predict_pair) from its backends and the set
     /// `before` its open change window (none for a service not changed since created).
     pub fn predict_pair(&self, service: &str, before: &[IpAddr], key: &FlowKey) -> (IpAddr, Option<IpAddr>) {
-        use lb_common::maglev::{MaglevBackend, predict_pair};
+        use lb_common::maglev::predict_pair;
         let view = self.control.service(service).expect("service");
-        let bes: Vec<_> = view
-            .backends
-            .iter()
-            .map(|(b, id)| MaglevBackend { addr: lb_common::addr_bytes(b.addr), weight: b.weight, id: *id })
-            .collect();
+        let bes = maglev_backends(&view.backends);
         let before: Vec<_> = bes.iter().copied().filter(|b| before.iter().any(|a| lb_common::addr_bytes(*a) == b.addr)).collect();
         let e = predict_pair(&bes, &before, view.spec.table_size, key).expect("maglev table");
         let addr = |id: u32| view.backends.iter().find(|(_, i)| *i == id).map(|b| b.0.addr);
@@ -342,4 +334,10 @@ pub fn settings(encap_v4: &str, encap_v6: &str, gateway: Option<[u8; 6]>, mtu: u
         reply_rate: 0,
         ..Settings::default()
     }
+}
+
+/// A service's backends as the Maglev builder takes them: the one input both predictors
+/// (`Datapath::predict`, `Datapath::predict_pair`) compute from.
+fn maglev_backends(backends: &[(lb_userspace::BackendSpec, u32)]) -> Vec<lb_common::maglev::MaglevBackend> {
+    backends.iter().map(|(b, id)| lb_common::maglev::MaglevBackend { addr: lb_common::addr_bytes(b.addr), weight: b.weight, id: *id }).collect()
 }
