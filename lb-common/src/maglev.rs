@@ -56,7 +56,7 @@ pub fn is_prime(n: u32) -> bool {
     let n = n as u64;
     let mut d = 2u64;
     while d * d <= n {
-        if n % d == 0 {
+        if n.is_multiple_of(d) {
             return false;
         }
         d += 1;
@@ -186,7 +186,7 @@ fn build_seeded(backends: &[MaglevBackend], m: u32, seed_offset: u32, seed_skip:
         return Err(MaglevError::NotPrime(m));
     }
     let mut sorted: Vec<MaglevBackend> = backends.to_vec();
-    sorted.sort_by(|a, b| a.addr.cmp(&b.addr));
+    sorted.sort_by_key(|b| b.addr);
     for w in sorted.windows(2) {
         if w[0].addr == w[1].addr {
             return Err(MaglevError::DuplicateBackend(w[0].addr));
