@@ -510,6 +510,9 @@ fn gue_one_hop(inner: &[u8]) -> Vec<u8> {
     lb_tests::packets::gue_frame(DECAP_LB, DECAP_ME, lb_common::gue::DEFAULT_PORT, [5, 4, 0, 0], &list, inner)
 }
 
+/// (name, frame, expected action, counted reason, ingress interface).
+type DecapCase = (&'static str, [u8; FRAME_LEN], u32, u32, Option<u32>);
+
 /// `lb-bench decap`: see the module doc.
 fn decap(repeat: u32, rounds: usize) -> anyhow::Result<()> {
     use lb_common::decap_reason as dr;
@@ -547,8 +550,7 @@ fn decap(repeat: u32, rounds: usize) -> anyhow::Result<()> {
     let ack_held = tcp(&held.ip().to_string(), held.port(), 80, Tcp::Ack);
     let syn_free = tcp("192.0.2.10", 40000, 8081, Tcp::Syn);
     let baseline = padded(v4("192.0.2.10", "10.0.0.100", L4::Tcp(40001, 80, Tcp::Ack), b""));
-    // (name, frame, expected action, counted reason, ingress interface)
-    let cases: Vec<(&str, [u8; FRAME_LEN], u32, u32, Option<u32>)> = vec![
+    let cases: Vec<DecapCase> = vec![
         ("decap_ipip", padded(lb_tests::packets::ipip_frame(DECAP_LB, DECAP_ME, &syn_listen)), XDP_PASS, dr::DECAPSULATED, None),
         ("decap_gue_syn", padded(gue_one_hop(&syn_listen)), XDP_PASS, dr::DECAPSULATED_GUE, None),
         ("decap_gue_ack", padded(gue_one_hop(&ack_held)), XDP_PASS, dr::DECAPSULATED_GUE, None),
