@@ -198,6 +198,38 @@ fn remove_then_add_breaks_no_connection() {
         Some(0),
         "no flow recorded: {stats}"
     );
+
+    // A reload turning the flow table on (same backends as now running) rewrites the
+    // VIP's flag in place: the streams go on, and flows are recorded from then on.
+    let running: String = [0, 2, 3]
+        .iter()
+        .map(|&i| format!("[[service.backend]]\naddress = \"{}\"\n", t.backends[i].v4))
+        .collect();
+    l.write_config(&format!(
+        "[[service]]\nname = \"g\"\nvip = \"{vip}:80/tcp\"\nmode = \"gue\"\nflow_table = \"on\"\ntable_size = 1009\n{running}"
+    ));
+    let (ok, _, err) = l.lbctl(&["reload"]);
+    assert!(ok, "lbctl reload: {err}");
+    assert_eq!(l.lbctl_json(&["service", "show", "g"])["flow_table"], "on");
+    for (i, c) in streams.iter_mut().enumerate() {
+        if let Err(e) = c.echo(&format!("after-reload-{i}")) {
+            broken.push(format!("stream {i} on {} after the reload: {e}", c.backend));
+        }
+    }
+    assert!(broken.is_empty(), "{broken:#?}");
+    let c = t
+        .connect(vip, 80)
+        .unwrap_or_else(|e| panic!("after the reload: {e}"));
+    let v = l.lbctl_json(&[
+        "flow",
+        "lookup",
+        &c.local.to_string(),
+        &format!("{vip}:80/tcp"),
+    ]);
+    assert!(
+        v["flow"].is_object(),
+        "flow table on: the new connection is recorded: {v}"
+    );
 }
 
 /// The Maglev primaries (as backend indices) of a service over backends `set` of `t`,
