@@ -230,6 +230,33 @@ fn remove_then_add_breaks_no_connection() {
         v["flow"].is_object(),
         "flow table on: the new connection is recorded: {v}"
     );
+
+    // Over the CLI: refused for ipip with the key's reason, shown by `service list`.
+    let x = format!("{vip}:81/tcp");
+    let (ok, _, err) = l.lbctl(&["service", "add", "x", "--vip", &x, "--flow-table", "off"]);
+    assert!(!ok && err.contains("needs mode gue"), "{err}");
+    let (ok, _, err) = l.lbctl(&[
+        "service",
+        "add",
+        "x",
+        "--vip",
+        &x,
+        "--mode",
+        "gue",
+        "--flow-table",
+        "off",
+    ]);
+    assert!(ok, "{err}");
+    let (_, list, _) = l.lbctl(&["service", "list"]);
+    assert!(
+        list.lines()
+            .next()
+            .is_some_and(|h| h.contains("FLOW TABLE"))
+            && list
+                .lines()
+                .any(|r| r.starts_with("x ") && r.contains(" off ")),
+        "{list}"
+    );
 }
 
 /// The Maglev primaries (as backend indices) of a service over backends `set` of `t`,
