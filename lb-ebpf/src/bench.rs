@@ -30,7 +30,9 @@ pub struct Template {
     /// the counter halved (and bit 7 of the address's second byte set, so these flows
     /// never meet those of mode 1): every flow gets two packets in a row.
     pub vary: u32,
-    pub _pad: u32,
+    /// 1: the program under test strips headers (lb_decap): a shorter frame is restored
+    /// by growing the head back; 0: by growing the tail (a reply cut it).
+    pub head_shrinks: u32,
     pub bytes: [u8; BENCH_FRAME_LEN],
 }
 
@@ -55,14 +57,17 @@ static ITER: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 #[xdp]
 pub fn bench_harness(ctx: XdpContext) -> u32 {
     let Some(t) = TEMPLATE.get(0) else { return XDP_ABORTED };
-    // Undo a previous iteration's encapsulation (head grew) or reply (tail cut: TCP
-    // RST, ICMP error built from a longer packet).
+    // Undo a previous iteration's encapsulation (head grew), decapsulation (head
+    // shrank) or reply (tail cut: TCP RST, ICMP error built from a longer packet).
     let cur = (ctx.data_end() - ctx.data()) as i32;
     let delta = cur - BENCH_FRAME_LEN as i32;
     if delta > 0 && unsafe { bpf_xdp_adjust_head(ctx.ctx, delta) } != 0 {
         return XDP_ABORTED;
     }
-    if delta < 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, -delta) } != 0 {
+    if delta < 0 && t.head_shrinks != 0 && unsafe { bpf_xdp_adjust_head(ctx.ctx, delta) } != 0 {
+        return XDP_ABORTED;
+    }
+    if delta < 0 && t.head_shrinks == 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, -delta) } != 0 {
         return XDP_ABORTED;
     }
     let Some(dst) = ptr_at::<[u64; BENCH_FRAME_LEN / 8]>(&ctx, 0) else { return XDP_ABORTED };

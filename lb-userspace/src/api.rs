@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::health::HealthSpec;
-use crate::model::{FlowPolicy, Mac, ServiceDef};
+use crate::model::{FlowPolicy, FlowTable, Mac, ServiceDef};
 
 pub const MAX_REQUEST: usize = 64 * 1024;
 
@@ -163,6 +163,9 @@ pub struct ServiceView {
     pub vip: String,
     pub mode: String,
     pub table_size: u32,
+    /// on | off (TCP skips the flow table; gue only). Absent from an older lbd: on.
+    #[serde(default)]
+    pub flow_table: FlowTable,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthSpec>,
     pub unhealthy: FlowPolicy,

@@ -488,7 +488,11 @@ impl Config {
             let health = s.health.as_ref().map_or("none".to_string(), |h| {
                 format!("{:?} every {} ms, timeout {} ms, rise {}, fall {}", h.kind, h.interval_ms, h.timeout_ms, h.rise, h.fall).to_lowercase()
             });
-            let _ = writeln!(o, "service {} vip {} mode {} table {} health {} unhealthy-flows {}", s.name, s.vip, s.mode, s.table_size, health, s.unhealthy);
+            let _ = writeln!(
+                o,
+                "service {} vip {} mode {} table {} flow-table {} health {} unhealthy-flows {}",
+                s.name, s.vip, s.mode, s.table_size, s.flow_table, health, s.unhealthy
+            );
             for b in &s.backends {
                 let mac = b.mac.map_or("neighbour table".into(), |m| m.to_string());
                 let _ = writeln!(o, "  backend {} weight {} mac {}", b.address, b.weight, mac);
@@ -747,7 +751,7 @@ mod validation_tests {
     use crate::control::{ControlPlane, Mode};
     use crate::core::{Change, Core};
     use crate::maps::MemMaps;
-    use crate::model::{BackendDef, FlowPolicy};
+    use crate::model::{BackendDef, FlowPolicy, FlowTable};
 
     const HEAD: &str = "instance = \"lb0\"\ninterfaces = [\"eth0\"]\nencap_source_v4 = \"10.0.0.5\"\n";
 
@@ -757,6 +761,7 @@ mod validation_tests {
             vip: vip.parse().unwrap(),
             mode: Mode::Ipip,
             table_size: 251,
+            flow_table: FlowTable::On,
             health: None,
             unhealthy: FlowPolicy::Keep,
             backends: backends.iter().map(|a| BackendDef { address: a.parse().unwrap(), weight: 1, mac: None, drained: false }).collect(),
@@ -896,5 +901,48 @@ address = \"2001:db8::11\"
         // Syntax errors: every one, each at its line.
         let e = Config::parse("instance = \"lb0\"\ninterfaces = [\"eth0\"\nmtu = = 3\n").unwrap_err();
         assert!(!e.0.is_empty() && e.0.iter().all(|l| l.starts_with("line ")), "{e}");
+    }
+
+    /// Issue 15 item 4: `flow_table = "off"`, gue TCP services only, refused at its
+    /// own line otherwise; the default is on and is not written out.
+    #[test]
+    fn flow_table_off_is_for_gue_tcp_only() {
+        let svc = |mode: &str, vip: &str, ft: &str| {
+            format!("{HEAD}\n[[service]]\nname = \"web\"\nvip = \"{vip}\"\nmode = \"{mode}\"\n{ft}\n[[service.backend]]\naddress = \"10.0.1.11\"\n")
+        };
+        let c = Config::parse(&svc("gue", "10.0.0.100:80/tcp", "flow_table = \"off\"")).unwrap();
+        assert_eq!(c.services[0].flow_table, FlowTable::Off);
+        assert!(!c.services[0].spec().flow_table);
+        assert!(c.describe().contains("flow-table off"), "{}", c.describe());
+        let c = Config::parse(&svc("gue:7000", "10.0.0.100:80/tcp", "flow_table = \"on\"")).unwrap();
+        assert_eq!(c.services[0].flow_table, FlowTable::On);
+        assert_eq!(Config::parse(&svc("ipip", "10.0.0.100:80/tcp", "")).unwrap().services[0].flow_table, FlowTable::On, "default on");
+        // The key is on line 9 of each of these.
+        for (mode, vip, want) in [
+            ("ipip", "10.0.0.100:80/tcp", "flow_table = \"off\" needs mode gue (this service is ipip)"),
+            ("dsr-l2", "10.0.0.100:80/tcp", "needs mode gue (this service is dsr-l2)"),
+            ("gue", "10.0.0.100:53/udp", "applies to TCP services only"),
+        ] {
+            let e = Config::parse(&svc(mode, vip, "flow_table = \"off\"")).unwrap_err();
+            assert!(e.0.iter().any(|l| l.starts_with("line 9: service \"web\": ") && l.contains(want)), "{mode} {vip}: {e}");
+        }
+        let e = Config::parse(&svc("gue", "10.0.0.100:80/tcp", "flow_table = \"none\"")).unwrap_err().to_string();
+        assert!(e.starts_with("line 9: ") && e.contains("flow_table") && e.contains("off"), "{e}");
+        let e = Config::parse(&svc("gue", "10.0.0.100:80/tcp", "flow_table = false")).unwrap_err().to_string();
+        assert!(e.starts_with("line 9: ") && e.contains("flow_table"), "{e}");
+        // The same refusal from the CLI and peer sync.
+        let ipip_off = ServiceDef { flow_table: FlowTable::Off, ..def("10.0.0.100:80/tcp", &["10.0.1.1"]) };
+        let (file, cli, sync) = refusals(HEAD, &[ipip_off]);
+        for e in [file, cli, sync] {
+            assert!(e.contains("needs mode gue"), "{e}");
+        }
+        // Written only when off: older readers see every default service unchanged.
+        let gue = ServiceDef { mode: Mode::Gue { port: 6080 }, ..def("10.0.0.100:80/tcp", &["10.0.1.1"]) };
+        assert!(!serde_json::to_string(&gue).unwrap().contains("flow_table"));
+        let off = ServiceDef { flow_table: FlowTable::Off, ..gue };
+        let j = serde_json::to_string(&off).unwrap();
+        assert!(j.contains(r#""flow_table":"off""#), "{j}");
+        assert_eq!(serde_json::from_str::<ServiceDef>(&j).unwrap(), off);
+        assert_eq!(Config::parse(&toml_of(HEAD, std::slice::from_ref(&off))).unwrap().services, vec![off]);
     }
 }

@@ -37,8 +37,8 @@ use std::time::{Duration, Instant};
 use lb_common::maglev::{self, MaglevBackend};
 use lb_common::{
     BACKEND_F_HAS_MAC, BACKEND_F_HOP, BACKEND_F_V6, BACKEND_F_VALID, BackendValue, NO_BACKEND, TableEntry, MAX_BACKENDS, MAX_SERVICES,
-    MAX_TABLE_SIZE, MODE_DSR_L2, MODE_GUE, MODE_IPIP, PROTO_TCP, PROTO_UDP, Settings, VipBloom, VipKey,
-    VipValue, addr_bytes, addr_words, gue, vip_mode,
+    MAX_TABLE_SIZE, MODE_DSR_L2, MODE_GUE, MODE_IPIP, PROTO_TCP, PROTO_UDP, Settings, VIP_F_NO_FLOW_TABLE, VipBloom,
+    VipKey, VipValue, addr_bytes, addr_words, gue, vip_mode,
 };
 
 use crate::maps::{MapWriteError, MapWriter};
@@ -209,6 +209,37 @@ pub struct ServiceSpec {
     pub mode: Mode,
     /// Maglev table size M (a prime).
     pub table_size: u32,
+    /// TCP flows are recorded in the flow table (`flow_table = "on"`); false only for
+    /// a gue TCP service (`check_flow_table`), written as VIP_F_NO_FLOW_TABLE.
+    pub flow_table: bool,
+}
+
+impl ServiceSpec {
+    /// The same service but for `flow_table`: a flip is one VIP write
+    /// (`ControlPlane::set_flow_table`), not a new service.
+    pub fn same_but_flow_table(&self, other: &ServiceSpec) -> bool {
+        *self == ServiceSpec { flow_table: self.flow_table, ..other.clone() }
+    }
+}
+
+/// `flow_table = "off"` needs what replaces the flow table: second chance on the
+/// backends, which only `gue` mode has and only TCP (socket state) can use.
+pub fn check_flow_table(spec: &ServiceSpec) -> Result<(), ControlError> {
+    if spec.flow_table {
+        return Ok(());
+    }
+    if !matches!(spec.mode, Mode::Gue { .. }) {
+        return Err(ControlError::Invalid(format!(
+            "flow_table = \"off\" needs mode gue (this service is {}): without second chance on the backends, a backend change would move established connections",
+            spec.mode
+        )));
+    }
+    if spec.vip.proto != PROTO_TCP {
+        return Err(ControlError::Invalid(
+            "flow_table = \"off\" applies to TCP services only: UDP has no connection state for second chance, so a udp service keeps the flow table".into(),
+        ));
+    }
+    Ok(())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -434,7 +465,8 @@ impl<W: MapWriter> ControlPlane<W> {
     pub fn check_service_alone(spec: &ServiceSpec) -> Result<(), ControlError> {
         Self::check_name(&spec.name)?;
         check_vip_addr(&spec.vip)?;
-        Self::check_table_size(spec.table_size)
+        Self::check_table_size(spec.table_size)?;
+        check_flow_table(spec)
     }
 
     pub fn check_name(name: &str) -> Result<(), ControlError> {
@@ -587,6 +619,29 @@ impl<W: MapWriter> ControlPlane<W> {
         Ok(svc.backends.iter().map(|b| b.spec).collect())
     }
 
+    /// `svc`'s VIPS value with `slot` live.
+    fn vip_value(svc: &Service, slot: u32) -> VipValue {
+        let flags = if svc.spec.flow_table { 0 } else { VIP_F_NO_FLOW_TABLE };
+        VipValue { service_id: svc.id, mode: svc.spec.mode.datapath(), active_slot: slot, table_size: svc.spec.table_size, flags }
+    }
+
+    /// Turns a service's flow table on or off in place: one VIPS update, so every
+    /// packet sees the old or the new setting, and tables, backends and slots stay.
+    /// Turning it off leaves the recorded flows to age out of the LRU unread; turning
+    /// it on records flows from their next packet on.
+    pub fn set_flow_table(&mut self, name: &str, on: bool) -> Result<(), ControlError> {
+        let mut next = self.services.get(name).ok_or_else(|| ControlError::UnknownService(name.to_string()))?.clone();
+        if next.spec.flow_table == on {
+            return Ok(());
+        }
+        next.spec.flow_table = on;
+        check_flow_table(&next.spec)?;
+        self.settle();
+        self.w.put_vip(&next.spec.vip.key(), &Self::vip_value(&next, next.active_slot))?;
+        self.services.insert(name.to_string(), next);
+        Ok(())
+    }
+
     /// The entry of a backend in `svc`'s table (valid; a hop too in gue mode).
     fn backend_value(svc: &Service, b: &BackendSpec) -> BackendValue {
         let mut v = Self::hop_value(svc, b);
@@ -655,7 +710,7 @@ impl<W: MapWriter> ControlPlane<W> {
             maglev::MaglevError::DuplicateBackend(_) => ControlError::DuplicateBackend(next[0].spec.addr, svc.spec.name.clone()),
         })?;
         let idle = 1 - svc.active_slot;
-        let vip = VipValue { service_id: svc.id, mode: svc.spec.mode.datapath(), active_slot: idle, table_size: svc.spec.table_size, flags: 0 };
+        let vip = Self::vip_value(svc, idle);
         let old_vip = VipValue { active_slot: svc.active_slot, ..vip };
         // What each entry held before (None: a fresh id, unreferenced).
         let before = |id: u32| svc.backends.iter().find(|b| b.id == id).map(|b| Self::backend_value(svc, &b.spec));
@@ -798,7 +853,7 @@ mod tests {
     use lb_common::{FlowKey, NO_BACKEND};
 
     fn svc(name: &str, vip: &str, mode: Mode) -> ServiceSpec {
-        ServiceSpec { name: name.into(), vip: vip.parse().unwrap(), mode, table_size: 251 }
+        ServiceSpec { name: name.into(), vip: vip.parse().unwrap(), mode, table_size: 251, flow_table: true }
     }
 
     fn be(addr: &str, weight: u32) -> BackendSpec {
@@ -877,6 +932,51 @@ mod tests {
         assert_eq!((v.mode & lb_common::MODE_MASK, v.mode >> 16), (MODE_GUE, 7000));
         assert_eq!(Mode::Gue { port: 1 }.outer_len(false), Some(52));
         assert_eq!(Mode::Gue { port: 1 }.outer_len(true), Some(72));
+    }
+
+    /// Issue 15 item 4: `flow_table = "off"` is VIP_F_NO_FLOW_TABLE in the VIP's
+    /// flags from the first commit on, through backend changes, and a flip is one VIP
+    /// write that keeps the table, slot and backends.
+    #[test]
+    fn flow_table_off_is_the_vip_flag_and_flips_in_one_write() {
+        let mut c = cp();
+        let key = VipKey::new("10.0.0.100".parse().unwrap(), 80, PROTO_TCP);
+        let g = ServiceSpec { flow_table: false, ..svc("g", "10.0.0.100:80/tcp", Mode::Gue { port: 6080 }) };
+        c.add_service(g, vec![be("10.1.0.1", 1), be("10.1.0.2", 1)]).unwrap();
+        assert_eq!(c.writer().vips[&key].flags, VIP_F_NO_FLOW_TABLE);
+        c.add_backend("g", be("10.1.0.3", 1)).unwrap();
+        let v = c.writer().vips[&key];
+        assert_eq!((v.flags, v.active_slot), (VIP_F_NO_FLOW_TABLE, 1), "a backend change keeps the flag");
+        assert!(!c.service("g").unwrap().spec.flow_table);
+
+        let (writes, tables, backends) = (c.writer().writes, c.writer().pairs.clone(), c.writer().backends.clone());
+        c.set_flow_table("g", true).unwrap();
+        assert_eq!(c.writer().writes, writes + 1, "one VIPS update");
+        assert_eq!(c.writer().vips[&key], VipValue { flags: 0, ..v });
+        assert_eq!((&c.writer().pairs, &c.writer().backends), (&tables, &backends));
+        assert!(c.service("g").unwrap().spec.flow_table);
+        c.set_flow_table("g", true).unwrap();
+        assert_eq!(c.writer().writes, writes + 1, "already on: nothing written");
+        c.set_flow_table("g", false).unwrap();
+        assert_eq!(c.writer().vips[&key], v);
+
+        // A failed write changes neither the datapath nor the model.
+        c.writer_mut().fail_after = Some(0);
+        c.set_flow_table("g", true).unwrap_err();
+        c.writer_mut().fail_after = None;
+        assert_eq!((c.writer().vips[&key], c.service("g").unwrap().spec.flow_table), (v, false));
+
+        // Off only where second chance stands in: gue, TCP.
+        c.add_service(svc("i", "10.0.0.101:80/tcp", Mode::Ipip), vec![be("10.1.0.1", 1)]).unwrap();
+        let writes = c.writer().writes;
+        let e = c.set_flow_table("i", false).unwrap_err().to_string();
+        assert!(e.contains("needs mode gue (this service is ipip)"), "{e}");
+        let e = c.add_service(ServiceSpec { flow_table: false, ..svc("u", "10.0.0.102:53/udp", Mode::Gue { port: 6080 }) }, vec![]).unwrap_err().to_string();
+        assert!(e.contains("TCP services only"), "{e}");
+        let e = c.add_service(ServiceSpec { flow_table: false, ..svc("d", "10.0.0.103:80/tcp", Mode::DsrL2) }, vec![]).unwrap_err().to_string();
+        assert!(e.contains("needs mode gue"), "{e}");
+        assert_eq!(c.writer().writes, writes, "refusals write nothing");
+        assert_eq!(c.writer().vips[&VipKey::new("10.0.0.101".parse().unwrap(), 80, PROTO_TCP)].flags, 0);
     }
 
     #[test]

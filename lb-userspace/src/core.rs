@@ -368,8 +368,9 @@ impl<W: MapWriter> Core<W> {
         // Removals first, so a VIP can move between services in one change.
         let live: Vec<String> = self.cp.services().into_iter().map(|v| v.spec.name).collect();
         for name in live {
+            // A flow_table flip alone keeps the service (one VIP write below).
             let keep = match (self.services.get(&name), self.cp.service(&name)) {
-                (Some(d), Some(v)) => d.spec() == v.spec,
+                (Some(d), Some(v)) => d.spec().same_but_flow_table(&v.spec),
                 _ => false,
             };
             if !keep {
@@ -381,10 +382,17 @@ impl<W: MapWriter> Core<W> {
         for d in &defs {
             let eff = self.effective(d);
             match self.current(&d.name) {
-                Some(cur) if !force && cur == sorted(eff.clone()) => {}
-                Some(_) => {
-                    self.cp.set_backends(&d.name, eff)?;
-                    changed.push(d.name.clone());
+                Some(cur) => {
+                    if force || cur != sorted(eff.clone()) {
+                        self.cp.set_backends(&d.name, eff)?;
+                        changed.push(d.name.clone());
+                    }
+                    if self.cp.service(&d.name).is_some_and(|v| v.spec.flow_table != d.flow_table.is_on()) {
+                        self.cp.set_flow_table(&d.name, d.flow_table.is_on())?;
+                        if !changed.contains(&d.name) {
+                            changed.push(d.name.clone());
+                        }
+                    }
                 }
                 None => {
                     self.cp.add_service(d.spec(), eff)?;
@@ -631,6 +639,7 @@ impl<W: MapWriter> Core<W> {
             vip: d.vip.to_string(),
             mode: d.mode.to_string(),
             table_size: d.table_size,
+            flow_table: d.flow_table,
             health: d.health.clone(),
             unhealthy: d.unhealthy,
             id: self.cp.service_id(name).unwrap_or(u32::MAX),
@@ -748,6 +757,7 @@ mod tests {
     use crate::control::Mode;
     use crate::health::{HealthKind, HealthSpec};
     use crate::maps::MemMaps;
+    use crate::model::FlowTable;
     use lb_common::{FlowKey, NO_BACKEND, PROTO_TCP, VipKey};
 
     fn def(name: &str, vip: &str, backends: &[(&str, u32)]) -> ServiceDef {
@@ -756,6 +766,7 @@ mod tests {
             vip: vip.parse().unwrap(),
             mode: Mode::Ipip,
             table_size: 251,
+            flow_table: FlowTable::On,
             health: None,
             unhealthy: FlowPolicy::Keep,
             backends: backends.iter().map(|(a, w)| BackendDef { address: a.parse().unwrap(), weight: *w, mac: None, drained: false }).collect(),
@@ -775,6 +786,50 @@ mod tests {
         })
         .unwrap();
         c
+    }
+
+    /// Issue 15 item 4: a reload that flips `flow_table` rewrites the VIP's flags in
+    /// place (the service, its table, slot and backend ids stay), is reported as a
+    /// change, and shows in the service's view.
+    #[test]
+    fn a_reload_flipping_flow_table_rewrites_the_vip_flags_only() {
+        let mut c = core();
+        let mac = Some("02:00:00:00:01:01".parse().unwrap());
+        let mut g = ServiceDef { mode: Mode::Gue { port: 6080 }, ..def("g", "10.0.0.100:80/tcp", &[("10.0.1.1", 1), ("10.0.1.2", 1)]) };
+        for b in &mut g.backends {
+            b.mac = mac;
+        }
+        let web = def("web", "10.0.0.101:80/tcp", &[("10.0.2.1", 1)]);
+        c.replace_all(vec![g.clone(), web.clone()]).unwrap();
+        let key = VipKey::new(ip("10.0.0.100"), 80, PROTO_TCP);
+        let before = c.control().writer().clone();
+        assert_eq!(before.vips[&key].flags, 0);
+        assert_eq!(c.service_view("g").unwrap().flow_table, FlowTable::On);
+
+        let off = ServiceDef { flow_table: FlowTable::Off, ..g.clone() };
+        let changed = c.replace_all(vec![off.clone(), web.clone()]).unwrap();
+        assert_eq!(changed, vec!["g".to_string()]);
+        let m = c.control().writer();
+        assert_eq!(m.writes, before.writes + 1, "one VIPS write");
+        assert_eq!(m.vips[&key], lb_common::VipValue { flags: lb_common::VIP_F_NO_FLOW_TABLE, ..before.vips[&key] });
+        assert_eq!((&m.pairs, &m.backends), (&before.pairs, &before.backends), "tables and backends untouched");
+        assert_eq!(c.service_view("g").unwrap().flow_table, FlowTable::Off);
+        assert_eq!(c.service("g"), Some(&off));
+
+        // Flipped back together with a backend change: both land.
+        let mut on = g.clone();
+        on.backends.push(BackendDef { address: ip("10.0.1.3"), weight: 1, mac, drained: false });
+        c.replace_all(vec![on, web.clone()]).unwrap();
+        let v = c.control().writer().vips[&key];
+        assert_eq!((v.flags, v.active_slot), (0, 1 - before.vips[&key].active_slot));
+
+        // A reload that is refused (off on an ipip service) changes nothing.
+        let snapshot = c.control().writer().clone();
+        let bad = ServiceDef { flow_table: FlowTable::Off, ..web };
+        let e = c.replace_all(vec![off, bad]).unwrap_err().to_string();
+        assert!(e.contains("needs mode gue"), "{e}");
+        assert_eq!(c.control().writer().vips, snapshot.vips);
+        assert_eq!(c.control().writer().writes, snapshot.writes);
     }
 
     /// Every backend's first check passed (they start pending).
@@ -1073,6 +1128,7 @@ mod fault_tests {
     use crate::control::Mode;
     use crate::health::{HealthKind, HealthSpec};
     use crate::maps::MemMaps;
+    use crate::model::FlowTable;
     use lb_common::{BACKEND_F_VALID, BackendValue, NO_BACKEND, VipBloom, VipKey, VipValue};
 
     /// MemMaps failing exactly one write, the `n`th from when it is armed, once.
@@ -1139,8 +1195,8 @@ mod fault_tests {
     /// What the datapath sees, by address (ids may differ after an undo and redo):
     /// per VIP its mode, size and live table as backend addresses; every valid
     /// backend entry with the VIP of its service; the address maps.
-    /// (mode, table size, live table as backend addresses).
-    type VipView = (u32, u32, Vec<Option<[u32; 4]>>);
+    /// (mode, table size, flags, live table as backend addresses).
+    type VipView = (u32, u32, u32, Vec<Option<[u32; 4]>>);
     /// (VIP of its service, address, flags, MAC).
     type EntryView = (Option<String>, [u32; 4], u32, [u8; 6]);
 
@@ -1171,7 +1227,7 @@ mod fault_tests {
                     Some(b.addr)
                 })
                 .collect();
-            vips.insert(format!("{k:?}"), (v.mode, v.table_size, named));
+            vips.insert(format!("{k:?}"), (v.mode, v.table_size, v.flags, named));
         }
         let valid = m.backends.values().filter(|b| b.flags & BACKEND_F_VALID != 0).map(|b| (vip_of(b.service_id), b.addr, b.flags, b.mac)).collect();
         View { vips, valid, addrs: m.vip_addrs.clone(), bloom: m.bloom }
@@ -1183,6 +1239,7 @@ mod fault_tests {
             vip: vip.parse().unwrap(),
             mode: Mode::Ipip,
             table_size: 251,
+            flow_table: FlowTable::On,
             health: None,
             unhealthy: FlowPolicy::Keep,
             backends: backends.iter().map(|a| BackendDef { address: a.parse().unwrap(), weight: 1, mac: None, drained: false }).collect(),
@@ -1210,7 +1267,11 @@ mod fault_tests {
         web.unhealthy = FlowPolicy::Reset;
         let mut db = def("db", "10.0.0.102:3306/tcp", &["10.0.3.1", "10.0.3.2"]);
         db.backends[0].mac = Some("02:00:00:00:03:01".parse().unwrap());
-        c.replace_all(vec![web, db]).unwrap();
+        let mut g = ServiceDef { mode: Mode::Gue { port: 6080 }, ..def("g", "10.0.0.103:80/tcp", &["10.0.4.1", "10.0.4.2"]) };
+        for b in &mut g.backends {
+            b.mac = Some("02:00:00:00:04:01".parse().unwrap());
+        }
+        c.replace_all(vec![web, db, g]).unwrap();
         // Every backend past its first check (new backends start pending).
         for t in c.health_targets() {
             c.health_result(&t, Ok(())).unwrap();
@@ -1240,7 +1301,19 @@ mod fault_tests {
                     web.backends.remove(0);
                     web.backends.push(BackendDef { address: ip("10.0.1.8"), weight: 3, mac: Some("02:00:00:00:01:08".parse().unwrap()), drained: false });
                     let moved = def("db2", "10.0.0.102:3306/tcp", &["10.0.3.2", "10.0.3.7"]);
-                    c.replace_all(vec![web, moved, def("app", "10.0.0.101:8080/tcp", &["10.0.2.1"])]).map(|_| ())
+                    let g = c.service("g").unwrap().clone();
+                    c.replace_all(vec![web, moved, g, def("app", "10.0.0.101:8080/tcp", &["10.0.2.1"])]).map(|_| ())
+                }),
+            ),
+            (
+                "reload flipping flow_table",
+                Box::new(|c: &mut Core<FailOnce>| {
+                    // The flip beside a backend change of another service, in one reload.
+                    let mut web = c.service("web").unwrap().clone();
+                    web.backends.remove(0);
+                    let g = ServiceDef { flow_table: FlowTable::Off, ..c.service("g").unwrap().clone() };
+                    let db = c.service("db").unwrap().clone();
+                    c.replace_all(vec![web, db, g]).map(|_| ())
                 }),
             ),
             (
@@ -1269,7 +1342,7 @@ mod fault_tests {
         c.apply(Change::RemoveService("db".into())).unwrap();
         assert!(c.control().writer().fired);
         assert_eq!(c.control().owed(), (1, false), "one invalidation owed");
-        assert!(c.service("db").is_none() && c.control().writer().m.vips.len() == 1, "the removal itself is done");
+        assert!(c.service("db").is_none() && c.control().writer().m.vips.len() == 2, "the removal itself is done (web and g stay)");
         c.set_resolved(BTreeMap::new()).unwrap();
         assert_eq!(c.control().owed(), (0, false));
         assert!(db_ids.iter().all(|id| c.control().writer().m.backends[id].flags & BACKEND_F_VALID == 0));

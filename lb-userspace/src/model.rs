@@ -71,6 +71,41 @@ impl fmt::Display for FlowPolicy {
     }
 }
 
+/// Whether a service records its flows in the flow table (`flow_table = "on" | "off"`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlowTable {
+    /// Every flow is recorded: it keeps its backend across backend-set changes.
+    #[default]
+    On,
+    /// TCP of a `gue` service skips the flow table: every packet takes its Maglev pair,
+    /// and second chance on the backends keeps connections where they are (issue 15).
+    Off,
+}
+
+impl FlowTable {
+    pub fn is_on(&self) -> bool {
+        *self == FlowTable::On
+    }
+}
+
+impl fmt::Display for FlowTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.is_on() { "on" } else { "off" })
+    }
+}
+
+impl FromStr for FlowTable {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "on" => Ok(FlowTable::On),
+            "off" => Ok(FlowTable::Off),
+            _ => Err(format!("flow_table {s:?}: expected on or off")),
+        }
+    }
+}
+
 fn default_weight() -> u32 {
     1
 }
@@ -109,6 +144,10 @@ pub struct ServiceDef {
     pub mode: Mode,
     #[serde(default = "default_table_size")]
     pub table_size: u32,
+    /// "off": TCP skips the flow table (gue mode only). Written only when off, so state
+    /// files and peers that predate the key read every other service unchanged.
+    #[serde(default, skip_serializing_if = "FlowTable::is_on")]
+    pub flow_table: FlowTable,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthSpec>,
     /// Flows of a backend that fails its health check: keep or reset.
@@ -120,7 +159,7 @@ pub struct ServiceDef {
 
 impl ServiceDef {
     pub fn spec(&self) -> ServiceSpec {
-        ServiceSpec { name: self.name.clone(), vip: self.vip, mode: self.mode, table_size: self.table_size }
+        ServiceSpec { name: self.name.clone(), vip: self.vip, mode: self.mode, table_size: self.table_size, flow_table: self.flow_table.is_on() }
     }
 
     pub fn backend(&self, addr: IpAddr) -> Option<&BackendDef> {
@@ -150,6 +189,7 @@ impl ServiceDef {
         push(Key::Service("name"), Cp::check_name(&self.name));
         push(Key::Service("vip"), crate::control::check_vip_addr(&self.vip));
         push(Key::Service("table_size"), Cp::check_table_size(self.table_size));
+        push(Key::Service("flow_table"), crate::control::check_flow_table(&self.spec()));
         if let Some(h) = &self.health {
             push(Key::Service("health"), h.validate(self.vip.port).map_err(ControlError::Invalid));
         }

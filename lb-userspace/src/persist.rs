@@ -139,6 +139,26 @@ mod tests {
         std::fs::remove_dir_all(&d).unwrap();
     }
 
+    /// A state file from before `flow_table` (issue 15) loads with the default (on);
+    /// one saved with a service off keeps it across save and load.
+    #[test]
+    fn state_without_flow_table_loads_as_on_and_off_round_trips() {
+        let d = tmpdir("ft");
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join("state.json");
+        let old = r#"{"format":1,"config_hash":"abc","version":3,"services":[
+            {"name":"web","vip":"10.0.0.100:80/tcp","mode":"gue","table_size":251,"unhealthy":"keep",
+             "backend":[{"address":"10.0.1.11","weight":1}]}]}"#;
+        std::fs::write(&p, old).unwrap();
+        let Loaded::Found(mut s) = load(&p) else { panic!("an old state file must load") };
+        assert_eq!(s.services[0].flow_table, crate::model::FlowTable::On);
+        s.services[0].flow_table = crate::model::FlowTable::Off;
+        save(&p, &s).unwrap();
+        assert!(std::fs::read_to_string(&p).unwrap().contains(r#""flow_table": "off""#));
+        assert!(matches!(load(&p), Loaded::Found(x) if x == s));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
     #[test]
     fn corrupt_state_is_moved_aside_not_lost() {
         let d = tmpdir("bad");

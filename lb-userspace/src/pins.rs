@@ -16,7 +16,9 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::xdp::XdpLink;
 use aya::programs::{Xdp, XdpMode};
 use lb_common::contract::{self, Keep, MapSpec};
-use lb_common::{BACKEND_F_HAS_MAC, MODE_DSR_L2, PROTO_TCP, VipKey, addr_from_words, map_names, prog_names};
+use lb_common::{
+    BACKEND_F_HAS_MAC, MODE_DSR_L2, MODE_GUE, MODE_MASK, PROTO_TCP, VIP_F_NO_FLOW_TABLE, VipKey, addr_from_words, map_names, prog_names,
+};
 use tracing::{info, warn};
 
 use crate::config::XdpModeCfg;
@@ -298,10 +300,16 @@ pub fn adopt_control(maps: AyaMaps, known: &[ServiceDef]) -> anyhow::Result<Cont
             bail!("pinned VIPS holds an entry with protocol {}: not written by lbd", key.proto);
         }
         let def = known.iter().find(|d| d.vip == vip);
-        let mode = if val.mode == MODE_DSR_L2 { Mode::DsrL2 } else { Mode::Ipip };
+        let mode = match val.mode & MODE_MASK {
+            MODE_DSR_L2 => Mode::DsrL2,
+            MODE_GUE => Mode::Gue { port: (val.mode >> 16) as u16 },
+            _ => Mode::Ipip,
+        };
+        // As the datapath has it, so a reload that differs rewrites the VIP.
+        let flow_table = val.flags & VIP_F_NO_FLOW_TABLE == 0;
         let spec = match def {
-            Some(d) => ServiceSpec { mode, table_size: val.table_size, ..d.spec() },
-            None => ServiceSpec { name: format!("adopted-{}", val.service_id), vip, mode, table_size: val.table_size },
+            Some(d) => ServiceSpec { mode, table_size: val.table_size, flow_table, ..d.spec() },
+            None => ServiceSpec { name: format!("adopted-{}", val.service_id), vip, mode, table_size: val.table_size, flow_table },
         };
         let bs = backends
             .iter()

@@ -20,6 +20,7 @@ fn spec(name: &str, vip: &str, port: u16) -> ServiceSpec {
         },
         mode: Mode::Ipip,
         table_size: 1009,
+        flow_table: true,
     }
 }
 

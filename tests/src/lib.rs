@@ -9,6 +9,7 @@ pub mod pair;
 pub mod lbd;
 pub mod lab;
 pub mod flood;
+pub mod backend_down;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -314,7 +315,7 @@ pub fn hex(b: &[u8]) -> String {
 
 /// Shorthands for building the fixture's services.
 pub fn service(name: &str, vip: &str, mode: Mode, table_size: u32) -> ServiceSpec {
-    ServiceSpec { name: name.into(), vip: vip.parse().expect("vip"), mode, table_size }
+    ServiceSpec { name: name.into(), vip: vip.parse().expect("vip"), mode, table_size, flow_table: true }
 }
 
 pub fn backend(addr: &str, weight: u32, mac: Option<[u8; 6]>) -> BackendSpec {

@@ -12,6 +12,8 @@ pub fn bench(what: &str, args: &[String]) -> anyhow::Result<()> {
     match what {
         // tests/src/bin/lb-bench.rs; lb-userspace's build.rs builds the objects it embeds.
         "datapath" => run_bin("lb-bench", &["datapath"], args),
+        // lb_decap with second chance against plain IPIP decapsulation (issue 15).
+        "decap" => run_bin("lb-bench", &["decap"], args),
         // The others drive real lbd/lbctl processes: build those binaries first.
         "control" => {
             build_bins(&["lb-userspace"])?;
@@ -21,12 +23,17 @@ pub fn bench(what: &str, args: &[String]) -> anyhow::Result<()> {
             build_bins(&["lb-userspace"])?;
             run_bin("lb-bench-failover", &[], args)
         }
+        // Failed connections per mode (dsr-l2, ipip, gue) when a backend's server stops.
+        "backend-down" => {
+            build_bins(&["lb-userspace"])?;
+            run_bin("lb-bench-backend-down", &[], args)
+        }
         // The lab also runs the lab's app server binary.
         "lab" => {
             build_bins(&["lb-userspace", "lb-tests"])?;
             run_bin("lb-bench-lab", &[], args)
         }
-        other => bail!("unknown bench {other:?} (available: datapath, control, failover, lab)"),
+        other => bail!("unknown bench {other:?} (available: datapath, decap, control, failover, backend-down, lab)"),
     }
 }
 

@@ -20,7 +20,7 @@ use lb_userspace::cluster::node::ClusterView;
 use lb_userspace::config::Config;
 use lb_userspace::control::{Mode, Vip};
 use lb_userspace::health::{HealthKind, HealthSpec};
-use lb_userspace::model::{BackendDef, FlowPolicy, Mac, ServiceDef};
+use lb_userspace::model::{BackendDef, FlowPolicy, FlowTable, Mac, ServiceDef};
 
 /// The package version and the git revision it was built from (build.rs).
 const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (git ", env!("LB_GIT_REV"), ")");
@@ -182,12 +182,17 @@ enum ServiceCmd {
         /// ADDR:PORT/tcp|udp, e.g. 10.0.0.100:80/tcp or [2001:db8::1]:443/tcp; port 0 = all ports.
         #[arg(long)]
         vip: Vip,
-        /// ipip (encapsulate to the backend) or dsr-l2 (rewrite the MAC only).
+        /// ipip (encapsulate to the backend), dsr-l2 (rewrite the MAC only), gue or gue:PORT
+        /// (UDP + GUE with a second-chance hop).
         #[arg(long, default_value = "ipip")]
         mode: Mode,
         /// Maglev table size (a prime ≤ 65537; ≥ 100 × backends keeps the spread within 1%).
         #[arg(long, default_value_t = 65537)]
         table_size: u32,
+        /// on, or off: TCP skips the flow table and second chance on the backends keeps
+        /// connections (gue mode, tcp VIPs only).
+        #[arg(long, default_value = "on", value_name = "on|off")]
+        flow_table: FlowTable,
         /// Health check kind (none if omitted).
         #[arg(long, value_enum)]
         health: Option<HealthArg>,
@@ -453,6 +458,7 @@ fn run(cli: Cli) -> Result<(), Fail> {
                 vip,
                 mode,
                 table_size,
+                flow_table,
                 health,
                 health_interval_ms,
                 health_timeout_ms,
@@ -467,6 +473,7 @@ fn run(cli: Cli) -> Result<(), Fail> {
                     vip,
                     mode,
                     table_size,
+                    flow_table,
                     health: health.map(|k| HealthSpec {
                         kind: match k {
                             HealthArg::Tcp => HealthKind::Tcp,
@@ -570,6 +577,7 @@ fn running_defs(client: &Client) -> Result<Vec<ServiceDef>, Fail> {
                 vip: v.vip.parse().map_err(bad)?,
                 mode: v.mode.parse().map_err(bad)?,
                 table_size: v.table_size,
+                flow_table: v.flow_table,
                 health: v.health.clone(),
                 unhealthy: v.unhealthy,
                 backends: v
@@ -628,10 +636,11 @@ fn diff_services(file: &[ServiceDef], running: &[ServiceDef]) -> Vec<Difference>
                 continue;
             }
         };
-        let fields: [(&str, String, String); 5] = [
+        let fields: [(&str, String, String); 6] = [
             ("vip", f.vip.to_string(), r.vip.to_string()),
             ("mode", f.mode.to_string(), r.mode.to_string()),
             ("table_size", f.table_size.to_string(), r.table_size.to_string()),
+            ("flow_table", f.flow_table.to_string(), r.flow_table.to_string()),
             ("health", format!("{:?}", f.health), format!("{:?}", r.health)),
             ("unhealthy", f.unhealthy.to_string(), r.unhealthy.to_string()),
         ];
@@ -911,7 +920,7 @@ fn bgp_lines(b: &api::BgpView) -> String {
 
 fn services_table(v: &[ServiceView]) -> String {
     table(
-        &["SERVICE", "VIP", "MODE", "TABLE", "HEALTH", "BACKENDS", "IN TABLE"],
+        &["SERVICE", "VIP", "MODE", "TABLE", "FLOW TABLE", "HEALTH", "BACKENDS", "IN TABLE"],
         v.iter()
             .map(|s| {
                 vec![
@@ -919,6 +928,7 @@ fn services_table(v: &[ServiceView]) -> String {
                     s.vip.clone(),
                     s.mode.clone(),
                     s.table_size.to_string(),
+                    s.flow_table.to_string(),
                     s.health.as_ref().map_or("none".into(), |h| format!("{:?}", h.kind).to_lowercase()),
                     s.backends.len().to_string(),
                     s.backends.iter().filter(|b| b.in_table).count().to_string(),

@@ -197,7 +197,7 @@ mod tests {
     /// Two nodes whose backend ids differ: the index carries a flow across by address.
     #[test]
     fn the_index_describes_and_resolves_by_address() {
-        let spec = ServiceSpec { name: "web".into(), vip: "10.0.0.100:80/tcp".parse().unwrap(), mode: Mode::Ipip, table_size: 251 };
+        let spec = ServiceSpec { name: "web".into(), vip: "10.0.0.100:80/tcp".parse().unwrap(), mode: Mode::Ipip, table_size: 251, flow_table: true };
         let be = |a: &str| BackendSpec { addr: ip(a), weight: 1, mac: None };
         let mut a = ControlPlane::new(MemMaps::default());
         a.add_service(spec.clone(), vec![be("10.1.0.1"), be("10.1.0.2")]).unwrap();
