@@ -341,6 +341,17 @@ impl Config {
                 };
                 errs.push(spans.at(&[K("cluster"), K(key)], e.to_string()));
             }
+            // The election is for two nodes; more need the routers to spread the load.
+            if raw.bgp.is_none() && c.get_ref().peer_list().len() > 1 {
+                errs.push(spans.at(
+                    &[K("cluster"), K("peers")],
+                    format!(
+                        "cluster.peers: {} peers without [bgp]: the active/backup election is for two nodes; \
+                         for more, add [bgp] (active-active behind ECMP) or list one peer",
+                        c.get_ref().peer_list().len()
+                    ),
+                ));
+            }
             // The key is checked here too, so `lbd --check` catches a readable secret.
             if let Err(e) = crate::cluster::load_secret(&c.get_ref().secret_file) {
                 errs.push(spans.at(&[K("cluster"), K("secret_file")], e.to_string()));
@@ -357,12 +368,6 @@ impl Config {
         if let Some(b) = &raw.bgp {
             for e in b.get_ref().validate() {
                 errs.push(spans.at(&[K("bgp"), K(e.key)], e.to_string()));
-            }
-            if raw.cluster.is_some() {
-                errs.push(spans.at(
-                    &[K("bgp")],
-                    "[bgp] and [cluster] together: active-active BGP nodes with cluster peers is not supported yet; use one or the other",
-                ));
             }
         }
         if !errs.is_empty() {
@@ -458,11 +463,30 @@ impl Config {
         );
         let _ = writeln!(o, "pins /sys/fs/bpf/{}/, socket {}, state {}", self.instance, self.socket.display(), self.state_file().display());
         if let Some(c) = &self.cluster {
-            let _ = writeln!(
-                o,
-                "cluster node {} priority {} listen {} peer {} heartbeat {} ms, dead after {} heartbeats, preempt {}",
-                c.node_id, c.priority, c.listen, c.peer, c.heartbeat_ms, c.dead_after, c.preempt
-            );
+            let peers: Vec<String> = c.peer_list().iter().map(|p| p.node_id.map_or(p.address.to_string(), |n| format!("{} (node {n})", p.address))).collect();
+            if self.bgp.is_some() {
+                let _ = writeln!(
+                    o,
+                    "cluster active-active node {} listen {} peers {} heartbeat {} ms, dead after {} heartbeats",
+                    c.node_id,
+                    c.listen,
+                    peers.join(", "),
+                    c.heartbeat_ms,
+                    c.dead_after
+                );
+            } else {
+                let _ = writeln!(
+                    o,
+                    "cluster node {} priority {} listen {} peer {} heartbeat {} ms, dead after {} heartbeats, preempt {}",
+                    c.node_id,
+                    c.priority,
+                    c.listen,
+                    peers.join(", "),
+                    c.heartbeat_ms,
+                    c.dead_after,
+                    c.preempt
+                );
+            }
             if let Some(n) = &c.notify {
                 let _ = writeln!(o, "cluster notify {} (timeout {} ms)", n.display(), c.notify_timeout_ms);
             }
@@ -510,6 +534,7 @@ fn cluster_diff(a: &crate::cluster::ClusterConfig, b: &crate::cluster::ClusterCo
     cmp("peer_id", a.peer_id == b.peer_id);
     cmp("priority", a.priority == b.priority);
     cmp("peer", a.peer == b.peer);
+    cmp("peers", a.peers == b.peers);
     cmp("listen", a.listen == b.listen);
     cmp("secret_file", a.secret_file == b.secret_file);
     cmp("heartbeat_ms", a.heartbeat_ms == b.heartbeat_ms);

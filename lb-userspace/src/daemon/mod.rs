@@ -287,6 +287,7 @@ async fn run_async(config_path: &Path) -> anyhow::Result<()> {
             held: held_rx,
             events: cev_tx,
             snapshot: snap_tx,
+            active_active: owner.cfg.bgp.is_some(),
         };
         // A restarted node may still hold VIPs from a previous life: it holds none
         // until the election says so.

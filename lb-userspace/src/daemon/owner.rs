@@ -276,9 +276,10 @@ impl<W: MapWriter, D: Datapath> Owner<W, D> {
     }
 
     /// The VIP addresses this node must hold: every service's when active, else none.
+    /// None with `[bgp]`: the routers send VIP traffic by route, not by ARP.
     pub fn wanted_vips(&self) -> BTreeSet<IpAddr> {
         match &self.cluster {
-            Some(c) if c.role == Role::Active && !self.stopping => self.core.services().iter().map(|d| d.vip.addr).collect(),
+            Some(c) if c.role == Role::Active && !self.stopping && self.cfg.bgp.is_none() => self.core.services().iter().map(|d| d.vip.addr).collect(),
             _ => BTreeSet::new(),
         }
     }
@@ -589,7 +590,25 @@ impl<W: MapWriter, D: Datapath> Owner<W, D> {
             backends_drained: drained,
             backends_pending: self.core.pending_count(),
             cluster: self.cluster.as_ref().map(|c| {
-                let s = *c.snapshot.borrow();
+                let s = c.snapshot.borrow().clone();
+                if self.cfg.bgp.is_some() {
+                    let peers: Vec<String> = s
+                        .peers
+                        .iter()
+                        .map(|p| {
+                            let who = p.node_id.map_or(p.address.to_string(), |n| format!("node {n}"));
+                            match p.last_heard_ms_ago {
+                                Some(ms) => format!(
+                                    "{who} {} (last heartbeat {ms} ms ago, config {})",
+                                    if p.alive { "alive" } else { "dead" },
+                                    p.pos.map_or(String::new(), |p| p.to_string())
+                                ),
+                                None => format!("{who} never heard"),
+                            }
+                        })
+                        .collect();
+                    return format!("node {} active-active, config {}; peers: {}", c.node_id, c.pos, if peers.is_empty() { "none yet".into() } else { peers.join("; ") });
+                }
                 let peer = match (s.peer_node, s.peer_role) {
                     (Some(n), Some(r)) => format!(
                         "peer node {n} {r} ({}), last heartbeat {} ms ago, config {}",

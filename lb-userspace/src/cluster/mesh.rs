@@ -1,0 +1,485 @@
+//! Active-active (`[cluster]` with `[bgp]`): N nodes behind ECMP, every one
+//! forwarding. No election: the routers decide which node gets a packet, so the
+//! cluster plane only keeps the nodes alike.
+//!
+//! - **Liveness**: every node heartbeats every peer each `heartbeat_ms`; a peer is
+//!   alive while heard within `dead_after` intervals. Each peer link has its own
+//!   session (`wire::endpoint`): nonces and sequence numbers are per pair of nodes.
+//! - **Config**: the same total order as the pair, (version, lower origin node id)
+//!   (`config_sync::ConfigPos`). A node sends its whole config to every peer whose
+//!   heartbeat shows an older position (paced per peer by a `Replicator`), and at once
+//!   to all after a local change. A node applies any config newer than its own, from
+//!   whichever peer, so the newest position reaches everyone (relayed by every node
+//!   that has it), and concurrent changes end with the same winner everywhere.
+//! - **Flows**: new flows (from the datapath's ring, through the shared intake queue)
+//!   fan out to every live peer. Each peer has its own bounded queue, filled only
+//!   while it is alive and drained by a per-tick budget: a dead or slow peer costs
+//!   its own queue (its drops are counted against it) and never delays another's.
+//!   A shared queue with one cursor per peer would keep one copy of each flow, but
+//!   the slowest peer would then hold the tail for everyone, or need the same
+//!   per-peer drop accounting anyway; a flow is 40 bytes, so copies are cheap.
+//!   Receivers translate backend ids by address as in the pair (`flow_sync::resolve`).
+//!
+//! `Mesh` is the state without I/O (tests drive three of them through memory);
+//! `run` is the task around it: one socket, one thread, no lock across I/O.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use super::PeerConfig;
+use super::config_sync::{Assembler, ConfigPos, Incoming, Replicator, incoming};
+use super::election::{Transition, Why};
+use super::flow_sync::FlowQueue;
+use super::node::{ClusterCmd, ClusterEvent, ClusterSnapshot, ClusterTask, ClusterView, PeerSnap};
+use super::wire::{self, ETHERNET_DATAGRAM, Heartbeat, Key, Message, PeerGuard, Role, Sealer, SyncedFlow};
+
+/// Datagrams to send, each with its peer's address.
+pub type Out = Vec<(SocketAddr, Vec<u8>)>;
+
+/// What a received datagram asks of the daemon.
+#[derive(Debug, PartialEq, Eq)]
+pub enum MeshEvent {
+    /// A complete config newer than ours: the owner validates and applies it.
+    PeerConfig(ConfigPos, Vec<u8>),
+    /// Flows a peer created: for the applier (ids translated there).
+    Flows(Vec<SyncedFlow>),
+}
+
+/// One peer as `lbctl cluster status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshPeerStatus {
+    pub address: SocketAddr,
+    /// Configured, or learnt from its first authentic datagram.
+    pub node_id: Option<u32>,
+    pub alive: bool,
+    pub last_heartbeat_ms_ago: Option<u64>,
+    /// Its config position as last heard.
+    pub config: Option<String>,
+    /// Longest silence between two heartbeats heard, ms.
+    pub gap_max_ms: u64,
+    pub datagrams_accepted: u64,
+    pub datagrams_rejected: u64,
+    pub full_syncs_sent: u64,
+    pub flows_queued: u64,
+    pub flows_sent: u64,
+    pub flows_dropped_queue_full: u64,
+    /// New flows not queued for it because it was not alive.
+    pub flows_skipped_peer_down: u64,
+}
+
+struct PeerLink {
+    address: SocketAddr,
+    sealer: Sealer,
+    guard: PeerGuard,
+    assembler: Assembler,
+    replicator: Replicator,
+    /// The last heartbeat heard, and when (ms on the mesh's clock).
+    heard: Option<(u64, Heartbeat)>,
+    gap_max_ms: u64,
+    queue: FlowQueue,
+    skipped_down: u64,
+}
+
+/// Per-peer state of an active-active node. Calls return the datagrams to send; the
+/// caller sends them (and nothing here blocks on a peer).
+pub struct Mesh {
+    dead_ms: u64,
+    pos: ConfigPos,
+    services: Arc<Vec<u8>>,
+    peers: Vec<PeerLink>,
+    /// Authentic or not, from no configured peer (address and claimed id unknown).
+    pub unknown_sender: u64,
+    /// Chunks refused by a peer's assembler (lost chunk; the resend recovers).
+    pub chunks_refused: u64,
+}
+
+/// Flows sent per peer per heartbeat, at most (as the pair: 160k flows/s at 100 ms).
+pub const FLOW_BUDGET: usize = 16384;
+
+impl Mesh {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        node_id: u32,
+        heartbeat_ms: u64,
+        dead_after: u64,
+        key: &Key,
+        epoch: u64,
+        peers: &[PeerConfig],
+        pos: ConfigPos,
+        services: Arc<Vec<u8>>,
+        queue_cap: usize,
+    ) -> Self {
+        let peers = peers
+            .iter()
+            .map(|p| {
+                let (sealer, guard) = wire::endpoint(key.clone(), node_id, p.node_id, epoch);
+                PeerLink {
+                    address: p.address,
+                    sealer,
+                    guard,
+                    assembler: Assembler::default(),
+                    replicator: Replicator::new(heartbeat_ms.saturating_mul(10)),
+                    heard: None,
+                    gap_max_ms: 0,
+                    queue: FlowQueue::new(queue_cap),
+                    skipped_down: 0,
+                }
+            })
+            .collect();
+        Self { dead_ms: heartbeat_ms.saturating_mul(dead_after), pos, services, peers, unknown_sender: 0, chunks_refused: 0 }
+    }
+
+    pub fn pos(&self) -> ConfigPos {
+        self.pos
+    }
+
+    fn alive(&self, i: usize, now: u64) -> bool {
+        self.peers[i].heard.is_some_and(|(at, _)| now.saturating_sub(at) < self.dead_ms)
+    }
+
+    /// The newest position any peer announced: a local change is numbered after it.
+    pub fn peer_pos_max(&self) -> Option<ConfigPos> {
+        self.peers.iter().filter_map(|p| p.heard.map(|(_, hb)| hb.config)).max()
+    }
+
+    fn heartbeat(&self) -> Heartbeat {
+        Heartbeat {
+            priority: 0,
+            role: Role::Active,
+            preempt: false,
+            config: self.pos,
+            synced: self.peer_pos_max().is_none_or(|p| self.pos >= p),
+            yielding: false,
+        }
+    }
+
+    fn seal_to(&mut self, i: usize, m: &Message, out: &mut Out) {
+        let p = &mut self.peers[i];
+        match p.sealer.seal(m) {
+            Ok(d) => out.push((p.address, d)),
+            Err(e) => error!(error = %e, peer = %p.address, "cluster: encoding a datagram"),
+        }
+    }
+
+    fn heartbeat_to(&mut self, i: usize, out: &mut Out) {
+        let hb = Message::Heartbeat(self.heartbeat());
+        self.seal_to(i, &hb, out);
+    }
+
+    /// The whole config to peer `i` if `force`, or if its last heartbeat shows it
+    /// behind (paced).
+    fn config_to(&mut self, i: usize, now: u64, force: bool, out: &mut Out) {
+        let pos = self.pos;
+        let p = &mut self.peers[i];
+        let behind = p.heard.is_some_and(|(_, hb)| p.replicator.on_peer(now, pos, hb.config));
+        if !(force || behind) {
+            return;
+        }
+        match p.sealer.seal_config(pos, &self.services, ETHERNET_DATAGRAM) {
+            Ok(ds) => out.extend(ds.into_iter().map(|d| (p.address, d))),
+            Err(e) => error!(error = %e, "cluster: encoding the config"),
+        }
+    }
+
+    /// Every heartbeat interval: a heartbeat to each peer, the new flows to each live
+    /// one (at most a budget per peer), the config to each peer that is behind.
+    pub fn on_tick(&mut self, now: u64, new_flows: &[SyncedFlow], out: &mut Out) {
+        for i in 0..self.peers.len() {
+            self.heartbeat_to(i, out);
+            let alive = self.alive(i, now);
+            let p = &mut self.peers[i];
+            if alive {
+                for f in new_flows {
+                    p.queue.push(*f);
+                }
+            } else {
+                // Nobody to send them to; a returning peer gets the flows from then on.
+                p.skipped_down = p.skipped_down.saturating_add(new_flows.len() as u64);
+                p.queue.clear();
+            }
+            let flows = p.queue.take(FLOW_BUDGET);
+            if !flows.is_empty() {
+                out.extend(p.sealer.seal_flows(&flows, ETHERNET_DATAGRAM).0.into_iter().map(|d| (p.address, d)));
+            }
+            self.config_to(i, now, false, out);
+        }
+    }
+
+    /// A local change: its position, and the config to every peer at once.
+    pub fn local_change(&mut self, now: u64, pos: ConfigPos, services: Arc<Vec<u8>>, out: &mut Out) {
+        self.pos = pos;
+        self.services = services;
+        for i in 0..self.peers.len() {
+            self.config_to(i, now, true, out);
+        }
+    }
+
+    /// A peer's config is what we run now: tell every peer (a heartbeat carries our
+    /// position) and pass it on to those still behind.
+    pub fn applied(&mut self, now: u64, pos: ConfigPos, services: Arc<Vec<u8>>, out: &mut Out) {
+        self.pos = pos;
+        self.services = services;
+        for i in 0..self.peers.len() {
+            self.heartbeat_to(i, out);
+            self.config_to(i, now, false, out);
+        }
+    }
+
+    /// The configured peer a datagram is from: by the node id it claims (once that
+    /// peer's id is known), else by its source address. The peer's guard then
+    /// authenticates it, so a wrong guess only costs a refused datagram.
+    fn peer_of(&self, from: SocketAddr, d: &[u8]) -> Option<usize> {
+        let claimed = wire::peek_node_id(d);
+        claimed
+            .and_then(|id| self.peers.iter().position(|p| p.guard.peer_id() == Some(id)))
+            .or_else(|| self.peers.iter().position(|p| p.address == from))
+    }
+
+    /// One datagram received from `from`.
+    pub fn on_datagram(&mut self, now: u64, from: SocketAddr, d: &[u8], out: &mut Out, events: &mut Vec<MeshEvent>) {
+        let Some(i) = self.peer_of(from, d) else {
+            self.unknown_sender = self.unknown_sender.saturating_add(1);
+            if self.unknown_sender.is_power_of_two() {
+                warn!(%from, count = self.unknown_sender, "cluster: datagram from no configured peer");
+            }
+            return;
+        };
+        let (_, msg) = match self.peers[i].guard.accept(now, d) {
+            Ok(x) => x,
+            Err(r) => {
+                if r.log {
+                    warn!(error = %r.error, peer = %self.peers[i].address, suppressed = r.suppressed, "cluster: datagram refused");
+                }
+                if r.hello {
+                    // Session handshake: answer now, not at the next heartbeat.
+                    self.heartbeat_to(i, out);
+                }
+                return;
+            }
+        };
+        match msg {
+            Message::Heartbeat(hb) => {
+                let p = &mut self.peers[i];
+                if let Some((prev, _)) = p.heard {
+                    p.gap_max_ms = p.gap_max_ms.max(now.saturating_sub(prev));
+                }
+                p.heard = Some((now, hb));
+                // A new session: the peer may have missed the config; send it now.
+                if p.guard.take_session_started() {
+                    self.heartbeat_to(i, out);
+                    self.config_to(i, now, false, out);
+                }
+            }
+            Message::ConfigSync(chunk) => match self.peers[i].assembler.push(chunk) {
+                Ok(Some((pos, data))) => match incoming(self.pos, pos) {
+                    Incoming::Apply => events.push(MeshEvent::PeerConfig(pos, data)),
+                    Incoming::AlreadyHave => self.seal_to(i, &Message::ConfigAck(pos), out),
+                    Incoming::Older => {}
+                },
+                Ok(None) => {}
+                Err(e) => {
+                    self.chunks_refused = self.chunks_refused.saturating_add(1);
+                    warn!(error = %e, peer = %self.peers[i].address, "cluster: config chunk refused");
+                }
+            },
+            Message::ConfigAck(_) => {}
+            Message::FlowBatch(flows) => events.push(MeshEvent::Flows(flows)),
+        }
+    }
+
+    pub fn peer_status(&self, now: u64) -> Vec<MeshPeerStatus> {
+        (0..self.peers.len())
+            .map(|i| {
+                let p = &self.peers[i];
+                let c = p.guard.counters();
+                MeshPeerStatus {
+                    address: p.address,
+                    node_id: p.guard.peer_id(),
+                    alive: self.alive(i, now),
+                    last_heartbeat_ms_ago: p.heard.map(|(at, _)| now.saturating_sub(at)),
+                    config: p.heard.map(|(_, hb)| hb.config.to_string()),
+                    gap_max_ms: p.gap_max_ms,
+                    datagrams_accepted: c.accepted,
+                    datagrams_rejected: c.rejected_total(),
+                    full_syncs_sent: p.replicator.full_syncs_sent,
+                    flows_queued: p.queue.counters.queued,
+                    flows_sent: p.queue.counters.sent,
+                    flows_dropped_queue_full: p.queue.counters.dropped_full,
+                    flows_skipped_peer_down: p.skipped_down,
+                }
+            })
+            .collect()
+    }
+
+    /// What the owner reads without asking.
+    pub fn snapshot(&self, now: u64) -> ClusterSnapshot {
+        let peers: Vec<PeerSnap> = (0..self.peers.len())
+            .map(|i| {
+                let p = &self.peers[i];
+                PeerSnap {
+                    address: p.address,
+                    node_id: p.guard.peer_id(),
+                    alive: self.alive(i, now),
+                    last_heard_ms_ago: p.heard.map(|(at, _)| now.saturating_sub(at)),
+                    pos: p.heard.map(|(_, hb)| hb.config),
+                }
+            })
+            .collect();
+        ClusterSnapshot {
+            role: Role::Active,
+            peer_pos: self.peer_pos_max(),
+            peer_alive: peers.iter().any(|p| p.alive),
+            peer_node: None,
+            peer_role: None,
+            last_heard_ms_ago: peers.iter().filter_map(|p| p.last_heard_ms_ago).min(),
+            peers: Arc::new(peers),
+        }
+    }
+}
+
+/// The active-active cluster task: the `Mesh` around one socket.
+pub(super) async fn run(t: ClusterTask, sock: tokio::net::UdpSocket, mut cmds: mpsc::UnboundedReceiver<ClusterCmd>) {
+    let started = Instant::now();
+    let now = || started.elapsed().as_millis() as u64;
+    let peers = t.cfg.peer_list();
+    let mut mesh = Mesh::new(
+        t.cfg.node_id,
+        t.cfg.heartbeat_ms as u64,
+        t.cfg.dead_after as u64,
+        &t.key,
+        t.epoch,
+        &peers,
+        t.pos,
+        t.services.clone(),
+        super::node::FLOW_QUEUE,
+    );
+    info!(node = t.cfg.node_id, peers = ?peers.iter().map(|p| p.address).collect::<Vec<_>>(), "cluster: active-active");
+    // No election: forwarding (and flow reporting) starts now.
+    let _ = t.events.send(ClusterEvent::Role(Transition { from: Role::Init, to: Role::Active, why: Why::ActiveActive }));
+    let mut push = t.push_config;
+    let mut tick = tokio::time::interval(Duration::from_millis(t.cfg.heartbeat_ms as u64));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut buf = vec![0u8; 65536];
+    let mut send_errors = SendErrors::default();
+    loop {
+        let mut out = Out::new();
+        let mut events = Vec::new();
+        tokio::select! {
+            biased;
+            _ = tick.tick() => {
+                let n = now();
+                if std::mem::take(&mut push) {
+                    let (pos, services) = (mesh.pos(), t.services.clone());
+                    mesh.local_change(n, pos, services, &mut out);
+                }
+                // The reader's lock is held only to move the flows out, never across I/O.
+                let flows = t.queue.lock().unwrap_or_else(|e| e.into_inner()).take(FLOW_BUDGET);
+                mesh.on_tick(n, &flows, &mut out);
+                t.snapshot.send_replace(mesh.snapshot(n));
+            }
+            res = sock.recv_from(&mut buf) => match res {
+                Ok((len, from)) => mesh.on_datagram(now(), from, &buf[..len], &mut out, &mut events),
+                Err(e) => {
+                    warn!(error = %e, "cluster: receive");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+            c = cmds.recv() => match c {
+                None | Some(ClusterCmd::Stop) => return,
+                Some(ClusterCmd::LocalChange { pos, services }) => mesh.local_change(now(), pos, services, &mut out),
+                Some(ClusterCmd::Applied { pos, services }) => mesh.applied(now(), pos, services, &mut out),
+                Some(ClusterCmd::Failover(reply)) => {
+                    let _ = reply.send(Err("active-active ([bgp]): every node forwards, there is no active role to hand over; use `lbctl node drain`".into()));
+                }
+                Some(ClusterCmd::Status(reply)) => {
+                    let _ = reply.send(view(&t, &mesh, now()));
+                }
+            },
+        }
+        for e in events {
+            match e {
+                MeshEvent::PeerConfig(pos, data) => {
+                    let _ = t.events.send(ClusterEvent::PeerConfig(pos, data));
+                }
+                MeshEvent::Flows(flows) => {
+                    let n = flows.len() as u64;
+                    if t.apply.try_send(flows).is_err() {
+                        t.counters.dropped_apply_queue.fetch_add(n, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        for (to, d) in out {
+            // A lost datagram is recovered by the protocol (heartbeats repeat, config is
+            // resent until the peer's heartbeat shows it, a flow is left to Maglev). One
+            // peer's error never stops the datagrams of another.
+            if let Err(e) = sock.send_to(&d, to).await {
+                send_errors.note(to, &e);
+            }
+        }
+    }
+}
+
+/// Send errors, logged at most once per peer per 10 s.
+#[derive(Default)]
+struct SendErrors {
+    last: std::collections::HashMap<SocketAddr, (Instant, u64)>,
+}
+
+impl SendErrors {
+    fn note(&mut self, to: SocketAddr, e: &std::io::Error) {
+        let (at, n) = self.last.entry(to).or_insert((Instant::now() - Duration::from_secs(60), 0));
+        *n += 1;
+        if at.elapsed() >= Duration::from_secs(10) {
+            warn!(error = %e, peer = %to, errors = *n, "cluster: send");
+            *at = Instant::now();
+        }
+    }
+}
+
+fn view(t: &ClusterTask, mesh: &Mesh, now: u64) -> ClusterView {
+    let peers = mesh.peer_status(now);
+    let q = t.queue.lock().unwrap_or_else(|e| e.into_inner()).counters;
+    let c = &t.counters;
+    let lost = t.sync_stats.as_ref().and_then(|m| m.get(&0, 0).ok()).map_or(0, |v| v.iter().sum());
+    ClusterView {
+        node_id: t.cfg.node_id,
+        role: Role::Active.to_string(),
+        priority: t.cfg.priority,
+        preempt: false,
+        synced: mesh.peer_pos_max().is_none_or(|p| mesh.pos() >= p),
+        yielding: false,
+        config: mesh.pos().to_string(),
+        peer: None,
+        vips_held: t.held.borrow().clone(),
+        last_change: None,
+        role_changes: 0,
+        heartbeat_interval_p99_ms: 0.0,
+        heartbeat_interval_max_ms: 0.0,
+        peer_gap_max_ms: peers.iter().map(|p| p.gap_max_ms).max().unwrap_or(0),
+        datagrams_accepted: peers.iter().map(|p| p.datagrams_accepted).sum(),
+        datagrams_rejected: [("no_such_peer".to_string(), mesh.unknown_sender), ("rejected_by_peer_guards".to_string(), peers.iter().map(|p| p.datagrams_rejected).sum())]
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .collect(),
+        flows_queued: q.queued,
+        flows_sent: peers.iter().map(|p| p.flows_sent).sum(),
+        flows_dropped_queue_full: q.dropped_full + peers.iter().map(|p| p.flows_dropped_queue_full).sum::<u64>(),
+        flows_lost_in_datapath: lost,
+        flows_applied: c.applied.load(Ordering::Relaxed),
+        flows_unknown_vip: c.unknown_vip.load(Ordering::Relaxed),
+        flows_unknown_backend: c.unknown_backend.load(Ordering::Relaxed),
+        flows_dropped_apply_queue: c.dropped_apply_queue.load(Ordering::Relaxed),
+        mode: MODE_ACTIVE_ACTIVE.into(),
+        peers,
+    }
+}
+
+pub const MODE_ACTIVE_ACTIVE: &str = "active-active";
+pub const MODE_ACTIVE_BACKUP: &str = "active-backup";
