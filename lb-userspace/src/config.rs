@@ -642,6 +642,39 @@ mac = "02:00:00:00:03:11"
     }
 
     #[test]
+    fn bgp_with_a_cluster_peers_list_is_active_active_and_more_peers_need_bgp() {
+        let dir = std::env::temp_dir().join(format!("lb-cfg-peers-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret = dir.join("secret");
+        std::fs::write(&secret, "0123456789abcdef0123").unwrap();
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        let bgp = "\n[bgp]\nlocal_as = 65001\nrouter_id = \"10.0.0.5\"\n[[bgp.neighbor]]\naddress = \"10.0.0.254\"\nas = 65000\n";
+        let cl = format!(
+            "\n[cluster]\nnode_id = 1\nlisten = \"10.0.0.5:7946\"\nsecret_file = {secret:?}\n[[cluster.peers]]\naddress = \"10.0.0.6:7946\"\nnode_id = 2\n[[cluster.peers]]\naddress = \"10.0.0.7:7946\"\n"
+        );
+        // Both sections together: the N-node form (the refusal of [bgp] + [cluster] is gone).
+        let c = Config::parse(&format!("{GOOD}{bgp}{cl}")).unwrap();
+        assert_eq!(c.cluster.as_ref().unwrap().peer_list().len(), 2);
+        assert!(c.describe().contains("cluster active-active node 1 listen 10.0.0.5:7946 peers 10.0.0.6:7946 (node 2), 10.0.0.7:7946"), "{}", c.describe());
+        // The two-node form with [bgp] too.
+        let pair = format!("\n[cluster]\nnode_id = 1\npeer = \"10.0.0.6:7946\"\nlisten = \"10.0.0.5:7946\"\nsecret_file = {secret:?}\n");
+        assert!(Config::parse(&format!("{GOOD}{bgp}{pair}")).is_ok());
+        // Without [bgp] the election is for two: a list of two is refused, naming line and why.
+        let src = format!("{GOOD}{cl}");
+        let e = Config::parse(&src).unwrap_err().to_string();
+        let line = src.lines().position(|l| l == "[[cluster.peers]]").unwrap() + 1;
+        assert!(e.contains(&format!("line {line}: cluster.peers: 2 peers without [bgp]")) && e.contains("election is for two nodes"), "{e}");
+        // A list of one is the pair.
+        let one = cl.split("[[cluster.peers]]\naddress = \"10.0.0.7:7946\"\n").next().unwrap().to_string();
+        assert!(Config::parse(&format!("{GOOD}{one}")).is_ok());
+        // Peers are read at start only.
+        let fewer = Config::parse(&format!("{GOOD}{bgp}{}", one)).unwrap();
+        let e = c.check_reload(&fewer).unwrap_err();
+        assert!(e.contains("peers") && e.contains("restart needed"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn unknown_keys_are_named_with_their_line() {
         let src = GOOD.replace("weight = 100", "wieght = 100");
         let e = Config::parse(&src).unwrap_err().to_string();

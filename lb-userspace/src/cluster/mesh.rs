@@ -483,3 +483,268 @@ fn view(t: &ClusterTask, mesh: &Mesh, now: u64) -> ClusterView {
 
 pub const MODE_ACTIVE_ACTIVE: &str = "active-active";
 pub const MODE_ACTIVE_BACKUP: &str = "active-backup";
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::net::IpAddr;
+
+    use lb_common::PROTO_TCP;
+
+    use super::*;
+    use crate::cluster::flow_sync::{LocalIds, resolve};
+    use crate::control::Vip;
+
+    const HB: u64 = 100;
+
+    fn addr(i: usize) -> SocketAddr {
+        format!("192.0.2.{}:7946", i + 1).parse().unwrap()
+    }
+
+    /// `n` nodes (ids 1..=n) exchanging datagrams through memory; the test plays the
+    /// owner (applies any newer peer config at once) and can take nodes down.
+    struct Net {
+        nodes: Vec<Mesh>,
+        down: BTreeSet<usize>,
+        /// Flows each node received, in order.
+        flows_in: Vec<Vec<SyncedFlow>>,
+        now: u64,
+        key: Key,
+    }
+
+    impl Net {
+        fn new(n: usize, pos: impl Fn(usize) -> ConfigPos) -> Self {
+            let key = Key::new(b"0123456789abcdef0123").unwrap();
+            let nodes = (0..n).map(|i| Self::node(&key, n, i, pos(i))).collect();
+            Net { nodes, down: BTreeSet::new(), flows_in: vec![Vec::new(); n], now: 0, key }
+        }
+
+        fn node(key: &Key, n: usize, i: usize, pos: ConfigPos) -> Mesh {
+            // Node ids configured for some peers and learnt for others.
+            let peers: Vec<PeerConfig> =
+                (0..n).filter(|&j| j != i).map(|j| PeerConfig { address: addr(j), node_id: (j % 2 == 0).then_some(j as u32 + 1) }).collect();
+            Mesh::new(i as u32 + 1, HB, 3, key, 1000 + i as u64, &peers, pos, Arc::new(format!("services of node {}", i + 1).into_bytes()), 64)
+        }
+
+        /// A node restarts (new sessions, nothing learnt) with the position it saved.
+        fn restart(&mut self, i: usize) {
+            let pos = self.nodes[i].pos();
+            let services = self.nodes[i].services.clone();
+            let n = self.nodes.len();
+            self.nodes[i] = Self::node(&self.key, n, i, pos);
+            self.nodes[i].services = services;
+        }
+
+        fn deliver(&mut self, from: usize, out: Out) {
+            let mut queue: Vec<(usize, Out)> = vec![(from, out)];
+            // Bounded: each round answers the previous one's datagrams.
+            for _ in 0..50 {
+                let Some((src, out)) = queue.pop() else { return };
+                if self.down.contains(&src) {
+                    continue;
+                }
+                for (to, d) in out {
+                    let j = (0..self.nodes.len()).find(|&j| addr(j) == to).unwrap();
+                    if self.down.contains(&j) {
+                        continue;
+                    }
+                    let (mut o, mut ev) = (Out::new(), Vec::new());
+                    self.nodes[j].on_datagram(self.now, addr(src), &d, &mut o, &mut ev);
+                    for e in ev {
+                        match e {
+                            MeshEvent::PeerConfig(pos, data) => {
+                                // The owner applies it if still newer, then acknowledges.
+                                if incoming(self.nodes[j].pos(), pos) == Incoming::Apply {
+                                    self.nodes[j].applied(self.now, pos, Arc::new(data), &mut o);
+                                }
+                            }
+                            MeshEvent::Flows(f) => self.flows_in[j].extend(f),
+                        }
+                    }
+                    queue.push((j, o));
+                }
+            }
+            panic!("datagrams still bouncing after 50 rounds");
+        }
+
+        /// `ms` of heartbeat ticks on every live node.
+        fn run(&mut self, ms: u64) {
+            for _ in 0..ms / HB {
+                self.now += HB;
+                for i in 0..self.nodes.len() {
+                    if self.down.contains(&i) {
+                        continue;
+                    }
+                    let mut out = Out::new();
+                    self.nodes[i].on_tick(self.now, &[], &mut out);
+                    self.deliver(i, out);
+                }
+            }
+        }
+
+        fn change(&mut self, i: usize, what: &str) -> ConfigPos {
+            let pos = self.nodes[i].pos().next(self.nodes[i].peer_pos_max(), i as u32 + 1);
+            let mut out = Out::new();
+            self.nodes[i].local_change(self.now, pos, Arc::new(what.as_bytes().to_vec()), &mut out);
+            self.deliver(i, out);
+            pos
+        }
+
+        fn new_flows(&mut self, i: usize, flows: &[SyncedFlow]) {
+            self.now += HB;
+            let mut out = Out::new();
+            self.nodes[i].on_tick(self.now, flows, &mut out);
+            self.deliver(i, out);
+        }
+
+        fn configs(&self) -> Vec<(ConfigPos, String)> {
+            self.nodes.iter().map(|m| (m.pos(), String::from_utf8(m.services.to_vec()).unwrap())).collect()
+        }
+    }
+
+    fn p(version: u64, origin: u32) -> ConfigPos {
+        ConfigPos { version, origin }
+    }
+
+    fn flow(i: u16, backend: &str) -> SyncedFlow {
+        SyncedFlow {
+            client: "198.51.100.7".parse().unwrap(),
+            client_port: 40000 + i,
+            vip: "10.0.0.100".parse().unwrap(),
+            vip_port: 80,
+            proto: PROTO_TCP,
+            backend: backend.parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn every_node_heartbeats_every_peer_and_a_change_anywhere_reaches_all() {
+        // Three nodes started from their files: 1@1, 1@2, 1@3; the order picks 1@1.
+        let mut net = Net::new(3, |i| p(1, i as u32 + 1));
+        net.run(500);
+        for (i, m) in net.nodes.iter().enumerate() {
+            let st = m.peer_status(net.now);
+            assert_eq!(st.len(), 2);
+            assert!(st.iter().all(|s| s.alive && s.node_id.is_some()), "node {}: {st:?}", i + 1);
+        }
+        assert!(net.configs().iter().all(|c| *c == (p(1, 1), "services of node 1".into())), "{:?}", net.configs());
+        // A change on node 3 reaches 1 and 2 at once (no tick needed).
+        let pos = net.change(2, "backend added on node 3");
+        assert_eq!(pos, p(2, 3));
+        assert!(net.configs().iter().all(|c| *c == (p(2, 3), "backend added on node 3".into())), "{:?}", net.configs());
+        // Then one on node 1: numbered after what it has seen, so it wins.
+        assert_eq!(net.change(0, "from node 1"), p(3, 1));
+        net.run(300);
+        assert!(net.configs().iter().all(|c| c.0 == p(3, 1)), "{:?}", net.configs());
+    }
+
+    #[test]
+    fn concurrent_changes_converge_to_the_same_winner_everywhere() {
+        let mut net = Net::new(3, |_| p(4, 1));
+        net.run(300);
+        // A partition: each node changes on its own, then the links heal.
+        net.down = (0..3).collect();
+        let mut out = Out::new();
+        for i in [2, 1, 0] {
+            let pos = net.nodes[i].pos().next(net.nodes[i].peer_pos_max(), i as u32 + 1);
+            net.nodes[i].local_change(net.now, pos, Arc::new(format!("made on {}", i + 1).into_bytes()), &mut out);
+        }
+        assert_eq!(net.nodes.iter().map(|m| m.pos()).collect::<Vec<_>>(), vec![p(5, 1), p(5, 2), p(5, 3)]);
+        net.down.clear();
+        net.run(2000);
+        // Version 5 everywhere; the lowest origin id wins the tie, on every node.
+        assert!(net.configs().iter().all(|c| *c == (p(5, 1), "made on 1".into())), "{:?}", net.configs());
+        // Same with the partition cutting 3 off from 1 and 2, and 3 a version ahead.
+        net.down.insert(2);
+        net.change(1, "2 while 3 is away");
+        let far = p(7, 3);
+        let mut out = Out::new();
+        net.nodes[2].local_change(net.now, far, Arc::new(b"3 far ahead".to_vec()), &mut out);
+        net.run(500);
+        net.down.clear();
+        net.run(2000);
+        assert!(net.configs().iter().all(|c| *c == (far, "3 far ahead".into())), "{:?}", net.configs());
+    }
+
+    #[test]
+    fn flows_fan_out_to_live_peers_and_a_dead_one_stalls_nobody() {
+        let mut net = Net::new(3, |_| p(1, 1));
+        net.run(500);
+        net.new_flows(0, &[flow(1, "10.0.1.1"), flow(2, "10.0.1.2")]);
+        assert_eq!(net.flows_in[1].len(), 2);
+        assert_eq!(net.flows_in[2].len(), 2);
+        assert!(net.flows_in[0].is_empty());
+        // Node 3 dies: node 1 notices after the dead interval; flows still reach 2 in
+        // the same tick, and none are queued for 3.
+        net.down.insert(2);
+        net.run(400);
+        let st = net.nodes[0].peer_status(net.now);
+        assert!(st[0].alive && !st[1].alive, "{st:?}");
+        let flows: Vec<SyncedFlow> = (10..30).map(|i| flow(i, "10.0.1.1")).collect();
+        net.new_flows(0, &flows);
+        assert_eq!(net.flows_in[1].len(), 22, "node 2 got every flow in the same tick");
+        let st = net.nodes[0].peer_status(net.now);
+        assert_eq!((st[1].flows_skipped_peer_down, st[1].flows_queued), (20, 2), "{:?}", st[1]);
+        // More new flows than a peer queue holds (64): bounded, the drops counted
+        // against the peer, and what was queued is sent.
+        let many: Vec<SyncedFlow> = (100..200).map(|i| flow(i, "10.0.1.2")).collect();
+        net.new_flows(0, &many);
+        let st = net.nodes[0].peer_status(net.now);
+        assert_eq!((st[0].flows_dropped_queue_full, net.flows_in[1].len()), (36, 22 + 64), "{:?}", st[0]);
+        // Node 3 restarts: it catches up with the config and gets new flows again.
+        net.change(1, "changed while 3 was down");
+        net.restart(2);
+        net.down.clear();
+        net.run(1000);
+        assert!(net.configs().iter().all(|c| c.1 == "changed while 3 was down"), "{:?}", net.configs());
+        net.new_flows(1, &[flow(500, "10.0.1.1")]);
+        assert_eq!(net.flows_in[2].last(), Some(&flow(500, "10.0.1.1")));
+        assert_eq!(net.flows_in[0].last(), Some(&flow(500, "10.0.1.1")));
+    }
+
+    /// Node ids per node: the same backends, allocated in different orders.
+    struct Ids(BTreeMap<IpAddr, u32>);
+    impl LocalIds for Ids {
+        fn has_service(&self, vip: Vip) -> bool {
+            vip.port == 80
+        }
+        fn backend_id(&self, _: Vip, backend: IpAddr) -> Option<u32> {
+            self.0.get(&backend).copied()
+        }
+    }
+
+    #[test]
+    fn a_flow_fanned_out_keeps_its_backend_on_every_node_whatever_the_ids() {
+        let mut net = Net::new(3, |_| p(1, 1));
+        net.run(500);
+        let (a, b): (IpAddr, IpAddr) = ("10.0.1.1".parse().unwrap(), "10.0.1.2".parse().unwrap());
+        let ids = [Ids(BTreeMap::from([(a, 0), (b, 1)])), Ids(BTreeMap::from([(a, 1), (b, 0)])), Ids(BTreeMap::from([(a, 7), (b, 3)]))];
+        // Node 2 sees the flow first and picks backend b (its id 0).
+        let f = flow(1, "10.0.1.2");
+        net.new_flows(1, &[f]);
+        for (i, want) in [(0, 1), (2, 3)] {
+            let got = &net.flows_in[i];
+            assert_eq!(got.as_slice(), &[f]);
+            let (key, id) = resolve(&got[0], &ids[i]).unwrap();
+            assert_eq!(id, want, "node {}", i + 1);
+            assert_eq!(lb_common::addr_from_words(&key.src), f.client);
+        }
+    }
+
+    #[test]
+    fn datagrams_from_unknown_senders_are_counted_not_applied() {
+        let mut net = Net::new(2, |_| p(1, 1));
+        net.run(300);
+        // An authentic datagram (same secret) from a node nobody listed.
+        let mut stranger = Net::node(&net.key, 3, 2, p(9, 3));
+        let mut out = Out::new();
+        stranger.local_change(0, p(9, 3), Arc::new(b"x".to_vec()), &mut out);
+        let (mut o, mut ev) = (Out::new(), Vec::new());
+        for (_, d) in out {
+            net.nodes[0].on_datagram(net.now, "192.0.2.99:7946".parse().unwrap(), &d, &mut o, &mut ev);
+        }
+        assert!(ev.is_empty() && o.is_empty());
+        assert!(net.nodes[0].unknown_sender > 0);
+        assert_eq!(net.nodes[0].pos(), p(1, 1));
+    }
+}

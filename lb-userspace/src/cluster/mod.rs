@@ -287,6 +287,47 @@ secret_file = "/etc/lb/cluster.key"
         assert!(c.validate().is_empty());
     }
 
+    #[test]
+    fn peers_list_parses_and_each_mistake_names_its_key() {
+        // Array tables come last in TOML.
+        let list = format!(
+            "{}[[peers]]\naddress = \"192.0.2.2:7946\"\nnode_id = 2\n[[peers]]\naddress = \"192.0.2.3:7946\"\n",
+            GOOD.replace("peer = \"192.0.2.2:7946\"\n", "")
+        );
+        let c: ClusterConfig = toml::from_str(&list).unwrap();
+        assert!(c.validate().is_empty(), "{:?}", c.validate());
+        assert_eq!(
+            c.peer_list(),
+            vec![
+                PeerConfig { address: "192.0.2.2:7946".parse().unwrap(), node_id: Some(2) },
+                PeerConfig { address: "192.0.2.3:7946".parse().unwrap(), node_id: None }
+            ]
+        );
+        // The two-node form is the same list of one.
+        let one: ClusterConfig = toml::from_str(&format!("{GOOD}peer_id = 2\n")).unwrap();
+        assert_eq!(one.peer_list(), vec![PeerConfig { address: "192.0.2.2:7946".parse().unwrap(), node_id: Some(2) }]);
+        let cases = [
+            ("node_id = 2\n", "node_id = 1\n", "cluster.peers: 192.0.2.2:7946: node_id 1 is this node's own"),
+            ("node_id = 2\n", "node_id = 0\n", "node_id must be at least 1"),
+            ("192.0.2.3:7946\"\n", "192.0.2.3:7946\"\nnode_id = 2\n", "node_id 2 given to two peers"),
+            ("192.0.2.3:7946", "192.0.2.2:7946", "cluster.peers: 192.0.2.2:7946 listed twice"),
+            ("192.0.2.3:7946", "192.0.2.1:7946", "our own listen address"),
+            ("192.0.2.3:7946", "0.0.0.0:7946", "not a unicast address"),
+            ("priority = 200", "priority = 200\npeer_id = 3", "cluster.peer_id: only with `peer`"),
+        ];
+        for (from, to, want) in cases {
+            let c: ClusterConfig = toml::from_str(&list.replacen(from, to, 1)).unwrap();
+            let errs: Vec<String> = c.validate().iter().map(|e| e.to_string()).collect();
+            assert!(errs.iter().any(|e| e.contains(want)), "{to}: {errs:?}");
+        }
+        let both: ClusterConfig = toml::from_str(&list.replace("priority = 200", "priority = 200\npeer = \"192.0.2.9:7946\"")).unwrap();
+        assert!(both.validate().iter().any(|e| e.to_string().contains("both `peer` and `peers`")));
+        let none: ClusterConfig = toml::from_str(&GOOD.replace("peer = \"192.0.2.2:7946\"\n", "")).unwrap();
+        assert!(none.validate().iter().any(|e| e.to_string().contains("cluster.peers: no peer")));
+        let e = toml::from_str::<ClusterConfig>(&list.replace("node_id = 2", "id = 2")).unwrap_err().to_string();
+        assert!(e.contains("id"), "{e}");
+    }
+
     fn secret_file(name: &str, content: &[u8], mode: u32) -> PathBuf {
         let p = std::env::temp_dir().join(format!("lb-cluster-secret-{name}-{}", std::process::id()));
         std::fs::write(&p, content).unwrap();
