@@ -168,7 +168,7 @@ fn three_nodes_replicate_config_and_flows_to_every_peer_and_catch_up_after_a_res
         assert_eq!((st["mode"].as_str(), st["role"].as_str()), (Some("active-active"), Some("active")), "node {}: {st}", i + 1);
         let (ok, status, err) = l.lbctl(&["status"]);
         assert!(ok, "{err}");
-        assert!(status.contains(&format!("node {} active-active", i + 1)) && status.matches(" alive (last heartbeat").count() == 2, "{status}");
+        assert!(status.contains(&format!("node {} active-active", i + 1)) && status.matches(" alive (last heartbeat").count() == 2, "{status}\n{}", cluster(l));
         let reported = wait_for(Duration::from_secs(5), || l.lbctl(&["status"]).1.contains("bird         ERROR")).is_some();
         assert!(reported, "BIRD unreachable is reported: {}", l.lbctl(&["status"]).1);
     }
@@ -234,8 +234,9 @@ fn three_nodes_replicate_config_and_flows_to_every_peer_and_catch_up_after_a_res
     let two_backends: Vec<String> = three_backends.iter().filter(|b| **b != be2).cloned().collect();
     let ok = wait_for(Duration::from_secs(3), || backends(&c.n[0]) == two_backends).is_some();
     assert!(ok, "node 1 got node 2's change with node 3 down: {:?}", backends(&c.n[0]));
-    let (_, status, _) = c.n[1].lbctl(&["status"]);
-    assert!(status.contains("dead (last heartbeat"), "{status}");
+    // `lbctl status` reads the owner's copy, refreshed every heartbeat interval.
+    let dead = wait_for(Duration::from_secs(1), || c.n[1].lbctl(&["status"]).1.contains("node 3 dead (last heartbeat")).is_some();
+    assert!(dead, "{}", c.n[1].lbctl(&["status"]).1);
     // Flows keep fanning out to the live peer.
     let before = applied(&c.n[0]);
     let mut late = c.t.connect(web(), 80).expect("a new connection through node 2");

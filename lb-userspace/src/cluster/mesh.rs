@@ -97,6 +97,8 @@ pub struct Mesh {
     pub unknown_sender: u64,
     /// Chunks refused by a peer's assembler (lost chunk; the resend recovers).
     pub chunks_refused: u64,
+    /// A peer came alive or announced another config since `take_changed`.
+    changed: bool,
 }
 
 /// Flows sent per peer per heartbeat, at most (as the pair: 160k flows/s at 100 ms).
@@ -132,7 +134,7 @@ impl Mesh {
                 }
             })
             .collect();
-        Self { dead_ms: heartbeat_ms.saturating_mul(dead_after), pos, services, peers, unknown_sender: 0, chunks_refused: 0 }
+        Self { dead_ms: heartbeat_ms.saturating_mul(dead_after), pos, services, peers, unknown_sender: 0, chunks_refused: 0, changed: false }
     }
 
     pub fn pos(&self) -> ConfigPos {
@@ -265,7 +267,9 @@ impl Mesh {
         };
         match msg {
             Message::Heartbeat(hb) => {
+                let was_alive = self.alive(i, now);
                 let p = &mut self.peers[i];
+                self.changed |= !was_alive || p.heard.is_none_or(|(_, old)| old.config != hb.config);
                 if let Some((prev, _)) = p.heard {
                     p.gap_max_ms = p.gap_max_ms.max(now.saturating_sub(prev));
                 }
@@ -291,6 +295,12 @@ impl Mesh {
             Message::ConfigAck(_) => {}
             Message::FlowBatch(flows) => events.push(MeshEvent::Flows(flows)),
         }
+    }
+
+    /// True once after a peer came alive or changed its config: worth publishing now
+    /// rather than at the next tick (the owner numbers local changes after it).
+    pub fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
     }
 
     pub fn peer_status(&self, now: u64) -> Vec<MeshPeerStatus> {
@@ -384,7 +394,13 @@ pub(super) async fn run(t: ClusterTask, sock: tokio::net::UdpSocket, mut cmds: m
                 t.snapshot.send_replace(mesh.snapshot(n));
             }
             res = sock.recv_from(&mut buf) => match res {
-                Ok((len, from)) => mesh.on_datagram(now(), from, &buf[..len], &mut out, &mut events),
+                Ok((len, from)) => {
+                    let n = now();
+                    mesh.on_datagram(n, from, &buf[..len], &mut out, &mut events);
+                    if mesh.take_changed() {
+                        t.snapshot.send_replace(mesh.snapshot(n));
+                    }
+                }
                 Err(e) => {
                     warn!(error = %e, "cluster: receive");
                     tokio::time::sleep(Duration::from_millis(10)).await;
