@@ -84,6 +84,9 @@ struct PeerLink {
     gap_max_ms: u64,
     queue: FlowQueue,
     skipped_down: u64,
+    /// It announced a role other than active (it runs the pair's election, so its
+    /// `[bgp]` is missing): said once in the log until it announces active again.
+    mode_warned: bool,
 }
 
 /// Per-peer state of an active-active node. Calls return the datagrams to send; the
@@ -131,6 +134,7 @@ impl Mesh {
                     gap_max_ms: 0,
                     queue: FlowQueue::new(queue_cap),
                     skipped_down: 0,
+                    mode_warned: false,
                 }
             })
             .collect();
@@ -274,6 +278,11 @@ impl Mesh {
                     p.gap_max_ms = p.gap_max_ms.max(now.saturating_sub(prev));
                 }
                 p.heard = Some((now, hb));
+                let mismatch = hb.role != Role::Active;
+                if mismatch && !p.mode_warned {
+                    warn!(peer = %p.address, role = %hb.role, "cluster: this peer runs the active/backup election (no [bgp] there?); every node of an active-active cluster needs [bgp]");
+                }
+                p.mode_warned = mismatch;
                 // A new session: the peer may have missed the config; send it now.
                 if p.guard.take_session_started() {
                     self.heartbeat_to(i, out);
