@@ -37,7 +37,9 @@ use super::config_sync::{Assembler, ConfigPos, Incoming, Replicator, incoming};
 use super::election::{Transition, Why};
 use super::flow_sync::FlowQueue;
 use super::node::{ClusterCmd, ClusterEvent, ClusterSnapshot, ClusterTask, ClusterView, PeerSnap};
-use super::wire::{self, ETHERNET_DATAGRAM, Heartbeat, Key, Message, PeerGuard, Role, Sealer, SyncedFlow};
+use super::wire::{
+    self, ETHERNET_DATAGRAM, Heartbeat, Key, Message, PeerGuard, Role, Sealer, SyncedFlow,
+};
 
 /// Datagrams to send, each with its peer's address.
 pub type Out = Vec<(SocketAddr, Vec<u8>)>;
@@ -138,7 +140,15 @@ impl Mesh {
                 }
             })
             .collect();
-        Self { dead_ms: heartbeat_ms.saturating_mul(dead_after), pos, services, peers, unknown_sender: 0, chunks_refused: 0, changed: false }
+        Self {
+            dead_ms: heartbeat_ms.saturating_mul(dead_after),
+            pos,
+            services,
+            peers,
+            unknown_sender: 0,
+            chunks_refused: 0,
+            changed: false,
+        }
     }
 
     pub fn pos(&self) -> ConfigPos {
@@ -146,12 +156,17 @@ impl Mesh {
     }
 
     fn alive(&self, i: usize, now: u64) -> bool {
-        self.peers[i].heard.is_some_and(|(at, _)| now.saturating_sub(at) < self.dead_ms)
+        self.peers[i]
+            .heard
+            .is_some_and(|(at, _)| now.saturating_sub(at) < self.dead_ms)
     }
 
     /// The newest position any peer announced: a local change is numbered after it.
     pub fn peer_pos_max(&self) -> Option<ConfigPos> {
-        self.peers.iter().filter_map(|p| p.heard.map(|(_, hb)| hb.config)).max()
+        self.peers
+            .iter()
+            .filter_map(|p| p.heard.map(|(_, hb)| hb.config))
+            .max()
     }
 
     fn heartbeat(&self) -> Heartbeat {
@@ -183,7 +198,9 @@ impl Mesh {
     fn config_to(&mut self, i: usize, now: u64, force: bool, out: &mut Out) {
         let pos = self.pos;
         let p = &mut self.peers[i];
-        let behind = p.heard.is_some_and(|(_, hb)| p.replicator.on_peer(now, pos, hb.config));
+        let behind = p
+            .heard
+            .is_some_and(|(_, hb)| p.replicator.on_peer(now, pos, hb.config));
         if !(force || behind) {
             return;
         }
@@ -211,14 +228,26 @@ impl Mesh {
             }
             let flows = p.queue.take(FLOW_BUDGET);
             if !flows.is_empty() {
-                out.extend(p.sealer.seal_flows(&flows, ETHERNET_DATAGRAM).0.into_iter().map(|d| (p.address, d)));
+                out.extend(
+                    p.sealer
+                        .seal_flows(&flows, ETHERNET_DATAGRAM)
+                        .0
+                        .into_iter()
+                        .map(|d| (p.address, d)),
+                );
             }
             self.config_to(i, now, false, out);
         }
     }
 
     /// A local change: its position, and the config to every peer at once.
-    pub fn local_change(&mut self, now: u64, pos: ConfigPos, services: Arc<Vec<u8>>, out: &mut Out) {
+    pub fn local_change(
+        &mut self,
+        now: u64,
+        pos: ConfigPos,
+        services: Arc<Vec<u8>>,
+        out: &mut Out,
+    ) {
         self.pos = pos;
         self.services = services;
         for i in 0..self.peers.len() {
@@ -243,12 +272,23 @@ impl Mesh {
     fn peer_of(&self, from: SocketAddr, d: &[u8]) -> Option<usize> {
         let claimed = wire::peek_node_id(d);
         claimed
-            .and_then(|id| self.peers.iter().position(|p| p.guard.peer_id() == Some(id)))
+            .and_then(|id| {
+                self.peers
+                    .iter()
+                    .position(|p| p.guard.peer_id() == Some(id))
+            })
             .or_else(|| self.peers.iter().position(|p| p.address == from))
     }
 
     /// One datagram received from `from`.
-    pub fn on_datagram(&mut self, now: u64, from: SocketAddr, d: &[u8], out: &mut Out, events: &mut Vec<MeshEvent>) {
+    pub fn on_datagram(
+        &mut self,
+        now: u64,
+        from: SocketAddr,
+        d: &[u8],
+        out: &mut Out,
+        events: &mut Vec<MeshEvent>,
+    ) {
         let Some(i) = self.peer_of(from, d) else {
             self.unknown_sender = self.unknown_sender.saturating_add(1);
             if self.unknown_sender.is_power_of_two() {
@@ -273,7 +313,8 @@ impl Mesh {
             Message::Heartbeat(hb) => {
                 let was_alive = self.alive(i, now);
                 let p = &mut self.peers[i];
-                self.changed |= !was_alive || p.heard.is_none_or(|(_, old)| old.config != hb.config);
+                self.changed |=
+                    !was_alive || p.heard.is_none_or(|(_, old)| old.config != hb.config);
                 if let Some((prev, _)) = p.heard {
                     p.gap_max_ms = p.gap_max_ms.max(now.saturating_sub(prev));
                 }
@@ -363,7 +404,11 @@ impl Mesh {
 }
 
 /// The active-active cluster task: the `Mesh` around one socket.
-pub(super) async fn run(t: ClusterTask, sock: tokio::net::UdpSocket, mut cmds: mpsc::UnboundedReceiver<ClusterCmd>) {
+pub(super) async fn run(
+    t: ClusterTask,
+    sock: tokio::net::UdpSocket,
+    mut cmds: mpsc::UnboundedReceiver<ClusterCmd>,
+) {
     let started = Instant::now();
     let now = || started.elapsed().as_millis() as u64;
     let peers = t.cfg.peer_list();
@@ -380,7 +425,11 @@ pub(super) async fn run(t: ClusterTask, sock: tokio::net::UdpSocket, mut cmds: m
     );
     info!(node = t.cfg.node_id, peers = ?peers.iter().map(|p| p.address).collect::<Vec<_>>(), "cluster: active-active");
     // No election: forwarding (and flow reporting) starts now.
-    let _ = t.events.send(ClusterEvent::Role(Transition { from: Role::Init, to: Role::Active, why: Why::ActiveActive }));
+    let _ = t.events.send(ClusterEvent::Role(Transition {
+        from: Role::Init,
+        to: Role::Active,
+        why: Why::ActiveActive,
+    }));
     let mut push = t.push_config;
     let mut tick = tokio::time::interval(Duration::from_millis(t.cfg.heartbeat_ms as u64));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -435,7 +484,9 @@ pub(super) async fn run(t: ClusterTask, sock: tokio::net::UdpSocket, mut cmds: m
                 MeshEvent::Flows(flows) => {
                     let n = flows.len() as u64;
                     if t.apply.try_send(flows).is_err() {
-                        t.counters.dropped_apply_queue.fetch_add(n, Ordering::Relaxed);
+                        t.counters
+                            .dropped_apply_queue
+                            .fetch_add(n, Ordering::Relaxed);
                     }
                 }
             }
@@ -459,7 +510,10 @@ struct SendErrors {
 
 impl SendErrors {
     fn note(&mut self, to: SocketAddr, e: &std::io::Error) {
-        let (at, n) = self.last.entry(to).or_insert((Instant::now() - Duration::from_secs(60), 0));
+        let (at, n) = self
+            .last
+            .entry(to)
+            .or_insert((Instant::now() - Duration::from_secs(60), 0));
         *n += 1;
         if at.elapsed() >= Duration::from_secs(10) {
             warn!(error = %e, peer = %to, errors = *n, "cluster: send");
@@ -472,7 +526,11 @@ fn view(t: &ClusterTask, mesh: &Mesh, now: u64) -> ClusterView {
     let peers = mesh.peer_status(now);
     let q = t.queue.lock().unwrap_or_else(|e| e.into_inner()).counters;
     let c = &t.counters;
-    let lost = t.sync_stats.as_ref().and_then(|m| m.get(&0, 0).ok()).map_or(0, |v| v.iter().sum());
+    let lost = t
+        .sync_stats
+        .as_ref()
+        .and_then(|m| m.get(&0, 0).ok())
+        .map_or(0, |v| v.iter().sum());
     ClusterView {
         node_id: t.cfg.node_id,
         role: Role::Active.to_string(),
@@ -489,13 +547,23 @@ fn view(t: &ClusterTask, mesh: &Mesh, now: u64) -> ClusterView {
         heartbeat_interval_max_ms: 0.0,
         peer_gap_max_ms: peers.iter().map(|p| p.gap_max_ms).max().unwrap_or(0),
         datagrams_accepted: peers.iter().map(|p| p.datagrams_accepted).sum(),
-        datagrams_rejected: [("no_such_peer".to_string(), mesh.unknown_sender), ("rejected_by_peer_guards".to_string(), peers.iter().map(|p| p.datagrams_rejected).sum())]
-            .into_iter()
-            .filter(|(_, n)| *n > 0)
-            .collect(),
+        datagrams_rejected: [
+            ("no_such_peer".to_string(), mesh.unknown_sender),
+            (
+                "rejected_by_peer_guards".to_string(),
+                peers.iter().map(|p| p.datagrams_rejected).sum(),
+            ),
+        ]
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .collect(),
         flows_queued: q.queued,
         flows_sent: peers.iter().map(|p| p.flows_sent).sum(),
-        flows_dropped_queue_full: q.dropped_full + peers.iter().map(|p| p.flows_dropped_queue_full).sum::<u64>(),
+        flows_dropped_queue_full: q.dropped_full
+            + peers
+                .iter()
+                .map(|p| p.flows_dropped_queue_full)
+                .sum::<u64>(),
         flows_lost_in_datapath: lost,
         flows_applied: c.applied.load(Ordering::Relaxed),
         flows_unknown_vip: c.unknown_vip.load(Ordering::Relaxed),
@@ -541,14 +609,35 @@ mod tests {
         fn new(n: usize, pos: impl Fn(usize) -> ConfigPos) -> Self {
             let key = Key::new(b"0123456789abcdef0123").unwrap();
             let nodes = (0..n).map(|i| Self::node(&key, n, i, pos(i))).collect();
-            Net { nodes, down: BTreeSet::new(), flows_in: vec![Vec::new(); n], now: 0, key }
+            Net {
+                nodes,
+                down: BTreeSet::new(),
+                flows_in: vec![Vec::new(); n],
+                now: 0,
+                key,
+            }
         }
 
         fn node(key: &Key, n: usize, i: usize, pos: ConfigPos) -> Mesh {
             // Node ids configured for some peers and learnt for others.
-            let peers: Vec<PeerConfig> =
-                (0..n).filter(|&j| j != i).map(|j| PeerConfig { address: addr(j), node_id: (j % 2 == 0).then_some(j as u32 + 1) }).collect();
-            Mesh::new(i as u32 + 1, HB, 3, key, 1000 + i as u64, &peers, pos, Arc::new(format!("services of node {}", i + 1).into_bytes()), 64)
+            let peers: Vec<PeerConfig> = (0..n)
+                .filter(|&j| j != i)
+                .map(|j| PeerConfig {
+                    address: addr(j),
+                    node_id: (j % 2 == 0).then_some(j as u32 + 1),
+                })
+                .collect();
+            Mesh::new(
+                i as u32 + 1,
+                HB,
+                3,
+                key,
+                1000 + i as u64,
+                &peers,
+                pos,
+                Arc::new(format!("services of node {}", i + 1).into_bytes()),
+                64,
+            )
         }
 
         /// A node restarts (new sessions, nothing learnt) with the position it saved.
@@ -564,7 +653,9 @@ mod tests {
             let mut queue: Vec<(usize, Out)> = vec![(from, out)];
             // Bounded: each round answers the previous one's datagrams.
             for _ in 0..50 {
-                let Some((src, out)) = queue.pop() else { return };
+                let Some((src, out)) = queue.pop() else {
+                    return;
+                };
                 if self.down.contains(&src) {
                     continue;
                 }
@@ -608,7 +699,9 @@ mod tests {
         }
 
         fn change(&mut self, i: usize, what: &str) -> ConfigPos {
-            let pos = self.nodes[i].pos().next(self.nodes[i].peer_pos_max(), i as u32 + 1);
+            let pos = self.nodes[i]
+                .pos()
+                .next(self.nodes[i].peer_pos_max(), i as u32 + 1);
             let mut out = Out::new();
             self.nodes[i].local_change(self.now, pos, Arc::new(what.as_bytes().to_vec()), &mut out);
             self.deliver(i, out);
@@ -623,7 +716,10 @@ mod tests {
         }
 
         fn configs(&self) -> Vec<(ConfigPos, String)> {
-            self.nodes.iter().map(|m| (m.pos(), String::from_utf8(m.services.to_vec()).unwrap())).collect()
+            self.nodes
+                .iter()
+                .map(|m| (m.pos(), String::from_utf8(m.services.to_vec()).unwrap()))
+                .collect()
         }
     }
 
@@ -650,17 +746,37 @@ mod tests {
         for (i, m) in net.nodes.iter().enumerate() {
             let st = m.peer_status(net.now);
             assert_eq!(st.len(), 2);
-            assert!(st.iter().all(|s| s.alive && s.node_id.is_some()), "node {}: {st:?}", i + 1);
+            assert!(
+                st.iter().all(|s| s.alive && s.node_id.is_some()),
+                "node {}: {st:?}",
+                i + 1
+            );
         }
-        assert!(net.configs().iter().all(|c| *c == (p(1, 1), "services of node 1".into())), "{:?}", net.configs());
+        assert!(
+            net.configs()
+                .iter()
+                .all(|c| *c == (p(1, 1), "services of node 1".into())),
+            "{:?}",
+            net.configs()
+        );
         // A change on node 3 reaches 1 and 2 at once (no tick needed).
         let pos = net.change(2, "backend added on node 3");
         assert_eq!(pos, p(2, 3));
-        assert!(net.configs().iter().all(|c| *c == (p(2, 3), "backend added on node 3".into())), "{:?}", net.configs());
+        assert!(
+            net.configs()
+                .iter()
+                .all(|c| *c == (p(2, 3), "backend added on node 3".into())),
+            "{:?}",
+            net.configs()
+        );
         // Then one on node 1: numbered after what it has seen, so it wins.
         assert_eq!(net.change(0, "from node 1"), p(3, 1));
         net.run(300);
-        assert!(net.configs().iter().all(|c| c.0 == p(3, 1)), "{:?}", net.configs());
+        assert!(
+            net.configs().iter().all(|c| c.0 == p(3, 1)),
+            "{:?}",
+            net.configs()
+        );
     }
 
     #[test]
@@ -671,14 +787,30 @@ mod tests {
         net.down = (0..3).collect();
         let mut out = Out::new();
         for i in [2, 1, 0] {
-            let pos = net.nodes[i].pos().next(net.nodes[i].peer_pos_max(), i as u32 + 1);
-            net.nodes[i].local_change(net.now, pos, Arc::new(format!("made on {}", i + 1).into_bytes()), &mut out);
+            let pos = net.nodes[i]
+                .pos()
+                .next(net.nodes[i].peer_pos_max(), i as u32 + 1);
+            net.nodes[i].local_change(
+                net.now,
+                pos,
+                Arc::new(format!("made on {}", i + 1).into_bytes()),
+                &mut out,
+            );
         }
-        assert_eq!(net.nodes.iter().map(|m| m.pos()).collect::<Vec<_>>(), vec![p(5, 1), p(5, 2), p(5, 3)]);
+        assert_eq!(
+            net.nodes.iter().map(|m| m.pos()).collect::<Vec<_>>(),
+            vec![p(5, 1), p(5, 2), p(5, 3)]
+        );
         net.down.clear();
         net.run(2000);
         // Version 5 everywhere; the lowest origin id wins the tie, on every node.
-        assert!(net.configs().iter().all(|c| *c == (p(5, 1), "made on 1".into())), "{:?}", net.configs());
+        assert!(
+            net.configs()
+                .iter()
+                .all(|c| *c == (p(5, 1), "made on 1".into())),
+            "{:?}",
+            net.configs()
+        );
         // Same with the partition cutting 3 off from 1 and 2, and 3 a version ahead.
         net.down.insert(2);
         net.change(1, "2 while 3 is away");
@@ -688,7 +820,13 @@ mod tests {
         net.run(500);
         net.down.clear();
         net.run(2000);
-        assert!(net.configs().iter().all(|c| *c == (far, "3 far ahead".into())), "{:?}", net.configs());
+        assert!(
+            net.configs()
+                .iter()
+                .all(|c| *c == (far, "3 far ahead".into())),
+            "{:?}",
+            net.configs()
+        );
     }
 
     #[test]
@@ -707,21 +845,41 @@ mod tests {
         assert!(st[0].alive && !st[1].alive, "{st:?}");
         let flows: Vec<SyncedFlow> = (10..30).map(|i| flow(i, "10.0.1.1")).collect();
         net.new_flows(0, &flows);
-        assert_eq!(net.flows_in[1].len(), 22, "node 2 got every flow in the same tick");
+        assert_eq!(
+            net.flows_in[1].len(),
+            22,
+            "node 2 got every flow in the same tick"
+        );
         let st = net.nodes[0].peer_status(net.now);
-        assert_eq!((st[1].flows_skipped_peer_down, st[1].flows_queued), (20, 2), "{:?}", st[1]);
+        assert_eq!(
+            (st[1].flows_skipped_peer_down, st[1].flows_queued),
+            (20, 2),
+            "{:?}",
+            st[1]
+        );
         // More new flows than a peer queue holds (64): bounded, the drops counted
         // against the peer, and what was queued is sent.
         let many: Vec<SyncedFlow> = (100..200).map(|i| flow(i, "10.0.1.2")).collect();
         net.new_flows(0, &many);
         let st = net.nodes[0].peer_status(net.now);
-        assert_eq!((st[0].flows_dropped_queue_full, net.flows_in[1].len()), (36, 22 + 64), "{:?}", st[0]);
+        assert_eq!(
+            (st[0].flows_dropped_queue_full, net.flows_in[1].len()),
+            (36, 22 + 64),
+            "{:?}",
+            st[0]
+        );
         // Node 3 restarts: it catches up with the config and gets new flows again.
         net.change(1, "changed while 3 was down");
         net.restart(2);
         net.down.clear();
         net.run(1000);
-        assert!(net.configs().iter().all(|c| c.1 == "changed while 3 was down"), "{:?}", net.configs());
+        assert!(
+            net.configs()
+                .iter()
+                .all(|c| c.1 == "changed while 3 was down"),
+            "{:?}",
+            net.configs()
+        );
         net.new_flows(1, &[flow(500, "10.0.1.1")]);
         assert_eq!(net.flows_in[2].last(), Some(&flow(500, "10.0.1.1")));
         assert_eq!(net.flows_in[0].last(), Some(&flow(500, "10.0.1.1")));
@@ -743,7 +901,11 @@ mod tests {
         let mut net = Net::new(3, |_| p(1, 1));
         net.run(500);
         let (a, b): (IpAddr, IpAddr) = ("10.0.1.1".parse().unwrap(), "10.0.1.2".parse().unwrap());
-        let ids = [Ids(BTreeMap::from([(a, 0), (b, 1)])), Ids(BTreeMap::from([(a, 1), (b, 0)])), Ids(BTreeMap::from([(a, 7), (b, 3)]))];
+        let ids = [
+            Ids(BTreeMap::from([(a, 0), (b, 1)])),
+            Ids(BTreeMap::from([(a, 1), (b, 0)])),
+            Ids(BTreeMap::from([(a, 7), (b, 3)])),
+        ];
         // Node 2 sees the flow first and picks backend b (its id 0).
         let f = flow(1, "10.0.1.2");
         net.new_flows(1, &[f]);
@@ -766,7 +928,13 @@ mod tests {
         stranger.local_change(0, p(9, 3), Arc::new(b"x".to_vec()), &mut out);
         let (mut o, mut ev) = (Out::new(), Vec::new());
         for (_, d) in out {
-            net.nodes[0].on_datagram(net.now, "192.0.2.99:7946".parse().unwrap(), &d, &mut o, &mut ev);
+            net.nodes[0].on_datagram(
+                net.now,
+                "192.0.2.99:7946".parse().unwrap(),
+                &d,
+                &mut o,
+                &mut ev,
+            );
         }
         assert!(ev.is_empty() && o.is_empty());
         assert!(net.nodes[0].unknown_sender > 0);
