@@ -73,6 +73,9 @@ pub struct MeshPeerStatus {
     pub flows_dropped_queue_full: u64,
     /// New flows not queued for it because it was not alive.
     pub flows_skipped_peer_down: u64,
+    /// Flows of our flow table sent when it (re)joined.
+    #[serde(default)]
+    pub flows_dumped: u64,
 }
 
 struct PeerLink {
@@ -86,6 +89,9 @@ struct PeerLink {
     gap_max_ms: u64,
     queue: FlowQueue,
     skipped_down: u64,
+    /// A session started: send it our flow table once it holds our config.
+    dump_due: bool,
+    dumped: u64,
     /// It announced a role other than active (it runs the pair's election, so its
     /// `[bgp]` is missing): said once in the log until it announces active again.
     mode_warned: bool,
@@ -104,6 +110,8 @@ pub struct Mesh {
     pub chunks_refused: u64,
     /// A peer came alive or announced another config since `take_changed`.
     changed: bool,
+    /// Peers to send our flow table to (`take_dump_requests`).
+    dump_requests: Vec<SocketAddr>,
 }
 
 /// Flows sent per peer per heartbeat, at most (as the pair: 160k flows/s at 100 ms).
@@ -136,6 +144,8 @@ impl Mesh {
                     gap_max_ms: 0,
                     queue: FlowQueue::new(queue_cap),
                     skipped_down: 0,
+                    dump_due: false,
+                    dumped: 0,
                     mode_warned: false,
                 }
             })
@@ -148,6 +158,7 @@ impl Mesh {
             unknown_sender: 0,
             chunks_refused: 0,
             changed: false,
+            dump_requests: Vec::new(),
         }
     }
 
@@ -319,13 +330,22 @@ impl Mesh {
                     p.gap_max_ms = p.gap_max_ms.max(now.saturating_sub(prev));
                 }
                 p.heard = Some((now, hb));
+                let started = p.guard.take_session_started();
                 let mismatch = hb.role != Role::Active;
                 if mismatch && !p.mode_warned {
                     warn!(peer = %p.address, role = %hb.role, "cluster: this peer runs the active/backup election (no [bgp] there?); every node of an active-active cluster needs [bgp]");
                 }
                 p.mode_warned = mismatch;
+                // A new session: the peer (re)joined. Its flow table may lack flows that
+                // started before; ours follows once it runs our config (else they would
+                // not resolve there).
+                p.dump_due |= started;
+                if p.dump_due && hb.config == self.pos {
+                    p.dump_due = false;
+                    self.dump_requests.push(p.address);
+                }
                 // A new session: the peer may have missed the config; send it now.
-                if p.guard.take_session_started() {
+                if started {
                     self.heartbeat_to(i, out);
                     self.config_to(i, now, false, out);
                 }
@@ -344,6 +364,36 @@ impl Mesh {
             },
             Message::ConfigAck(_) => {}
             Message::FlowBatch(flows) => events.push(MeshEvent::Flows(flows)),
+        }
+    }
+
+    /// Peers that joined and hold our config since the last call: the daemon sends
+    /// them our flow table (`enqueue_dump`).
+    pub fn take_dump_requests(&mut self) -> Vec<SocketAddr> {
+        std::mem::take(&mut self.dump_requests)
+    }
+
+    /// Every peer queue has room for `n` more flows: a dump chunk may come in.
+    pub fn room_for(&self, n: usize) -> bool {
+        self.peers.iter().all(|p| p.queue.room() >= n)
+    }
+
+    /// Flows of our table for peer `to` (dropped, counted, when its queue is full or
+    /// it died meanwhile).
+    pub fn enqueue_dump(&mut self, now: u64, to: SocketAddr, flows: &[SyncedFlow]) {
+        let Some(i) = self.peers.iter().position(|p| p.address == to) else {
+            return;
+        };
+        let alive = self.alive(i, now);
+        let p = &mut self.peers[i];
+        if !alive {
+            p.skipped_down = p.skipped_down.saturating_add(flows.len() as u64);
+            return;
+        }
+        for f in flows {
+            if p.queue.push(*f) {
+                p.dumped = p.dumped.saturating_add(1);
+            }
         }
     }
 
@@ -372,6 +422,7 @@ impl Mesh {
                     flows_sent: p.queue.counters.sent,
                     flows_dropped_queue_full: p.queue.counters.dropped_full,
                     flows_skipped_peer_down: p.skipped_down,
+                    flows_dumped: p.dumped,
                 }
             })
             .collect()
@@ -405,7 +456,7 @@ impl Mesh {
 
 /// The active-active cluster task: the `Mesh` around one socket.
 pub(super) async fn run(
-    t: ClusterTask,
+    mut t: ClusterTask,
     sock: tokio::net::UdpSocket,
     mut cmds: mpsc::UnboundedReceiver<ClusterCmd>,
 ) {
@@ -435,7 +486,13 @@ pub(super) async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf = vec![0u8; 65536];
     let mut send_errors = SendErrors::default();
+    let (dump_tx, mut dump_rx) = match t.dump.take() {
+        Some(d) => (Some(d.requests), Some(d.chunks)),
+        None => (None, None),
+    };
     loop {
+        // A chunk of our flow table only while every peer queue can take it whole.
+        let dump_room = mesh.room_for(crate::daemon::flows::DUMP_CHUNK);
         let mut out = Out::new();
         let mut events = Vec::new();
         tokio::select! {
@@ -464,6 +521,9 @@ pub(super) async fn run(
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             },
+            Some((to, flows)) = recv_or_pending(&mut dump_rx), if dump_room => {
+                mesh.enqueue_dump(now(), to, &flows);
+            }
             c = cmds.recv() => match c {
                 None | Some(ClusterCmd::Stop) => return,
                 Some(ClusterCmd::LocalChange { pos, services }) => mesh.local_change(now(), pos, services, &mut out),
@@ -491,6 +551,13 @@ pub(super) async fn run(
                 }
             }
         }
+        for to in mesh.take_dump_requests() {
+            if let Some(tx) = &dump_tx
+                && tx.try_send(to).is_err()
+            {
+                warn!(peer = %to, "cluster: flow-table dump requests queue full; the peer gets new flows only");
+            }
+        }
         for (to, d) in out {
             // A lost datagram is recovered by the protocol (heartbeats repeat, config is
             // resent until the peer's heartbeat shows it, a flow is left to Maglev). One
@@ -499,6 +566,14 @@ pub(super) async fn run(
                 send_errors.note(to, &e);
             }
         }
+    }
+}
+
+/// The next item of an optional channel; never ready without one.
+async fn recv_or_pending<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -603,6 +678,8 @@ mod tests {
         flows_in: Vec<Vec<SyncedFlow>>,
         now: u64,
         key: Key,
+        /// Nodes whose owner does not apply peer configs (yet).
+        frozen: BTreeSet<usize>,
     }
 
     impl Net {
@@ -612,6 +689,7 @@ mod tests {
             Net {
                 nodes,
                 down: BTreeSet::new(),
+                frozen: BTreeSet::new(),
                 flows_in: vec![Vec::new(); n],
                 now: 0,
                 key,
@@ -670,7 +748,9 @@ mod tests {
                         match e {
                             MeshEvent::PeerConfig(pos, data) => {
                                 // The owner applies it if still newer, then acknowledges.
-                                if incoming(self.nodes[j].pos(), pos) == Incoming::Apply {
+                                if incoming(self.nodes[j].pos(), pos) == Incoming::Apply
+                                    && !self.frozen.contains(&j)
+                                {
                                     self.nodes[j].applied(self.now, pos, Arc::new(data), &mut o);
                                 }
                             }
@@ -939,5 +1019,43 @@ mod tests {
         assert!(ev.is_empty() && o.is_empty());
         assert!(net.nodes[0].unknown_sender > 0);
         assert_eq!(net.nodes[0].pos(), p(1, 1));
+    }
+
+    #[test]
+    fn a_joining_peer_gets_our_flow_table_once_it_runs_our_config() {
+        let mut net = Net::new(3, |_| p(1, 1));
+        net.run(500);
+        // Every first session asks for a dump (tables are empty then).
+        for m in &mut net.nodes {
+            assert_eq!(m.take_dump_requests().len(), 2);
+        }
+        net.change(0, "v2");
+        // Node 3 is replaced: it comes back with an older config and applies nothing yet.
+        net.down.insert(2);
+        net.run(400);
+        net.nodes[2] = Net::node(&net.key, 3, 2, p(1, 1));
+        net.frozen.insert(2);
+        net.down.clear();
+        net.run(1000);
+        assert!(net.nodes[0].peer_status(net.now)[1].alive);
+        assert!(net.nodes[0].take_dump_requests().is_empty(), "flows of a config it lacks would not resolve there");
+        net.frozen.clear();
+        net.run(1000);
+        assert_eq!(net.nodes[2].pos(), p(2, 1));
+        assert_eq!(net.nodes[0].take_dump_requests(), vec![addr(2)], "once, for node 3");
+        assert_eq!(net.nodes[1].take_dump_requests(), vec![addr(2)]);
+        net.run(500);
+        assert!(net.nodes[0].take_dump_requests().is_empty());
+        // The daemon's dump chunks go to that peer only, bounded by its queue.
+        assert!(net.nodes[0].room_for(64) && !net.nodes[0].room_for(65));
+        let table: Vec<SyncedFlow> = (0..70).map(|i| flow(i, "10.0.1.1")).collect();
+        net.nodes[0].enqueue_dump(net.now, addr(2), &table);
+        assert!(!net.nodes[0].room_for(1));
+        let before = net.flows_in[1].len();
+        net.new_flows(0, &[]);
+        assert_eq!(net.flows_in[2], table[..64].to_vec());
+        assert_eq!(net.flows_in[1].len(), before, "nothing for node 2");
+        let st = &net.nodes[0].peer_status(net.now)[1];
+        assert_eq!((st.flows_dumped, st.flows_dropped_queue_full), (64, 6), "{st:?}");
     }
 }

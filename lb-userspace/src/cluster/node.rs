@@ -161,6 +161,15 @@ pub struct ClusterTask {
     pub snapshot: watch::Sender<ClusterSnapshot>,
     /// `[bgp]` is configured: no election, every node forwards (`mesh`).
     pub active_active: bool,
+    /// Active-active: asks for this node's flow table to be sent to a peer, and
+    /// receives it in chunks (`daemon::flows::dump_flows`).
+    pub dump: Option<FlowDump>,
+}
+
+/// The cluster task's ends of the flow-table dump.
+pub struct FlowDump {
+    pub requests: mpsc::Sender<SocketAddr>,
+    pub chunks: mpsc::Receiver<(SocketAddr, Vec<SyncedFlow>)>,
 }
 
 struct Run {
