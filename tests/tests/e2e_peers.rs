@@ -424,7 +424,10 @@ fn three_nodes_replicate_config_and_flows_to_every_peer_and_catch_up_after_a_res
         "node 2's new flow reached node 1"
     );
 
-    // Node 3 returns with its saved (older) config and catches up.
+    // Node 3 returns as a replaced node would: its saved (older) config, but no
+    // datapath and so an empty flow table (its pins removed). It catches up on the
+    // config, then the others send it their flow tables.
+    lb_userspace::daemon::detach_offline(&c.n[2].instance).expect("removing node 3's pins");
     c.n[2].start();
     wait_all_alive(&c, &[0, 1, 2], 2);
     let ok = wait_for(Duration::from_secs(5), || backends(&c.n[2]) == two_backends).is_some();
@@ -442,6 +445,36 @@ fn three_nodes_replicate_config_and_flows_to_every_peer_and_catch_up_after_a_res
             "same position everywhere after the catch-up"
         );
     }
+    let dumped = |l: &Lbd| -> u64 {
+        cluster(l)["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p["flows_dumped"].as_u64())
+            .sum()
+    };
+    for s in &conns {
+        let want =
+            c.t.backends
+                .iter()
+                .find(|b| b.name == s.backend)
+                .unwrap()
+                .v4
+                .to_string();
+        let ok = wait_for(Duration::from_secs(5), || {
+            lookup(&c.n[2], s).0.as_deref() == Some(want.as_str())
+        })
+        .is_some();
+        assert!(
+            ok,
+            "{} in the rejoined node 3's table (dumped by 1: {}, by 2: {}): {:?}",
+            s.local,
+            dumped(&c.n[0]),
+            dumped(&c.n[1]),
+            lookup(&c.n[2], s)
+        );
+    }
+    assert!(dumped(&c.n[0]) >= conns.len() as u64 && dumped(&c.n[1]) >= conns.len() as u64);
     // And receives flows again: one more connection through node 2.
     let before = applied(&c.n[2]);
     let mut again =
