@@ -341,6 +341,17 @@ impl Config {
                 };
                 errs.push(spans.at(&[K("cluster"), K(key)], e.to_string()));
             }
+            // The election is for two nodes; more need the routers to spread the load.
+            if raw.bgp.is_none() && c.get_ref().peer_list().len() > 1 {
+                errs.push(spans.at(
+                    &[K("cluster"), K("peers")],
+                    format!(
+                        "cluster.peers: {} peers without [bgp]: the active/backup election is for two nodes; \
+                         for more, add [bgp] (active-active behind ECMP) or list one peer",
+                        c.get_ref().peer_list().len()
+                    ),
+                ));
+            }
             // The key is checked here too, so `lbd --check` catches a readable secret.
             if let Err(e) = crate::cluster::load_secret(&c.get_ref().secret_file) {
                 errs.push(spans.at(&[K("cluster"), K("secret_file")], e.to_string()));
@@ -357,12 +368,6 @@ impl Config {
         if let Some(b) = &raw.bgp {
             for e in b.get_ref().validate() {
                 errs.push(spans.at(&[K("bgp"), K(e.key)], e.to_string()));
-            }
-            if raw.cluster.is_some() {
-                errs.push(spans.at(
-                    &[K("bgp")],
-                    "[bgp] and [cluster] together: active-active BGP nodes with cluster peers is not supported yet; use one or the other",
-                ));
             }
         }
         if !errs.is_empty() {
@@ -458,11 +463,30 @@ impl Config {
         );
         let _ = writeln!(o, "pins /sys/fs/bpf/{}/, socket {}, state {}", self.instance, self.socket.display(), self.state_file().display());
         if let Some(c) = &self.cluster {
-            let _ = writeln!(
-                o,
-                "cluster node {} priority {} listen {} peer {} heartbeat {} ms, dead after {} heartbeats, preempt {}",
-                c.node_id, c.priority, c.listen, c.peer, c.heartbeat_ms, c.dead_after, c.preempt
-            );
+            let peers: Vec<String> = c.peer_list().iter().map(|p| p.node_id.map_or(p.address.to_string(), |n| format!("{} (node {n})", p.address))).collect();
+            if self.bgp.is_some() {
+                let _ = writeln!(
+                    o,
+                    "cluster active-active node {} listen {} peers {} heartbeat {} ms, dead after {} heartbeats",
+                    c.node_id,
+                    c.listen,
+                    peers.join(", "),
+                    c.heartbeat_ms,
+                    c.dead_after
+                );
+            } else {
+                let _ = writeln!(
+                    o,
+                    "cluster node {} priority {} listen {} peer {} heartbeat {} ms, dead after {} heartbeats, preempt {}",
+                    c.node_id,
+                    c.priority,
+                    c.listen,
+                    peers.join(", "),
+                    c.heartbeat_ms,
+                    c.dead_after,
+                    c.preempt
+                );
+            }
             if let Some(n) = &c.notify {
                 let _ = writeln!(o, "cluster notify {} (timeout {} ms)", n.display(), c.notify_timeout_ms);
             }
@@ -514,6 +538,7 @@ fn cluster_diff(a: &crate::cluster::ClusterConfig, b: &crate::cluster::ClusterCo
     cmp("peer_id", a.peer_id == b.peer_id);
     cmp("priority", a.priority == b.priority);
     cmp("peer", a.peer == b.peer);
+    cmp("peers", a.peers == b.peers);
     cmp("listen", a.listen == b.listen);
     cmp("secret_file", a.secret_file == b.secret_file);
     cmp("heartbeat_ms", a.heartbeat_ms == b.heartbeat_ms);
@@ -618,6 +643,39 @@ mac = "02:00:00:00:03:11"
         // BGP is reloadable: a changed [bgp] is no restart.
         let other = Config::parse(&format!("{GOOD}{}", bgp.replace("drain_ms = 500", "drain_ms = 800"))).unwrap();
         assert!(c.check_reload(&other).is_ok());
+    }
+
+    #[test]
+    fn bgp_with_a_cluster_peers_list_is_active_active_and_more_peers_need_bgp() {
+        let dir = std::env::temp_dir().join(format!("lb-cfg-peers-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret = dir.join("secret");
+        std::fs::write(&secret, "0123456789abcdef0123").unwrap();
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        let bgp = "\n[bgp]\nlocal_as = 65001\nrouter_id = \"10.0.0.5\"\n[[bgp.neighbor]]\naddress = \"10.0.0.254\"\nas = 65000\n";
+        let cl = format!(
+            "\n[cluster]\nnode_id = 1\nlisten = \"10.0.0.5:7946\"\nsecret_file = {secret:?}\n[[cluster.peers]]\naddress = \"10.0.0.6:7946\"\nnode_id = 2\n[[cluster.peers]]\naddress = \"10.0.0.7:7946\"\n"
+        );
+        // Both sections together: the N-node form (the refusal of [bgp] + [cluster] is gone).
+        let c = Config::parse(&format!("{GOOD}{bgp}{cl}")).unwrap();
+        assert_eq!(c.cluster.as_ref().unwrap().peer_list().len(), 2);
+        assert!(c.describe().contains("cluster active-active node 1 listen 10.0.0.5:7946 peers 10.0.0.6:7946 (node 2), 10.0.0.7:7946"), "{}", c.describe());
+        // The two-node form with [bgp] too.
+        let pair = format!("\n[cluster]\nnode_id = 1\npeer = \"10.0.0.6:7946\"\nlisten = \"10.0.0.5:7946\"\nsecret_file = {secret:?}\n");
+        assert!(Config::parse(&format!("{GOOD}{bgp}{pair}")).is_ok());
+        // Without [bgp] the election is for two: a list of two is refused, naming line and why.
+        let src = format!("{GOOD}{cl}");
+        let e = Config::parse(&src).unwrap_err().to_string();
+        let line = src.lines().position(|l| l == "[[cluster.peers]]").unwrap() + 1;
+        assert!(e.contains(&format!("line {line}: cluster.peers: 2 peers without [bgp]")) && e.contains("election is for two nodes"), "{e}");
+        // A list of one is the pair.
+        let one = cl.split("[[cluster.peers]]\naddress = \"10.0.0.7:7946\"\n").next().unwrap().to_string();
+        assert!(Config::parse(&format!("{GOOD}{one}")).is_ok());
+        // Peers are read at start only.
+        let fewer = Config::parse(&format!("{GOOD}{bgp}{}", one)).unwrap();
+        let e = c.check_reload(&fewer).unwrap_err();
+        assert!(e.contains("peers") && e.contains("restart needed"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -1002,6 +1002,9 @@ fn stats_table(s: &StatsView) -> String {
 }
 
 fn cluster_table(c: &ClusterView) -> String {
+    if c.mode == lb_userspace::cluster::mesh::MODE_ACTIVE_ACTIVE {
+        return mesh_table(c);
+    }
     let peer = match &c.peer {
         Some(p) => format!(
             "node {} {} priority {} config {} ({}, last heartbeat {} ms ago)",
@@ -1037,4 +1040,40 @@ fn cluster_table(c: &ClusterView) -> String {
         c.flows_unknown_vip,
         c.flows_unknown_backend
     )
+}
+
+/// Active-active: no roles; a line per peer with its liveness and flow sync.
+fn mesh_table(c: &ClusterView) -> String {
+    let rejected: Vec<String> = c.datagrams_rejected.iter().map(|(r, n)| format!("{r} {n}")).collect();
+    let mut o = format!(
+        "node         {} (active-active: every node forwards)\nconfig       {}{}\ndatagrams    {} accepted; rejected: {}\nflows out    {} read from the datapath, {} dropped (queue full), {} lost in the datapath\nflows in     {} applied, {} unknown VIP, {} unknown backend, {} dropped (apply queue full)\n",
+        c.node_id,
+        c.config,
+        if c.synced { "" } else { " (a peer has a newer config)" },
+        c.datagrams_accepted,
+        if rejected.is_empty() { "none".into() } else { rejected.join(", ") },
+        c.flows_queued,
+        c.flows_dropped_queue_full,
+        c.flows_lost_in_datapath,
+        c.flows_applied,
+        c.flows_unknown_vip,
+        c.flows_unknown_backend,
+        c.flows_dropped_apply_queue
+    );
+    o.push_str("PEER                   NODE  STATE  LAST HB  CONFIG        FLOWS SENT  DROPPED  SKIPPED (DOWN)  FULL SYNCS\n");
+    for p in &c.peers {
+        o.push_str(&format!(
+            "{:<22} {:<5} {:<6} {:<8} {:<13} {:<11} {:<8} {:<15} {}\n",
+            p.address.to_string(),
+            p.node_id.map_or("-".into(), |n| n.to_string()),
+            if p.alive { "alive" } else if p.last_heartbeat_ms_ago.is_some() { "dead" } else { "never" },
+            p.last_heartbeat_ms_ago.map_or("-".into(), |ms| format!("{ms} ms")),
+            p.config.as_deref().unwrap_or("-"),
+            p.flows_sent,
+            p.flows_dropped_queue_full,
+            p.flows_skipped_peer_down,
+            p.full_syncs_sent
+        ));
+    }
+    o
 }

@@ -70,6 +70,8 @@ pub enum Why {
     SplitBrainLost,
     /// We yielded and the peer took over.
     HandedOver,
+    /// Active-active (`[bgp]`): no election, every node forwards from the start.
+    ActiveActive,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

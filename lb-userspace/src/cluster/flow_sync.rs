@@ -46,6 +46,11 @@ impl FlowQueue {
         self.q.len()
     }
 
+    /// Flows that still fit.
+    pub fn room(&self) -> usize {
+        self.cap.saturating_sub(self.q.len())
+    }
+
     pub fn is_empty(&self) -> bool {
         self.q.is_empty()
     }

@@ -1,11 +1,18 @@
-//! The cluster plane between two lbd nodes, as pure logic: the authenticated wire
+//! The cluster plane between lbd nodes, as pure logic: the authenticated wire
 //! format (`wire`), the election (`election`), config replication order
-//! (`config_sync`), the flow-sync queue and id mapping (`flow_sync`), and the
-//! `[cluster]` config section. Sockets, timers and VIP announcement live in the daemon.
+//! (`config_sync`), the flow-sync queue and id mapping (`flow_sync`), the
+//! active-active peer mesh (`mesh`), and the `[cluster]` config section. Sockets,
+//! timers and VIP announcement live in the daemon.
+//!
+//! Two modes: one `peer` without `[bgp]` is the active/backup pair (an election picks
+//! the node that holds the VIPs); with `[bgp]`, `[cluster]` lists any number of
+//! `peers`, every node forwards (ECMP decides who gets packets) and the cluster plane
+//! only replicates config and flows between them.
 
 pub mod config_sync;
 pub mod election;
 pub mod flow_sync;
+pub mod mesh;
 pub mod node;
 pub mod session;
 pub mod wire;
@@ -42,8 +49,13 @@ pub struct ClusterConfig {
     /// Higher is preferred as active.
     #[serde(default = "default_priority")]
     pub priority: u8,
-    /// Where the peer listens, "addr:port".
-    pub peer: SocketAddr,
+    /// Where the peer listens, "addr:port" (the two-node form; or `peers`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<SocketAddr>,
+    /// Every other node, `[[cluster.peers]]` (active-active with `[bgp]`: any number;
+    /// without it, at most one, the same as `peer`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<PeerConfig>,
     /// Where we listen, "addr:port".
     pub listen: SocketAddr,
     /// The shared secret: mode 0600 (no group/other bits), owned by lbd's user.
@@ -63,6 +75,17 @@ pub struct ClusterConfig {
     /// The notify script is killed (its process group) after this long.
     #[serde(default = "default_notify_timeout_ms")]
     pub notify_timeout_ms: u32,
+}
+
+/// One `[[cluster.peers]]` entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// Where the peer listens, "addr:port".
+    pub address: SocketAddr,
+    /// The peer's node id. Unset: learnt from its first authentic datagram.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,17 +123,43 @@ impl ClusterConfig {
         if !(2..=100).contains(&self.dead_after) {
             e.push(invalid("dead_after", format!("{} is outside 2..=100 heartbeats", self.dead_after)));
         }
-        if self.peer.ip().is_unspecified() || self.peer.ip().is_multicast() || self.peer.port() == 0 {
-            e.push(invalid("peer", format!("{} is not a unicast address with a port", self.peer)));
-        }
         if self.listen.port() == 0 {
             e.push(invalid("listen", format!("{}: needs a fixed port (the peer sends to it)", self.listen)));
         }
-        if self.listen.is_ipv4() != self.peer.is_ipv4() && !self.listen.ip().is_unspecified() {
-            e.push(invalid("listen", format!("{} and peer {} are of different address families", self.listen, self.peer)));
+        match (&self.peer, self.peers.is_empty()) {
+            (None, true) => e.push(invalid("peers", "no peer: give `peer = \"addr:port\"` or `[[cluster.peers]]` entries")),
+            (Some(_), false) => e.push(invalid("peers", "both `peer` and `peers`: use one form")),
+            _ => {}
         }
-        if self.listen == self.peer {
-            e.push(invalid("peer", format!("{} is our own listen address", self.peer)));
+        if self.peer_id.is_some() && self.peer.is_none() {
+            e.push(invalid("peer_id", "only with `peer`; give each `[[cluster.peers]]` entry its own node_id"));
+        }
+        // The key the error names: the form the operator wrote.
+        let key = if self.peer.is_some() { "peer" } else { "peers" };
+        let mut seen_addr = std::collections::BTreeSet::new();
+        let mut seen_id = std::collections::BTreeSet::new();
+        for p in self.peer_list() {
+            let a = p.address;
+            if a.ip().is_unspecified() || a.ip().is_multicast() || a.port() == 0 {
+                e.push(invalid(key, format!("{a} is not a unicast address with a port")));
+            }
+            if self.listen.is_ipv4() != a.is_ipv4() && !self.listen.ip().is_unspecified() {
+                e.push(invalid("listen", format!("{} and peer {a} are of different address families", self.listen)));
+            }
+            if self.listen == a {
+                e.push(invalid(key, format!("{a} is our own listen address")));
+            }
+            if !seen_addr.insert(a) {
+                e.push(invalid(key, format!("{a} listed twice")));
+            }
+            if self.peer.is_none() {
+                match p.node_id {
+                    Some(0) => e.push(invalid("peers", format!("{a}: node_id must be at least 1"))),
+                    Some(id) if id == self.node_id => e.push(invalid("peers", format!("{a}: node_id {id} is this node's own node_id"))),
+                    Some(id) if !seen_id.insert(id) => e.push(invalid("peers", format!("{a}: node_id {id} given to two peers"))),
+                    _ => {}
+                }
+            }
         }
         if let Some(p) = &self.notify {
             use std::os::unix::fs::PermissionsExt as _;
@@ -127,6 +176,14 @@ impl ClusterConfig {
             e.push(invalid("notify_timeout_ms", format!("{} is outside 100..=600000", self.notify_timeout_ms)));
         }
         e
+    }
+
+    /// The peers in one form, whichever the file used.
+    pub fn peer_list(&self) -> Vec<PeerConfig> {
+        match self.peer {
+            Some(address) => vec![PeerConfig { address, node_id: self.peer_id }],
+            None => self.peers.clone(),
+        }
     }
 
     /// The election's timing and identity.
@@ -230,6 +287,47 @@ secret_file = "/etc/lb/cluster.key"
         assert!(c.validate().is_empty());
     }
 
+    #[test]
+    fn peers_list_parses_and_each_mistake_names_its_key() {
+        // Array tables come last in TOML.
+        let list = format!(
+            "{}[[peers]]\naddress = \"192.0.2.2:7946\"\nnode_id = 2\n[[peers]]\naddress = \"192.0.2.3:7946\"\n",
+            GOOD.replace("peer = \"192.0.2.2:7946\"\n", "")
+        );
+        let c: ClusterConfig = toml::from_str(&list).unwrap();
+        assert!(c.validate().is_empty(), "{:?}", c.validate());
+        assert_eq!(
+            c.peer_list(),
+            vec![
+                PeerConfig { address: "192.0.2.2:7946".parse().unwrap(), node_id: Some(2) },
+                PeerConfig { address: "192.0.2.3:7946".parse().unwrap(), node_id: None }
+            ]
+        );
+        // The two-node form is the same list of one.
+        let one: ClusterConfig = toml::from_str(&format!("{GOOD}peer_id = 2\n")).unwrap();
+        assert_eq!(one.peer_list(), vec![PeerConfig { address: "192.0.2.2:7946".parse().unwrap(), node_id: Some(2) }]);
+        let cases = [
+            ("node_id = 2\n", "node_id = 1\n", "cluster.peers: 192.0.2.2:7946: node_id 1 is this node's own"),
+            ("node_id = 2\n", "node_id = 0\n", "node_id must be at least 1"),
+            ("192.0.2.3:7946\"\n", "192.0.2.3:7946\"\nnode_id = 2\n", "node_id 2 given to two peers"),
+            ("192.0.2.3:7946", "192.0.2.2:7946", "cluster.peers: 192.0.2.2:7946 listed twice"),
+            ("192.0.2.3:7946", "192.0.2.1:7946", "our own listen address"),
+            ("192.0.2.3:7946", "0.0.0.0:7946", "not a unicast address"),
+            ("priority = 200", "priority = 200\npeer_id = 3", "cluster.peer_id: only with `peer`"),
+        ];
+        for (from, to, want) in cases {
+            let c: ClusterConfig = toml::from_str(&list.replacen(from, to, 1)).unwrap();
+            let errs: Vec<String> = c.validate().iter().map(|e| e.to_string()).collect();
+            assert!(errs.iter().any(|e| e.contains(want)), "{to}: {errs:?}");
+        }
+        let both: ClusterConfig = toml::from_str(&list.replace("priority = 200", "priority = 200\npeer = \"192.0.2.9:7946\"")).unwrap();
+        assert!(both.validate().iter().any(|e| e.to_string().contains("both `peer` and `peers`")));
+        let none: ClusterConfig = toml::from_str(&GOOD.replace("peer = \"192.0.2.2:7946\"\n", "")).unwrap();
+        assert!(none.validate().iter().any(|e| e.to_string().contains("cluster.peers: no peer")));
+        let e = toml::from_str::<ClusterConfig>(&list.replace("node_id = 2", "id = 2")).unwrap_err().to_string();
+        assert!(e.contains("id"), "{e}");
+    }
+
     fn secret_file(name: &str, content: &[u8], mode: u32) -> PathBuf {
         let p = std::env::temp_dir().join(format!("lb-cluster-secret-{name}-{}", std::process::id()));
         std::fs::write(&p, content).unwrap();
@@ -284,7 +382,8 @@ secret_file = "/etc/lb/cluster.key"
             node_id: id,
             peer_id: Some(3 - id),
             priority: prio,
-            peer: "192.0.2.2:7946".parse().unwrap(),
+            peer: Some("192.0.2.2:7946".parse().unwrap()),
+            peers: Vec::new(),
             listen: "192.0.2.1:7946".parse().unwrap(),
             secret_file: "/x".into(),
             heartbeat_ms: 100,

@@ -5,6 +5,7 @@
 //! services when the peer is behind. It tells the owner task about role changes and
 //! complete peer configs; the owner tells it about local changes. Synced flows from
 //! the peer go to the applier task through a bounded queue (drops counted).
+//! With `[bgp]` the same thread runs the active-active mesh instead (`mesh::run`).
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
@@ -56,8 +57,9 @@ pub enum ClusterEvent {
     PeerConfig(ConfigPos, Vec<u8>),
 }
 
-/// What the owner reads without asking: role and the peer's config position.
-#[derive(Clone, Copy, Debug)]
+/// What the owner reads without asking: role and the peer's config position. In
+/// active-active, `peer_pos` is the newest any peer announced and `peers` lists them.
+#[derive(Clone, Debug)]
 pub struct ClusterSnapshot {
     pub role: Role,
     pub peer_pos: Option<ConfigPos>,
@@ -65,11 +67,23 @@ pub struct ClusterSnapshot {
     pub peer_node: Option<u32>,
     pub peer_role: Option<Role>,
     pub last_heard_ms_ago: Option<u64>,
+    /// Active-active only: every peer's liveness.
+    pub peers: Arc<Vec<PeerSnap>>,
+}
+
+/// One active-active peer in the owner's snapshot (`lbctl status`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerSnap {
+    pub address: SocketAddr,
+    pub node_id: Option<u32>,
+    pub alive: bool,
+    pub last_heard_ms_ago: Option<u64>,
+    pub pos: Option<ConfigPos>,
 }
 
 impl Default for ClusterSnapshot {
     fn default() -> Self {
-        Self { role: Role::Init, peer_pos: None, peer_alive: false, peer_node: None, peer_role: None, last_heard_ms_ago: None }
+        Self { role: Role::Init, peer_pos: None, peer_alive: false, peer_node: None, peer_role: None, last_heard_ms_ago: None, peers: Arc::default() }
     }
 }
 
@@ -120,6 +134,12 @@ pub struct ClusterView {
     /// Synced flows received but dropped: the applier was behind.
     #[serde(default)]
     pub flows_dropped_apply_queue: u64,
+    /// "active-backup" (the pair's election) or "active-active" (`[bgp]`, N peers).
+    #[serde(default)]
+    pub mode: String,
+    /// Active-active: every peer, its liveness and its flow-sync counters.
+    #[serde(default)]
+    pub peers: Vec<super::mesh::MeshPeerStatus>,
 }
 
 /// Everything the cluster task needs, built by the daemon at start.
@@ -139,6 +159,17 @@ pub struct ClusterTask {
     pub held: watch::Receiver<Vec<IpAddr>>,
     pub events: mpsc::UnboundedSender<ClusterEvent>,
     pub snapshot: watch::Sender<ClusterSnapshot>,
+    /// `[bgp]` is configured: no election, every node forwards (`mesh`).
+    pub active_active: bool,
+    /// Active-active: asks for this node's flow table to be sent to a peer, and
+    /// receives it in chunks (`daemon::flows::dump_flows`).
+    pub dump: Option<FlowDump>,
+}
+
+/// The cluster task's ends of the flow-table dump.
+pub struct FlowDump {
+    pub requests: mpsc::Sender<SocketAddr>,
+    pub chunks: mpsc::Receiver<(SocketAddr, Vec<SyncedFlow>)>,
 }
 
 struct Run {
@@ -188,15 +219,22 @@ impl ClusterTask {
                 size_of::<libc::c_int>() as libc::socklen_t,
             )
         };
-        let sock = match UdpSocket::from_std(self.socket.try_clone().expect("cloning the cluster socket")) {
+        let sock = match self.socket.try_clone().and_then(UdpSocket::from_std) {
             Ok(s) => s,
             Err(e) => {
                 error!(error = %e, "cluster: socket");
                 return;
             }
         };
-        let peer = self.cfg.peer;
-        let (sealer, guard) = super::wire::endpoint(self.key.clone(), self.cfg.node_id, self.cfg.peer_id, self.epoch);
+        if self.active_active {
+            return super::mesh::run(self, sock, cmds).await;
+        }
+        // Validation guarantees exactly one peer without [bgp].
+        let Some((peer, peer_id)) = self.cfg.peer_list().first().map(|p| (p.address, p.node_id)) else {
+            error!("cluster: no peer configured");
+            return;
+        };
+        let (sealer, guard) = super::wire::endpoint(self.key.clone(), self.cfg.node_id, peer_id, self.epoch);
         let mut r = Run {
             election: Election::new(self.cfg.params(), self.pos, 0),
             sealer,
@@ -262,6 +300,7 @@ impl Run {
             peer_node: st.peer.map(|p| p.node_id),
             peer_role: st.peer.map(|p| p.heartbeat.role),
             last_heard_ms_ago: st.last_heard_ms_ago,
+            peers: Arc::default(),
         });
     }
 
@@ -455,6 +494,8 @@ impl Run {
             flows_unknown_vip: c.unknown_vip.load(Ordering::Relaxed),
             flows_unknown_backend: c.unknown_backend.load(Ordering::Relaxed),
             flows_dropped_apply_queue: c.dropped_apply_queue.load(Ordering::Relaxed),
+            mode: super::mesh::MODE_ACTIVE_BACKUP.into(),
+            peers: Vec::new(),
         }
     }
 }

@@ -644,6 +644,15 @@ fn decode_payload(kind: u8, p: &[u8]) -> Result<Message, WireError> {
     Ok(msg)
 }
 
+/// The sender node id a datagram claims, unauthenticated: only for choosing which
+/// peer's `PeerGuard` authenticates it (active-active has one per peer).
+pub fn peek_node_id(d: &[u8]) -> Option<u32> {
+    if d.len() < HEADER_LEN + TAG_LEN || d[0..4] != MAGIC {
+        return None;
+    }
+    Some(u32::from_be_bytes([d[8], d[9], d[10], d[11]]))
+}
+
 /// Authenticates and parses one datagram. No replay or sender check: see `PeerGuard`.
 pub fn open(key: &Key, d: &[u8]) -> Result<(Header, Message), WireError> {
     if d.len() > MAX_DATAGRAM {

@@ -36,6 +36,8 @@ pub struct FlowIndex {
     by_id: HashMap<(u32, u32), IpAddr>,
     /// VIP -> backend address -> backend id: the backup side.
     by_vip: HashMap<Vip, HashMap<IpAddr, u32>>,
+    /// Backend id (global: the `BACKENDS` index) -> address: a `FLOWS` entry named.
+    by_backend: HashMap<u32, IpAddr>,
 }
 
 impl FlowIndex {
@@ -46,6 +48,7 @@ impl FlowIndex {
             for (b, id) in &s.backends {
                 backends.insert(b.addr, *id);
                 ix.by_id.insert((s.id, *id), b.addr);
+                ix.by_backend.insert(*id, b.addr);
             }
         }
         ix
@@ -55,6 +58,13 @@ impl FlowIndex {
     pub fn describe(&self, ev: &FlowEvent) -> Option<SyncedFlow> {
         let addr = self.by_id.get(&(ev.service_id, ev.backend_id))?;
         Some(from_flow_key(&ev.key, *addr))
+    }
+}
+
+impl FlowIndex {
+    /// A `FLOWS` entry in addresses; None when its backend is gone.
+    pub fn describe_entry(&self, key: &lb_common::FlowKey, backend_id: u32) -> Option<SyncedFlow> {
+        Some(from_flow_key(key, *self.by_backend.get(&backend_id)?))
     }
 }
 
@@ -155,6 +165,63 @@ fn drain(
             return;
         }
     }
+}
+
+/// Flows per chunk a dump hands to the cluster task.
+pub const DUMP_CHUNK: usize = 4096;
+/// Entries one dump reads at most (a full default table is 1M).
+pub const DUMP_MAX: usize = 1 << 20;
+
+/// Active-active: sends this node's flow table to a peer that (re)joined and holds our
+/// config, so a connection ECMP moves onto it keeps its backend even if it started
+/// before the peer came (a restarted lbd keeps its pinned table; a new or rebooted
+/// node has none). Reads the pinned `FLOWS` through a handle of its own, on a blocking
+/// thread, and hands the flows to the cluster task in chunks through a bounded channel
+/// (the cluster task takes one only while the peer queues have room).
+pub async fn dump_flows(
+    mut requests: mpsc::Receiver<std::net::SocketAddr>,
+    pin: std::path::PathBuf,
+    index: watch::Receiver<Arc<FlowIndex>>,
+    out: mpsc::Sender<(std::net::SocketAddr, Vec<SyncedFlow>)>,
+) {
+    while let Some(peer) = requests.recv().await {
+        let (pin, ix, out) = (pin.clone(), index.borrow().clone(), out.clone());
+        match tokio::task::spawn_blocking(move || dump_one(&pin, &ix, peer, &out)).await {
+            Ok(Ok(n)) => tracing::info!(%peer, flows = n, "cluster: flow table sent to a joining peer"),
+            Ok(Err(e)) => warn!(%peer, error = %format!("{e:#}"), "cluster: reading the flow table for a joining peer"),
+            Err(e) => warn!(%peer, error = %e, "cluster: the flow-table dump stopped"),
+        }
+    }
+}
+
+fn dump_one(
+    pin: &std::path::Path,
+    ix: &FlowIndex,
+    peer: std::net::SocketAddr,
+    out: &mpsc::Sender<(std::net::SocketAddr, Vec<SyncedFlow>)>,
+) -> anyhow::Result<usize> {
+    use anyhow::Context as _;
+    use aya::maps::{HashMap as BpfHashMap, Map};
+    let md = MapData::from_pin(pin).with_context(|| format!("opening {}", pin.display()))?;
+    let flows: BpfHashMap<MapData, lb_common::FlowKey, lb_common::FlowValue> = BpfHashMap::try_from(Map::LruHashMap(md))?;
+    let (mut chunk, mut n) = (Vec::with_capacity(DUMP_CHUNK), 0);
+    // An entry evicted while we walk is an error item: skipped, and counted in the bound.
+    for (k, v) in flows.iter().take(DUMP_MAX).flatten() {
+        // 0: recorded but not confirmed by a second packet; the ring reports it then.
+        if v.created_ns == 0 {
+            continue;
+        }
+        let Some(f) = ix.describe_entry(&k, v.backend_id) else { continue };
+        chunk.push(f);
+        n += 1;
+        if chunk.len() == DUMP_CHUNK && out.blocking_send((peer, std::mem::take(&mut chunk))).is_err() {
+            return Ok(n);
+        }
+    }
+    if !chunk.is_empty() {
+        let _ = out.blocking_send((peer, chunk));
+    }
+    Ok(n)
 }
 
 /// The backup: writes each synced flow batch into FLOWS under this node's ids.

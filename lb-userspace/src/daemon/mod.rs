@@ -265,8 +265,16 @@ async fn run_async(config_path: &Path) -> anyhow::Result<()> {
         let queue = Arc::new(Mutex::new(FlowQueue::new(FLOW_QUEUE)));
         let counters = Arc::new(FlowCounters::default());
         let (apply_tx, apply_rx) = mpsc::channel(flows::APPLY_QUEUE);
+        // Active-active: our flow table for peers that join (read from the pin).
+        let mut dump = None;
         if let Some(w) = flows {
             tokio::spawn(flows::apply_flows(apply_rx, index_rx.clone(), w, counters.clone()));
+            if owner.cfg.bgp.is_some() {
+                let (req_tx, req_rx) = mpsc::channel(16);
+                let (chunk_tx, chunk_rx) = mpsc::channel(2);
+                tokio::spawn(flows::dump_flows(req_rx, dir.join(lb_common::map_names::FLOWS), index_rx.clone(), chunk_tx));
+                dump = Some(crate::cluster::node::FlowDump { requests: req_tx, chunks: chunk_rx });
+            }
         }
         if let Some(rb) = events {
             tokio::spawn(flows::read_events(rb, index_rx.clone(), active.clone(), queue.clone(), counters.clone()));
@@ -287,6 +295,8 @@ async fn run_async(config_path: &Path) -> anyhow::Result<()> {
             held: held_rx,
             events: cev_tx,
             snapshot: snap_tx,
+            active_active: owner.cfg.bgp.is_some(),
+            dump,
         };
         // A restarted node may still hold VIPs from a previous life: it holds none
         // until the election says so.

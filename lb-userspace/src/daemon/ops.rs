@@ -46,7 +46,7 @@ impl<W: MapWriter, D: Datapath> Owner<W, D> {
             })
             .collect();
         let cluster = self.cluster.as_ref().map(|c| {
-            let s = *c.snapshot.borrow();
+            let s = c.snapshot.borrow().clone();
             ClusterState {
                 role: c.role.to_string(),
                 peer_alive: s.peer_alive,

@@ -276,9 +276,10 @@ impl<W: MapWriter, D: Datapath> Owner<W, D> {
     }
 
     /// The VIP addresses this node must hold: every service's when active, else none.
+    /// None with `[bgp]`: the routers send VIP traffic by route, not by ARP.
     pub fn wanted_vips(&self) -> BTreeSet<IpAddr> {
         match &self.cluster {
-            Some(c) if c.role == Role::Active && !self.stopping => self.core.services().iter().map(|d| d.vip.addr).collect(),
+            Some(c) if c.role == Role::Active && !self.stopping && self.cfg.bgp.is_none() => self.core.services().iter().map(|d| d.vip.addr).collect(),
             _ => BTreeSet::new(),
         }
     }
@@ -589,7 +590,25 @@ impl<W: MapWriter, D: Datapath> Owner<W, D> {
             backends_drained: drained,
             backends_pending: self.core.pending_count(),
             cluster: self.cluster.as_ref().map(|c| {
-                let s = *c.snapshot.borrow();
+                let s = c.snapshot.borrow().clone();
+                if self.cfg.bgp.is_some() {
+                    let peers: Vec<String> = s
+                        .peers
+                        .iter()
+                        .map(|p| {
+                            let who = p.node_id.map_or(p.address.to_string(), |n| format!("node {n}"));
+                            match p.last_heard_ms_ago {
+                                Some(ms) => format!(
+                                    "{who} {} (last heartbeat {ms} ms ago, config {})",
+                                    if p.alive { "alive" } else { "dead" },
+                                    p.pos.map_or(String::new(), |p| p.to_string())
+                                ),
+                                None => format!("{who} never heard"),
+                            }
+                        })
+                        .collect();
+                    return format!("node {} active-active, config {}; peers: {}", c.node_id, c.pos, if peers.is_empty() { "none yet".into() } else { peers.join("; ") });
+                }
                 let peer = match (s.peer_node, s.peer_role) {
                     (Some(n), Some(r)) => format!(
                         "peer node {n} {r} ({}), last heartbeat {} ms ago, config {}",
@@ -911,6 +930,31 @@ mod tests {
         // Stop: no VIP, no health target.
         o.handle(Msg::Stop);
         assert!(o.stopping);
+    }
+
+    #[test]
+    fn active_active_reports_flows_holds_no_vip_and_numbers_after_every_peer() {
+        let (mut o, _d, snap) = owner(true);
+        o.cfg.bgp = Some(toml::from_str("local_as = 65001\nrouter_id = \"10.0.0.5\"\n[[neighbor]]\naddress = \"10.0.0.254\"\nas = 65000\n").unwrap());
+        let fx = o.handle(Msg::Cluster(ClusterEvent::Role(Transition { from: Role::Init, to: Role::Active, why: Why::ActiveActive })));
+        assert_eq!(fx.active, Some(true));
+        assert_ne!(o.core.control().settings().flags & lb_common::SETTINGS_F_FLOW_SYNC, 0, "every node reports its new flows");
+        assert!(o.wanted_vips().is_empty(), "routes, not ARP, bring the traffic");
+        // Two peers: the change is numbered after the newest position either announced.
+        let peer = |n: u32, alive, pos: Option<ConfigPos>| crate::cluster::node::PeerSnap {
+            address: format!("10.0.0.{n}:7946").parse().unwrap(),
+            node_id: Some(n),
+            alive,
+            last_heard_ms_ago: pos.map(|_| 40),
+            pos,
+        };
+        let peers = vec![peer(2, true, Some(ConfigPos { version: 4, origin: 3 })), peer(3, false, None)];
+        snap.unwrap().send_replace(ClusterSnapshot { peer_pos: Some(ConfigPos { version: 4, origin: 3 }), peers: Arc::new(peers), ..ClusterSnapshot::default() });
+        let (r, fx) = api(&mut o, Request::BackendAdd { service: "web".into(), address: ip("10.0.1.9"), weight: 1, mac: None });
+        assert!(r.ok);
+        assert!(matches!(fx.cluster.as_slice(), [ClusterCmd::LocalChange { pos: ConfigPos { version: 5, origin: 1 }, .. }]));
+        let st = o.status().cluster.unwrap();
+        assert_eq!(st, "node 1 active-active, config 5@node1; peers: node 2 alive (last heartbeat 40 ms ago, config 4@node3); node 3 never heard");
     }
 
     #[test]
