@@ -9,6 +9,7 @@ pub mod pair;
 pub mod lbd;
 pub mod lab;
 pub mod flood;
+pub mod bgp;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

@@ -1,0 +1,582 @@
+//! BIRD 2 in the namespaces of a routed `netns::Topology` (issue 14): a router BIRD
+//! with a BGP session and BFD to every balancer node, their routes merged into ECMP
+//! routes of the router's kernel table, and one BIRD per balancer node whose config
+//! includes the file its lbd writes (lb-userspace/src/bgp).
+//!
+//! - `Bird`: one BIRD process (`bird -f -c CFG -s SOCK -P PID`, through `nsenter --net`
+//!   like `netns::spawn_in`), its files in a directory of its own; killed (SIGKILL) on
+//!   drop, directory removed.
+//! - `router_config`: the router's config (AS `ROUTER_AS`, one IPv4 and one IPv6
+//!   session per balancer, BFD, `merge paths on` in the kernel protocols, import of the
+//!   VIP /32s and /128s only).
+//! - `node_config`: a balancer node's main config: its log and `include` of lbd's file
+//!   (router id, BFD, sessions and the VIP routes are lbd's).
+//! - `lbd_bgp_section`: the `[bgp]` table of lbd's config for that node.
+//! - `BgpNode` (lbd + its BIRD) and `BgpLab` (router BIRD + N nodes) tie them together.
+//!
+//! Waiting for the router to see the nodes is `Topology::wait_router_lbs` (the kernel's
+//! route, what packets follow).
+
+use std::io;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use lb_common::{FlowKey, FlowValue, MAX_SERVICES, map_names};
+use lb_userspace::stats::Stats;
+
+use crate::lbd::{Lbd, wait_for};
+use crate::netns::{ChildGuard, Conn, Topology, ns_command, run};
+
+/// The router's AS.
+pub const ROUTER_AS: u32 = 65000;
+/// Every balancer node's AS (one AS: the router's BGP routes to a VIP are then equal
+/// and BIRD merges them into one ECMP route).
+pub const NODE_AS: u32 = 65001;
+
+/// BFD timers of every session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bfd {
+    pub interval_ms: u32,
+    pub multiplier: u32,
+}
+
+impl Bfd {
+    /// 100 ms × 3: a dead node's routes go within about 300 ms.
+    pub const FAST: Bfd = Bfd {
+        interval_ms: 100,
+        multiplier: 3,
+    };
+
+    /// How long a silent peer takes to be declared down.
+    pub fn detect(&self) -> Duration {
+        Duration::from_millis(u64::from(self.interval_ms) * u64::from(self.multiplier))
+    }
+}
+
+/// One BIRD process in a network namespace.
+pub struct Bird {
+    pub name: String,
+    pub ns: String,
+    /// Config, control socket, pid file and log live here.
+    pub dir: PathBuf,
+    child: Option<ChildGuard>,
+}
+
+impl Bird {
+    /// A BIRD named `name` (unique: the directory is `<tmp>/<name>-bird-<pid>`) for
+    /// namespace `ns`; not started, no config yet.
+    pub fn new(name: &str, ns: &str) -> Bird {
+        let dir = std::env::temp_dir().join(format!("{name}-bird-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("BIRD directory");
+        Bird {
+            name: name.to_string(),
+            ns: ns.to_string(),
+            dir,
+            child: None,
+        }
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("bird.conf")
+    }
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("bird.ctl")
+    }
+    pub fn pid_file(&self) -> PathBuf {
+        self.dir.join("bird.pid")
+    }
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("bird.log")
+    }
+
+    pub fn write_config(&self, text: &str) {
+        std::fs::write(self.config_path(), text).expect("writing BIRD's config");
+    }
+
+    /// Starts BIRD and waits (≤ 10 s) until its control socket answers; panics with its
+    /// log when it exits or does not answer.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "BIRD {} already running", self.name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("BIRD log");
+        let mut c = ns_command(&self.ns, "bird");
+        c.arg("-f")
+            .arg("-c")
+            .arg(self.config_path())
+            .arg("-s")
+            .arg(self.socket())
+            .arg("-P")
+            .arg(self.pid_file())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log);
+        self.child = Some(ChildGuard {
+            child: c
+                .spawn()
+                .expect("starting bird (bird2 installed? cargo xtask setup)"),
+        });
+        let t = Instant::now();
+        while self.birdc("show status").is_err() {
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.child.try_wait()) {
+                self.child = None;
+                panic!("BIRD {} exited with {st}:\n{}", self.name, self.log());
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "BIRD {} did not answer on {}:\n{}",
+                self.name,
+                self.socket().display(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, as a crash would (its BGP sessions and BFD stop without a word).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill();
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// `birdc -s SOCK CMD` (words of `cmd`); its output, or an error when birdc cannot
+    /// reach BIRD.
+    pub fn birdc(&self, cmd: &str) -> io::Result<String> {
+        run(Command::new("birdc")
+            .arg("-s")
+            .arg(self.socket())
+            .args(cmd.split_whitespace()))
+    }
+
+    /// The `show protocols` lines of BGP sessions in state Established.
+    pub fn established(&self) -> Vec<String> {
+        self.birdc("show protocols")
+            .map(|o| {
+                o.lines()
+                    .filter(|l| l.contains(" BGP ") && l.contains("Established"))
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+}
+
+impl Drop for Bird {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The router's BIRD config: BGP (with BFD, no graceful restart: a dead node's routes
+/// go at once) to every balancer of `t` over IPv4 and IPv6, importing only host
+/// routes inside the VIP prefixes, exporting nothing; the kernel protocols install BGP
+/// routes with `merge paths on`, so equal routes from several nodes become one ECMP
+/// route.
+pub fn router_config(t: &Topology, bfd: Bfd, log: &Path) -> String {
+    let r = t.router();
+    let mut o = format!(
+        "log \"{log}\" all;\nrouter id {rid};\n\nprotocol device {{\n}}\n\n\
+         protocol bfd {{\n  interface \"{ifname}\" {{\n    min rx interval {ms} ms;\n    min tx interval {ms} ms;\n    idle tx interval 1000 ms;\n    multiplier {m};\n  }};\n}}\n\n\
+         protocol kernel kernel4 {{\n  ipv4 {{ import none; export where source = RTS_BGP; }};\n  merge paths on;\n}}\n\n\
+         protocol kernel kernel6 {{\n  ipv6 {{ import none; export where source = RTS_BGP; }};\n  merge paths on;\n}}\n\n\
+         template bgp lb_node {{\n  local as {ROUTER_AS};\n  bfd on;\n  graceful restart off;\n  connect retry time 1;\n  error wait time 1, 10;\n}}\n",
+        log = log.display(),
+        rid = r.node.v4,
+        ifname = r.node.ifname,
+        ms = bfd.interval_ms,
+        m = bfd.multiplier,
+    );
+    for (i, l) in t.lbs.iter().enumerate() {
+        o += &format!(
+            "\nprotocol bgp lb{i}_v4 from lb_node {{\n  neighbor {} as {NODE_AS};\n  ipv4 {{ import where net ~ [ {}{{32,32}} ]; export none; }};\n}}\n",
+            l.v4,
+            crate::netns::VIP_NET_V4
+        );
+        o += &format!(
+            "\nprotocol bgp lb{i}_v6 from lb_node {{\n  neighbor {} as {NODE_AS};\n  ipv6 {{ import where net ~ [ {}{{128,128}} ]; export none; }};\n}}\n",
+            l.v6,
+            crate::netns::VIP_NET_V6
+        );
+    }
+    o
+}
+
+/// A balancer node's main BIRD config: its log, then lbd's file (router id, device,
+/// BFD, the sessions to the router and the VIP routes: everything else).
+pub fn node_config(lbd_file: &Path, log: &Path) -> String {
+    format!(
+        "log \"{}\" all;\n# Router id, BFD, the BGP sessions and the VIP routes: written by lbd.\ninclude \"{}\";\n",
+        log.display(),
+        lbd_file.display()
+    )
+}
+
+/// The `[bgp]` table of lbd's config on balancer `lb` of `t`: one session to the router
+/// per address family, BFD at `bfd`, BIRD's control socket and lbd's file in `bird`'s
+/// directory (`lbd_file`).
+pub fn lbd_bgp_section(
+    t: &Topology,
+    lb: usize,
+    bird: &Bird,
+    lbd_file: &Path,
+    bfd: Bfd,
+    drain_ms: u32,
+) -> String {
+    let r = t.router();
+    format!(
+        "[bgp]\nlocal_as = {NODE_AS}\nrouter_id = \"{rid}\"\nbfd = true\nbfd_interval_ms = {}\nbfd_multiplier = {}\n\
+         control_socket = \"{}\"\nbird_config = \"{}\"\ndrain_ms = {drain_ms}\n\n\
+         [[bgp.neighbor]]\naddress = \"{}\"\nas = {ROUTER_AS}\n\n[[bgp.neighbor]]\naddress = \"{}\"\nas = {ROUTER_AS}\n",
+        bfd.interval_ms,
+        bfd.multiplier,
+        bird.socket().display(),
+        lbd_file.display(),
+        r.node.v4,
+        r.node.v6,
+        rid = t.lbs[lb].v4,
+    )
+}
+
+/// Starts the router's BIRD for `t` (routed) with `router_config`.
+pub fn start_router(t: &Topology, bfd: Bfd) -> Bird {
+    let mut b = Bird::new(&format!("{}rt", t.prefix), t.router().ns());
+    b.write_config(&router_config(t, bfd, &b.log_path()));
+    b.start();
+    b
+}
+
+/// Packets and new flows a balancer forwarded, summed over every service, read from
+/// its pinned counters (also when its lbd is dead).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Forwarded {
+    pub packets: u64,
+    pub new_flows: u64,
+}
+
+/// `Forwarded` of lbd instance `instance` (its pins); zero when it has none.
+pub fn forwarded(instance: &str) -> Forwarded {
+    let Ok(s) = Stats::from_pins(&lb_userspace::pins::pin_dir(instance)) else {
+        return Forwarded::default();
+    };
+    (0..MAX_SERVICES)
+        .filter_map(|id| s.service(id).ok())
+        .fold(Forwarded::default(), |a, c| Forwarded {
+            packets: a.packets + c.packets,
+            new_flows: a.new_flows + c.new_flows,
+        })
+}
+
+/// Whether interface `ifname` of namespace `ns` has an XDP program attached.
+pub fn xdp_attached(ns: &str, ifname: &str) -> bool {
+    run(Command::new("ip").args(["-j", "-n", ns, "link", "show", "dev", ifname]))
+        .ok()
+        .and_then(|o| serde_json::from_str::<serde_json::Value>(&o).ok())
+        .is_some_and(|v| v[0].get("xdp").is_some())
+}
+
+/// A balancer node announcing over BGP: its lbd and its BIRD.
+pub struct BgpNode {
+    /// The balancer index in the topology.
+    pub lb: usize,
+    pub lbd: Lbd,
+    pub bird: Bird,
+    bgp_section: String,
+}
+
+impl BgpNode {
+    /// lbd instance `instance` and a BIRD for balancer `lb` of the routed topology `t`;
+    /// nothing started. BIRD's config is written (`node_config`).
+    pub fn new(t: &Topology, lb: usize, instance: &str, bfd: Bfd, drain_ms: u32) -> BgpNode {
+        let lbd = Lbd::new(t, lb, instance);
+        let bird = Bird::new(instance, &t.lbs[lb].ns);
+        let lbd_file = bird.dir.join("lbd.conf");
+        bird.write_config(&node_config(&lbd_file, &bird.log_path()));
+        let bgp_section = lbd_bgp_section(t, lb, &bird, &lbd_file, bfd, drain_ms);
+        BgpNode {
+            lb,
+            lbd,
+            bird,
+            bgp_section,
+        }
+    }
+
+    /// The file lbd writes and BIRD includes.
+    pub fn lbd_file(&self) -> PathBuf {
+        self.bird.dir.join("lbd.conf")
+    }
+
+    /// lbd's config: its global keys, `services` (`[[service]]` tables), `[bgp]`.
+    pub fn write_config(&self, services: &str) {
+        self.lbd
+            .write_config(&format!("{services}\n{}", self.bgp_section));
+    }
+
+    /// Starts lbd, waits until it has written BIRD's file (BIRD's config includes it),
+    /// starts BIRD.
+    pub fn start(&mut self) {
+        self.lbd.start();
+        let f = self.lbd_file();
+        assert!(
+            wait_for(Duration::from_secs(10), || f.exists()).is_some(),
+            "lbd did not write {}:\n{}",
+            f.display(),
+            self.lbd.log()
+        );
+        self.bird.start();
+    }
+
+    /// kill -9 lbd and BIRD (its XDP program stays attached: see `Topology::set_lb_link`).
+    pub fn kill(&mut self) {
+        self.lbd.kill();
+        self.bird.kill();
+    }
+
+    /// `lbctl status`'s `bgp` object.
+    pub fn bgp_status(&self) -> serde_json::Value {
+        self.lbd.lbctl_json(&["status"])["bgp"].clone()
+    }
+
+    pub fn forwarded(&self) -> Forwarded {
+        forwarded(&self.lbd.instance)
+    }
+}
+
+/// A router BIRD and BGP nodes on every balancer of a routed topology.
+pub struct BgpLab {
+    pub router: Bird,
+    pub nodes: Vec<BgpNode>,
+}
+
+impl BgpLab {
+    /// Starts the router's BIRD; makes node `i` with lbd instance `<instance_prefix><i>`
+    /// (not started).
+    pub fn new(t: &Topology, instance_prefix: &str, bfd: Bfd, drain_ms: u32) -> BgpLab {
+        let router = start_router(t, bfd);
+        let nodes = (0..t.lbs.len())
+            .map(|i| BgpNode::new(t, i, &format!("{instance_prefix}{i}"), bfd, drain_ms))
+            .collect();
+        BgpLab { router, nodes }
+    }
+
+    /// The same lbd config (`services`) on every node.
+    pub fn write_config(&self, services: &str) {
+        for n in &self.nodes {
+            n.write_config(services);
+        }
+    }
+
+    pub fn start_all(&mut self) {
+        for n in &mut self.nodes {
+            n.start();
+        }
+    }
+
+    /// Runs `lbctl ARGS` on every node whose lbd runs in `which`; panics on a failure.
+    pub fn lbctl_on(&self, which: &[usize], args: &[&str]) {
+        for &i in which {
+            let (ok, _, err) = self.nodes[i].lbd.lbctl(args);
+            assert!(ok, "node {i}: lbctl {args:?}: {err}");
+        }
+    }
+
+    /// `forwarded` of every node.
+    pub fn forwarded(&self) -> Vec<Forwarded> {
+        self.nodes.iter().map(BgpNode::forwarded).collect()
+    }
+
+    /// Every log (lbd and BIRD of each node, the router's BIRD), for a failure message.
+    pub fn logs(&self) -> String {
+        let mut o = format!("--- router BIRD:\n{}", self.router.log());
+        for (i, n) in self.nodes.iter().enumerate() {
+            o += &format!(
+                "--- node {i} lbd:\n{}--- node {i} BIRD:\n{}",
+                n.lbd.log(),
+                n.bird.log()
+            );
+        }
+        o
+    }
+}
+
+/// The flow-table entry of lbd instance `instance` (its pinned `FLOWS`) for `key`.
+pub fn flow_entry(instance: &str, key: &FlowKey) -> Option<FlowValue> {
+    let m = MapData::from_pin(lb_userspace::pins::pin_dir(instance).join(map_names::FLOWS)).ok()?;
+    let flows: BpfHashMap<MapData, FlowKey, FlowValue> =
+        BpfHashMap::try_from(Map::LruHashMap(m)).ok()?;
+    flows.get(key, 0).ok()
+}
+
+/// One attempt of `new_conn_load`: when it started (since the load began), how long
+/// connect + greeting + one echo took, or why it failed.
+#[derive(Clone, Debug)]
+pub struct Attempt {
+    pub at: Duration,
+    pub result: Result<Duration, String>,
+}
+
+/// What `new_conn_load` saw.
+#[derive(Clone, Debug, Default)]
+pub struct LoadReport {
+    pub attempts: usize,
+    /// (start, error) of every attempt that failed or took longer than `slow` (a SYN
+    /// lost on a dead path is retransmitted only after 1 s).
+    pub failed: Vec<(Duration, String)>,
+    /// The outage: from the first failed attempt's start to the start of the first
+    /// success after the last failed one; zero without failures.
+    pub gap: Duration,
+    /// The longest time between the starts of two consecutive good attempts.
+    pub max_success_gap: Duration,
+}
+
+impl LoadReport {
+    pub fn from_attempts(mut v: Vec<Attempt>, slow: Duration) -> LoadReport {
+        v.sort_by_key(|a| a.at);
+        let bad = |a: &Attempt| !matches!(a.result, Ok(d) if d <= slow);
+        let failed: Vec<(Duration, String)> = v
+            .iter()
+            .filter(|a| bad(a))
+            .map(|a| {
+                let why = match &a.result {
+                    Ok(d) => format!("slow: {d:?}"),
+                    Err(e) => e.clone(),
+                };
+                (a.at, why)
+            })
+            .collect();
+        let gap = match (failed.first(), failed.last()) {
+            (Some((first, _)), Some((last, _))) => {
+                let end = v
+                    .iter()
+                    .find(|a| a.at > *last && !bad(a))
+                    .map_or(v.last().map_or(*last, |a| a.at), |a| a.at);
+                end - *first
+            }
+            _ => Duration::ZERO,
+        };
+        let good: Vec<Duration> = v.iter().filter(|a| !bad(a)).map(|a| a.at).collect();
+        let max_success_gap = good
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or_default();
+        LoadReport {
+            attempts: v.len(),
+            failed,
+            gap,
+            max_success_gap,
+        }
+    }
+}
+
+/// A request of the load: connect to `vip:port`, read the echo server's greeting,
+/// echo one line, close; the backend's name.
+pub fn request(t: &Topology, vip: IpAddr, port: u16) -> std::io::Result<String> {
+    let mut c = t.connect(vip, port)?;
+    c.echo("ping")?;
+    Ok(c.backend)
+}
+
+/// Every `every` until `stop` (at most `max`), a `request` in a thread of its own (a
+/// SYN lost on a dead path does not delay the next ones); joins them all.
+pub fn new_conn_load(
+    t: &Topology,
+    vip: IpAddr,
+    port: u16,
+    every: Duration,
+    stop: &AtomicBool,
+    max: Duration,
+) -> Vec<Attempt> {
+    let out = Mutex::new(Vec::new());
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        let mut n = 0u32;
+        while !stop.load(Ordering::SeqCst) && start.elapsed() < max {
+            let at = start.elapsed();
+            let out = &out;
+            s.spawn(move || {
+                let t0 = Instant::now();
+                let r = request(t, vip, port)
+                    .map(|_| t0.elapsed())
+                    .map_err(|e| e.to_string());
+                out.lock().unwrap().push(Attempt { at, result: r });
+            });
+            n += 1;
+            if let Some(d) = (start + every * n).checked_duration_since(Instant::now()) {
+                std::thread::sleep(d);
+            }
+        }
+    });
+    out.into_inner().unwrap()
+}
+
+/// Echoes on every connection of `conns` in turn until `stop` (at most `max`), at
+/// most one round per `every`; a connection that fails once is not used again. The
+/// indexes of the broken ones with their errors, and the rounds done.
+pub fn echo_load(
+    conns: &mut [Conn],
+    every: Duration,
+    stop: &AtomicBool,
+    max: Duration,
+) -> (Vec<(usize, String)>, usize) {
+    let mut broken: Vec<(usize, String)> = Vec::new();
+    let start = Instant::now();
+    let mut rounds = 0;
+    while !stop.load(Ordering::SeqCst) && start.elapsed() < max {
+        let t0 = Instant::now();
+        for (i, c) in conns.iter_mut().enumerate() {
+            if broken.iter().any(|(b, _)| *b == i) {
+                continue;
+            }
+            if let Err(e) = c.echo(&format!("r{rounds}-c{i}")) {
+                broken.push((i, format!("round {rounds} at {:?}: {e}", start.elapsed())));
+            }
+        }
+        rounds += 1;
+        if let Some(d) = every.checked_sub(t0.elapsed()) {
+            std::thread::sleep(d);
+        }
+    }
+    (broken, rounds)
+}
+
+/// Echoes once more on every connection: the indexes of those that fail, with why.
+pub fn echo_all(conns: &mut [Conn], tag: &str) -> Vec<(usize, String)> {
+    conns
+        .iter_mut()
+        .enumerate()
+        .filter_map(|(i, c)| {
+            c.echo(&format!("{tag}-{i}"))
+                .err()
+                .map(|e| (i, e.to_string()))
+        })
+        .collect()
+}
+
+/// The node indexes whose flow table holds connection `c` (to `vip:port`).
+pub fn nodes_holding(nodes: &[BgpNode], c: &Conn, vip: IpAddr, port: u16) -> Vec<usize> {
+    let key = crate::netns::tcp_flow_key(c.local, std::net::SocketAddr::new(vip, port));
+    nodes
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| flow_entry(&n.lbd.instance, &key).is_some())
+        .map(|(i, _)| i)
+        .collect()
+}
