@@ -522,9 +522,10 @@ impl Site {
         self.wait_port(&ns, SocketAddr::new(self.addr(i), 80), "nginx", Duration::from_secs(5));
     }
 
-    /// The lab's three services (`[[service]]` tables, health-checked); `extra` goes
-    /// into each (e.g. `mode = "gue"` and a newline).
-    pub fn services(&self, extra: &str) -> String {
+    /// The lab's three services (`[[service]]` tables, health-checked), the app
+    /// service over backends `app`; `extra` goes into each (e.g. `mode = "gue"` and a
+    /// newline).
+    pub fn services(&self, extra: &str, app: &[usize]) -> String {
         let h = |kind: &str, extra: &str| {
             format!(
                 "health = {{ kind = \"{kind}\", {extra}interval_ms = {HEALTH_INTERVAL_MS}, timeout_ms = 250, rise = {HEALTH_RISE}, fall = {HEALTH_FALL} }}\n"
@@ -540,7 +541,7 @@ impl Site {
             backends(&WEB),
             app_vip(),
             h("http", "path = \"/healthz\", "),
-            backends(&APP),
+            backends(app),
             db_vip(),
             h("tcp", ""),
             backends(&[DB]),
@@ -612,7 +613,7 @@ impl Site {
 
 impl Lab {
     fn write_lbd_configs(&self) {
-        let services = self.services("");
+        let services = self.services("", &APP);
         for (i, n) in self.nodes.iter().enumerate() {
             let secret = n.dir.join("cluster.key");
             fs::write(&secret, b"the lab's shared cluster secret\n").unwrap();
