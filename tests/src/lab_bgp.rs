@@ -16,6 +16,8 @@
 //!   tiers' VIPs via it, so nginx → app VIP and app → db VIP are spread by ECMP over the
 //!   balancers like the client's traffic. The router hairpins on the segment: it sends
 //!   no ICMP redirects (a backend that followed one would bypass ECMP).
+//! - The bridge floods no unknown unicast to the balancers' ports (see `LabBgp::up`):
+//!   a dead node's packets are lost until BFD withdraws its routes, as on real NICs.
 //! - Processes are detached with pid files (`lab::Site`): `lbd-n<i>`, `bird-n<i>`,
 //!   `bird-router`, the tiers; `down` finds everything by prefix and state directory.
 
@@ -28,7 +30,10 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::bgp::{Attempt, Bfd, Forwarded, LoadReport, NODE_AS, ROUTER_AS, flow_entry, forwarded, node_config, router_config};
+use crate::bgp::{
+    Attempt, Bfd, Forwarded, LoadReport, NODE_AS, ROUTER_AS, flow_entry, forwarded, node_config,
+    router_config,
+};
 use crate::lab::{self, Counts, KeepAlive, LbNode, Site, app_vip, db_vip, lbd_instances, web_vip};
 use crate::lbd::{poll_every, wait_for};
 use crate::netns::{TopoSpec, Topology, sysctl, tcp_flow_key};
@@ -68,8 +73,15 @@ fn lbd_bird_file(n: &LbNode) -> PathBuf {
 
 /// `birdc -s SOCK CMD`: stdout, if BIRD answered.
 pub fn birdc(socket: &Path, cmd: &str) -> Option<String> {
-    let out = Command::new("birdc").arg("-s").arg(socket).args(cmd.split_whitespace()).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    let out = Command::new("birdc")
+        .arg("-s")
+        .arg(socket)
+        .args(cmd.split_whitespace())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 pub struct LabBgp {
@@ -89,13 +101,20 @@ pub fn shares(before: &[Forwarded], after: &[Forwarded]) -> Vec<Forwarded> {
     before
         .iter()
         .zip(after)
-        .map(|(b, a)| Forwarded { packets: a.packets.saturating_sub(b.packets), new_flows: a.new_flows.saturating_sub(b.new_flows) })
+        .map(|(b, a)| Forwarded {
+            packets: a.packets.saturating_sub(b.packets),
+            new_flows: a.new_flows.saturating_sub(b.new_flows),
+        })
         .collect()
 }
 
 /// "n1 40, n2 37, n3 45" (new connections per node).
 pub fn spread(s: &[Forwarded]) -> String {
-    s.iter().enumerate().map(|(i, f)| format!("n{} {}", i + 1, f.new_flows)).collect::<Vec<_>>().join(", ")
+    s.iter()
+        .enumerate()
+        .map(|(i, f)| format!("n{} {}", i + 1, f.new_flows))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl LabBgp {
@@ -105,18 +124,51 @@ impl LabBgp {
         crate::require_root();
         let _ = down(prefix, dir);
         fs::create_dir_all(dir.join("pids")).expect("state dir");
-        progress("namespaces: client, router, switch (bridge), lb0, lb1, lb2, web1, web2, app1, app2, db1, app3");
-        let t = Topology::routed(prefix, TopoSpec { lbs: NODES, backends: 6 });
+        progress(
+            "namespaces: client, router, switch (bridge), lb0, lb1, lb2, web1, web2, app1, app2, db1, app3",
+        );
+        let t = Topology::routed(
+            prefix,
+            TopoSpec {
+                lbs: NODES,
+                backends: 6,
+            },
+        );
         t.enable_second_chance();
+        // A dead node's bridge port loses its MAC, and the bridge floods frames for
+        // an unknown MAC to every port; the other balancers' XDP programs (a veth has
+        // no MAC filter before XDP, a real NIC has) would take the dead node's packets
+        // and hide the outage. No unknown-unicast flooding toward the balancers.
+        for lb in &t.lbs {
+            crate::netns::run(Command::new("bridge").args([
+                "-n",
+                &t.switch_ns,
+                "link",
+                "set",
+                "dev",
+                &lb.peer,
+                "flood",
+                "off",
+            ]))
+            .unwrap_or_else(|e| panic!("lab setup: {e}"));
+        }
         let nodes: Vec<LbNode> = (0..NODES)
             .map(|i| {
                 let lb = &t.lbs[i];
                 let d = dir.join(format!("n{}", i + 1));
                 fs::create_dir_all(&d).expect("node dir");
-                LbNode { instance: format!("{prefix}n{}", i + 1), ns: lb.ns.clone(), ifname: lb.ifname.clone(), dir: d }
+                LbNode {
+                    instance: format!("{prefix}n{}", i + 1),
+                    ns: lb.ns.clone(),
+                    ifname: lb.ifname.clone(),
+                    dir: d,
+                }
             })
             .collect();
-        let lab = LabBgp { site: Site::new(t, prefix, dir, lbd_instances(prefix, NODES)), nodes };
+        let lab = LabBgp {
+            site: Site::new(t, prefix, dir, lbd_instances(prefix, NODES)),
+            nodes,
+        };
         let r = lab.t.router().node.clone();
         for k in ["all", "default", r.ifname.as_str()] {
             sysctl(&r.ns, &format!("net.ipv4.conf.{k}.send_redirects"), "0").unwrap();
@@ -144,7 +196,9 @@ impl LabBgp {
             );
         }
         lab.wait_paths(&[0, 1, 2]).unwrap_or_else(|e| panic!("{e}"));
-        progress("ready: every backend healthy, the router has a path through every node to every VIP");
+        progress(
+            "ready: every backend healthy, the router has a path through every node to every VIP",
+        );
         lab
     }
 
@@ -156,19 +210,38 @@ impl LabBgp {
     fn start_router_bird(&self) {
         let d = self.dir.join("router");
         fs::create_dir_all(&d).expect("router dir");
-        fs::write(d.join("bird.conf"), router_config(&self.t, BFD, &d.join("bird.log"))).expect("router BIRD config");
-        self.start_bird("bird-router", self.t.router().ns(), &d.join("bird.conf"), &d.join("bird.ctl"));
+        fs::write(
+            d.join("bird.conf"),
+            router_config(&self.t, BFD, &d.join("bird.log")),
+        )
+        .expect("router BIRD config");
+        self.start_bird(
+            "bird-router",
+            self.t.router().ns(),
+            &d.join("bird.conf"),
+            &d.join("bird.ctl"),
+        );
     }
 
     /// Starts BIRD (detached) and waits until its control socket answers.
     fn start_bird(&self, name: &str, ns: &str, conf: &Path, sock: &Path) {
         let d = conf.parent().expect("BIRD dir");
-        let args: Vec<String> = ["-f", "-c", &conf.display().to_string(), "-s", &sock.display().to_string(), "-P", &d.join("bird.pid").display().to_string()]
-            .map(str::to_string)
-            .to_vec();
+        let args: Vec<String> = [
+            "-f",
+            "-c",
+            &conf.display().to_string(),
+            "-s",
+            &sock.display().to_string(),
+            "-P",
+            &d.join("bird.pid").display().to_string(),
+        ]
+        .map(str::to_string)
+        .to_vec();
         self.spawn(name, ns, "bird", &args);
         assert!(
-            wait_for(Duration::from_secs(10), || birdc(sock, "show status").is_some()).is_some(),
+            wait_for(Duration::from_secs(10), || birdc(sock, "show status")
+                .is_some())
+            .is_some(),
             "{name} did not answer on {}: see {}",
             sock.display(),
             self.dir.join(format!("{name}.log")).display()
@@ -213,7 +286,11 @@ impl LabBgp {
             n.dir.join("state").display(),
         );
         fs::write(n.config(), cfg).expect("lbd config");
-        fs::write(bird_conf(n), node_config(&lbd_bird_file(n), &n.dir.join("bird.log"))).expect("node BIRD config");
+        fs::write(
+            bird_conf(n),
+            node_config(&lbd_bird_file(n), &n.dir.join("bird.log")),
+        )
+        .expect("node BIRD config");
     }
 
     /// Starts node `i`: lbd, then (once lbd has written the file it includes) its BIRD.
@@ -221,16 +298,27 @@ impl LabBgp {
         let n = &self.nodes[i];
         self.start_lbd_node(n, i + 1);
         let f = lbd_bird_file(n);
-        assert!(wait_for(Duration::from_secs(10), || f.exists()).is_some(), "lbd n{} did not write {}", i + 1, f.display());
-        self.start_bird(&format!("bird-n{}", i + 1), &n.ns, &bird_conf(n), &bird_socket(n));
+        assert!(
+            wait_for(Duration::from_secs(10), || f.exists()).is_some(),
+            "lbd n{} did not write {}",
+            i + 1,
+            f.display()
+        );
+        self.start_bird(
+            &format!("bird-n{}", i + 1),
+            &n.ns,
+            &bird_conf(n),
+            &bird_socket(n),
+        );
     }
 
-    /// Node `i` dies: lbd and its BIRD killed (-9), its link down (its XDP program
-    /// would otherwise go on forwarding what still reaches it).
+    /// Node `i` dies as a machine does: its link down first (so the kernel's FIN of
+    /// the dead BIRD's BGP session never reaches the router: BFD must notice), then
+    /// lbd and its BIRD killed (-9).
     pub fn kill_node(&self, i: usize) {
+        self.t.set_lb_link(i, false);
         self.stop(&format!("lbd-n{}", i + 1), libc::SIGKILL);
         self.stop(&format!("bird-n{}", i + 1), libc::SIGKILL);
-        self.t.set_lb_link(i, false);
     }
 
     /// A killed node returns: link up, lbd and BIRD started.
@@ -254,7 +342,10 @@ impl LabBgp {
         let t = Instant::now();
         for v in [web_vip(), app_vip(), db_vip()] {
             if self.t.wait_router_lbs(v, which, CONVERGE).is_none() {
-                return Err(format!("router's paths to {v}: nodes {:?}, want {which:?}", self.paths(v)));
+                return Err(format!(
+                    "router's paths to {v}: nodes {:?}, want {which:?}",
+                    self.paths(v)
+                ));
             }
         }
         Ok(t.elapsed())
@@ -264,7 +355,9 @@ impl LabBgp {
     /// VIP.
     pub fn node_of(&self, local: SocketAddr) -> Option<usize> {
         let key = tcp_flow_key(local, SocketAddr::new(web_vip(), 80));
-        self.nodes.iter().position(|n| flow_entry(&n.instance, &key).is_some())
+        self.nodes
+            .iter()
+            .position(|n| flow_entry(&n.instance, &key).is_some())
     }
 
     /// `KEEPALIVES` keep-alive connections to the web VIP, each used once (so each node's
@@ -272,10 +365,18 @@ impl LabBgp {
     pub fn open_keepalives(&self) -> Held {
         let mut conns = Vec::new();
         for k in 0..KEEPALIVES {
-            let mut ka = self.keepalive().unwrap_or_else(|e| panic!("keep-alive connection {k}: {e}"));
+            let mut ka = self
+                .keepalive()
+                .unwrap_or_else(|e| panic!("keep-alive connection {k}: {e}"));
             let web = page(&mut ka).unwrap_or_else(|e| panic!("keep-alive connection {k}: {e}"));
             let via = self.node_of(ka.local);
-            conns.push(HeldConn { ka, web, via, requests: 1, error: None });
+            conns.push(HeldConn {
+                ka,
+                web,
+                via,
+                requests: 1,
+                error: None,
+            });
         }
         Held { conns }
     }
@@ -283,7 +384,12 @@ impl LabBgp {
     /// One visit every `every`, each in a thread of its own (a SYN lost on a dead path
     /// delays only its own request), until `stop` or `max`: the counts (in start order)
     /// and the attempts for `LoadReport`.
-    pub fn visit_load(&self, every: Duration, stop: &AtomicBool, max: Duration) -> (Counts, Vec<Attempt>) {
+    pub fn visit_load(
+        &self,
+        every: Duration,
+        stop: &AtomicBool,
+        max: Duration,
+    ) -> (Counts, Vec<Attempt>) {
         type Outcome = (Duration, Duration, Result<(String, String, u64), String>);
         let out: Mutex<Vec<Outcome>> = Mutex::new(Vec::new());
         let start = Instant::now();
@@ -305,10 +411,16 @@ impl LabBgp {
         });
         let mut v = out.into_inner().unwrap();
         v.sort_by_key(|o| o.0);
-        let mut c = Counts { started: Some(start), ..Counts::default() };
+        let mut c = Counts {
+            started: Some(start),
+            ..Counts::default()
+        };
         let mut attempts = Vec::new();
         for (at, took, r) in v {
-            attempts.push(Attempt { at, result: r.as_ref().map(|_| took).map_err(Clone::clone) });
+            attempts.push(Attempt {
+                at,
+                result: r.as_ref().map(|_| took).map_err(Clone::clone),
+            });
             c.ends.push(at + took);
             c.record(at, r);
         }
@@ -453,24 +565,35 @@ impl LabBgp {
     pub fn step_spread(&self, n: usize) -> Spread {
         let before = self.forwarded();
         let counts = self.visits(n, Duration::ZERO, Duration::from_secs(60));
-        Spread { counts, shares: shares(&before, &self.forwarded()), paths: self.paths(web_vip()) }
+        Spread {
+            counts,
+            shares: shares(&before, &self.forwarded()),
+            paths: self.paths(web_vip()),
+        }
     }
 
     /// Step 2: under a new visit every 20 ms and rounds on the held connections, the
     /// node carrying the most of them dies (-9, lbd and BIRD, link down).
     pub fn step_kill(&self, held: &mut Held) -> Kill {
         let per = held.per_node();
-        let node = (0..NODES).max_by_key(|i| per.get(i).copied().unwrap_or(0)).unwrap_or(0);
+        let node = (0..NODES)
+            .max_by_key(|i| per.get(i).copied().unwrap_or(0))
+            .unwrap_or(0);
         let held_via_node = per.get(&node).copied().unwrap_or(0);
         let before = self.forwarded();
         let stop = AtomicBool::new(false);
         let ((counts, attempts), withdrawn_after) = std::thread::scope(|s| {
-            let load = s.spawn(|| self.visit_load(Duration::from_millis(20), &stop, Duration::from_secs(10)));
-            let hold = s.spawn(|| held.run(Duration::from_millis(100), &stop, Duration::from_secs(10)));
+            let load = s.spawn(|| {
+                self.visit_load(Duration::from_millis(20), &stop, Duration::from_secs(10))
+            });
+            let hold =
+                s.spawn(|| held.run(Duration::from_millis(100), &stop, Duration::from_secs(10)));
             std::thread::sleep(Duration::from_millis(1000));
             self.kill_node(node);
             let rest: Vec<usize> = (0..NODES).filter(|&i| i != node).collect();
-            let w = poll_every(Duration::from_millis(5), Duration::from_secs(5), || self.paths(web_vip()) == rest);
+            let w = poll_every(Duration::from_millis(5), Duration::from_secs(5), || {
+                self.paths(web_vip()) == rest
+            });
             std::thread::sleep(Duration::from_millis(2500));
             stop.store(true, Ordering::SeqCst);
             hold.join().expect("held connections");
@@ -513,15 +636,21 @@ impl LabBgp {
                 }
                 c
             });
-            let hold = s.spawn(|| held.run(Duration::from_millis(100), &stop, Duration::from_secs(30)));
+            let hold =
+                s.spawn(|| held.run(Duration::from_millis(100), &stop, Duration::from_secs(30)));
             std::thread::sleep(Duration::from_millis(1000));
             let t1 = Instant::now();
             for &i in running {
-                let (ok, _, err) = self.nodes[i].lbctl(&["backend", "add", "app", &app3.to_string()]);
+                let (ok, _, err) =
+                    self.nodes[i].lbctl(&["backend", "add", "app", &app3.to_string()]);
                 assert!(ok, "n{}: lbctl backend add app {app3}: {err}", i + 1);
             }
             let in_tables = wait_for(Duration::from_secs(10), || {
-                running.iter().all(|&i| self.nodes[i].health("app", app3).is_some_and(|(h, t)| h == "up" && t))
+                running.iter().all(|&i| {
+                    self.nodes[i]
+                        .health("app", app3)
+                        .is_some_and(|(h, t)| h == "up" && t)
+                })
             })
             .map(|_| t1.elapsed());
             std::thread::sleep(Duration::from_millis(1000));
@@ -529,7 +658,10 @@ impl LabBgp {
             let (ok, _, err) = self.nodes[node].lbctl(&["node", "drain"]);
             assert!(ok, "n{}: lbctl node drain: {err}", node + 1);
             let rest: Vec<usize> = running.iter().copied().filter(|&i| i != node).collect();
-            let w = poll_every(Duration::from_millis(5), Duration::from_secs(5), || self.paths(web_vip()) == rest).map(|_| t2.elapsed());
+            let w = poll_every(Duration::from_millis(5), Duration::from_secs(5), || {
+                self.paths(web_vip()) == rest
+            })
+            .map(|_| t2.elapsed());
             if let Some(d) = Duration::from_millis(DRAIN_MS.into()).checked_sub(t2.elapsed()) {
                 std::thread::sleep(d);
             }
@@ -566,7 +698,9 @@ impl LabBgp {
         let back_after = self.wait_paths(&[0, 1, 2]).map(|_| t0.elapsed());
         held.round("after the rejoin");
         // app3 in the returned node's table too, before its share is measured.
-        let _ = wait_for(Duration::from_secs(5), || self.nodes[killed].all_backends_up(6));
+        let _ = wait_for(Duration::from_secs(5), || {
+            self.nodes[killed].all_backends_up(6)
+        });
         let before = self.forwarded();
         let counts = self.visits(n, Duration::ZERO, Duration::from_secs(60));
         let shares = shares(&before, &self.forwarded());

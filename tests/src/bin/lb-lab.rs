@@ -187,7 +187,7 @@ fn up_bgp(once: bool) {
     println!("lab: {} keep-alive connections held open from here on (through {})\n", held.conns.len(), per.join(", "));
 
     println!(
-        "== 2. A node killed (-9: lbd and its BIRD, link down) under a new visit every 20 ms; BFD {} ms × {}",
+        "== 2. A node dies (link down, lbd and its BIRD killed -9) under a new visit every 20 ms; BFD {} ms × {}",
         lab_bgp::BFD.interval_ms,
         lab_bgp::BFD.multiplier
     );
