@@ -551,7 +551,10 @@ pub struct Maintenance {
 pub struct Rejoin {
     pub returned: usize,
     pub undrained: usize,
-    /// Until the router's routes went through all three nodes again.
+    /// Until its lbd and BIRD ran (lbd answering, BIRD's socket answering).
+    pub started_after: Duration,
+    /// Until the router's routes went through all three nodes again (the BGP
+    /// session re-established, the VIPs announced once their backends are healthy).
     pub back_after: Result<Duration, String>,
     pub counts: Counts,
     pub shares: Vec<Forwarded>,
@@ -693,6 +696,7 @@ impl LabBgp {
         self.write_node_config(killed, &[lab::APP[0], lab::APP[1], lab::APP3]);
         let t0 = Instant::now();
         self.restore_node(killed);
+        let started_after = t0.elapsed();
         let (ok, _, err) = self.nodes[drained].lbctl(&["node", "undrain"]);
         assert!(ok, "n{}: lbctl node undrain: {err}", drained + 1);
         let back_after = self.wait_paths(&[0, 1, 2]).map(|_| t0.elapsed());
@@ -708,6 +712,7 @@ impl LabBgp {
         Rejoin {
             returned: killed,
             undrained: drained,
+            started_after,
             back_after,
             counts,
             shares,
