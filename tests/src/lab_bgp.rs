@@ -521,7 +521,8 @@ pub struct Kill {
     pub node: usize,
     pub counts: Counts,
     pub load: LoadReport,
-    /// From the kill until the router's routes no longer go through the node.
+    /// From the node's link going down until the router's routes no longer go
+    /// through it (BFD's detection plus BIRD's route update).
     pub withdrawn_after: Option<Duration>,
     /// Keep-alive connections through the killed node, and all of them lost.
     pub held_via_node: usize,
@@ -592,11 +593,15 @@ impl LabBgp {
             let hold =
                 s.spawn(|| held.run(Duration::from_millis(100), &stop, Duration::from_secs(10)));
             std::thread::sleep(Duration::from_millis(1000));
+            // From the link going down (kill_node's first act), not from the end of
+            // the kills.
+            let t0 = Instant::now();
             self.kill_node(node);
             let rest: Vec<usize> = (0..NODES).filter(|&i| i != node).collect();
             let w = poll_every(Duration::from_millis(5), Duration::from_secs(5), || {
                 self.paths(web_vip()) == rest
-            });
+            })
+            .map(|_| t0.elapsed());
             std::thread::sleep(Duration::from_millis(2500));
             stop.store(true, Ordering::SeqCst);
             hold.join().expect("held connections");
