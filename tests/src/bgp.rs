@@ -444,6 +444,8 @@ pub struct LoadReport {
     pub gap: Duration,
     /// The longest time between the starts of two consecutive good attempts.
     pub max_success_gap: Duration,
+    /// The start of the first good attempt after the last failed one.
+    pub first_good_after_failures: Option<Duration>,
 }
 
 impl LoadReport {
@@ -477,11 +479,28 @@ impl LoadReport {
             .map(|w| w[1] - w[0])
             .max()
             .unwrap_or_default();
+        let first_good_after_failures = failed
+            .last()
+            .and_then(|(last, _)| v.iter().find(|a| a.at > *last && !bad(a)).map(|a| a.at));
         LoadReport {
             attempts: v.len(),
             failed,
             gap,
             max_success_gap,
+            first_good_after_failures,
+        }
+    }
+
+    /// The outage counted from `event` (on the attempts' clock, e.g. a kill): until the
+    /// start of the first good attempt after the last failed one; zero without
+    /// failures, `Duration::MAX` when the load ended before a good one came back.
+    /// Attempts that happened to take live paths right after the event do not shorten
+    /// it, unlike `gap`.
+    pub fn outage_since(&self, event: Duration) -> Duration {
+        match (self.failed.last(), self.first_good_after_failures) {
+            (None, _) => Duration::ZERO,
+            (Some(_), Some(end)) => end.saturating_sub(event),
+            (Some(_), None) => Duration::MAX,
         }
     }
 }
@@ -495,7 +514,8 @@ pub fn request(t: &Topology, vip: IpAddr, port: u16) -> std::io::Result<String> 
 }
 
 /// Every `every` until `stop` (at most `max`), a `request` in a thread of its own (a
-/// SYN lost on a dead path does not delay the next ones); joins them all.
+/// SYN lost on a dead path does not delay the next ones); joins them all. `Attempt::at`
+/// counts from `origin` (the caller's clock, to compare with its own events).
 pub fn new_conn_load(
     t: &Topology,
     vip: IpAddr,
@@ -503,20 +523,23 @@ pub fn new_conn_load(
     every: Duration,
     stop: &AtomicBool,
     max: Duration,
+    origin: Instant,
 ) -> Vec<Attempt> {
     let out = Mutex::new(Vec::new());
     let start = Instant::now();
     std::thread::scope(|s| {
         let mut n = 0u32;
         while !stop.load(Ordering::SeqCst) && start.elapsed() < max {
-            let at = start.elapsed();
             let out = &out;
             s.spawn(move || {
                 let t0 = Instant::now();
                 let r = request(t, vip, port)
                     .map(|_| t0.elapsed())
                     .map_err(|e| e.to_string());
-                out.lock().unwrap().push(Attempt { at, result: r });
+                out.lock().unwrap().push(Attempt {
+                    at: t0.duration_since(origin),
+                    result: r,
+                });
             });
             n += 1;
             if let Some(d) = (start + every * n).checked_duration_since(Instant::now()) {
@@ -579,4 +602,48 @@ pub fn nodes_holding(nodes: &[BgpNode], c: &Conn, vip: IpAddr, port: u16) -> Vec
         .filter(|(_, n)| flow_entry(&n.lbd.instance, &key).is_some())
         .map(|(i, _)| i)
         .collect()
+}
+
+/// What `watch_leave` saw from the moment a node started leaving (drain).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Leave {
+    /// When the router's route to the VIP first had exactly the other nodes.
+    pub converged: Option<Duration>,
+    /// When the node's forwarded-packet counter last moved (None: never after `t0`).
+    pub last_packet: Option<Duration>,
+    /// Its counter at the end.
+    pub packets: u64,
+}
+
+/// From `t0` (the drain command), until `t0 + span`: samples node `node`'s forwarded
+/// packets (about every 5 ms) and the router's route to `vip` (want `others`).
+#[allow(clippy::too_many_arguments)]
+pub fn watch_leave(
+    t: &Topology,
+    lab: &BgpLab,
+    node: usize,
+    vip: IpAddr,
+    others: &[usize],
+    t0: Instant,
+    before: u64,
+    span: Duration,
+) -> Leave {
+    let mut want = others.to_vec();
+    want.sort();
+    let mut l = Leave {
+        packets: before,
+        ..Leave::default()
+    };
+    while t0.elapsed() < span {
+        let p = lab.nodes[node].forwarded().packets;
+        if p != l.packets {
+            l.packets = p;
+            l.last_packet = Some(t0.elapsed());
+        }
+        if l.converged.is_none() && t.router_lbs(vip) == want {
+            l.converged = Some(t0.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    l
 }
