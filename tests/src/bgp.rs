@@ -30,7 +30,7 @@ use lb_common::{FlowKey, FlowValue, MAX_SERVICES, map_names};
 use lb_userspace::stats::Stats;
 
 use crate::lbd::{Lbd, wait_for};
-use crate::netns::{ChildGuard, Conn, Topology, ns_command, run};
+use crate::netns::{ChildGuard, Conn, ServerMode, TopoSpec, Topology, ns_command, run, vip_v4};
 
 /// The router's AS.
 pub const ROUTER_AS: u32 = 65000;
@@ -646,4 +646,108 @@ pub fn watch_leave(
         std::thread::sleep(Duration::from_millis(5));
     }
     l
+}
+
+/// The service port of `gue_lab`.
+pub const LAB_PORT: u16 = 80;
+
+/// A routed topology `prefix` with `lbs` balancers and `backends` backends (echo
+/// servers on `LAB_PORT` on all, ready for second chance), the BGP lab on it (router
+/// BIRD started with BFD 100 ms × 3, nodes `<prefix without '-'><i>` configured, not
+/// started) and one gue service `g` on `vip_v4(1)` over backends `0..in_service`.
+pub fn gue_lab(
+    prefix: &str,
+    lbs: usize,
+    backends: usize,
+    in_service: usize,
+    drain_ms: u32,
+) -> (Topology, BgpLab, IpAddr) {
+    let t = Topology::routed(prefix, TopoSpec { lbs, backends });
+    let vip = vip_v4(1);
+    t.add_vip_to_backends(vip);
+    t.enable_second_chance();
+    t.start_servers(LAB_PORT, ServerMode::Echo);
+    let lab = BgpLab::new(&t, prefix.trim_end_matches('-'), Bfd::FAST, drain_ms);
+    let backends: String = (0..in_service)
+        .map(|i| format!("[[service.backend]]\naddress = \"{}\"\n", t.backends[i].v4))
+        .collect();
+    lab.write_config(&format!(
+        "[[service]]\nname = \"g\"\nvip = \"{vip}:{LAB_PORT}/tcp\"\nmode = \"gue\"\ntable_size = 1009\n{backends}"
+    ));
+    (t, lab, vip)
+}
+
+/// How many of `via` (a node index per connection) each of `nodes` nodes has.
+pub fn per_node(via: &[usize], nodes: usize) -> Vec<usize> {
+    let mut n = vec![0; nodes];
+    for &v in via {
+        n[v] += 1;
+    }
+    n
+}
+
+impl BgpLab {
+    /// Starts nodes `which` and waits (≤ 30 s) until the router's route to `vip` has
+    /// exactly them; the time it took. Panics with every log otherwise.
+    pub fn start_nodes(&mut self, t: &Topology, vip: IpAddr, which: &[usize]) -> Duration {
+        let t0 = Instant::now();
+        for &i in which {
+            self.nodes[i].start();
+        }
+        assert!(
+            t.wait_router_lbs(vip, which, Duration::from_secs(30))
+                .is_some(),
+            "router next hops for {vip}: {:?}, want nodes {which:?}\n{}",
+            t.router_next_hops(vip),
+            self.logs()
+        );
+        t0.elapsed()
+    }
+
+    /// `n` long-lived connections to `vip:port` and the node each went through (the
+    /// one whose flow table holds it; exactly one must).
+    pub fn open_long_lived(
+        &self,
+        t: &Topology,
+        vip: IpAddr,
+        port: u16,
+        n: usize,
+    ) -> (Vec<Conn>, Vec<usize>) {
+        let conns: Vec<Conn> = (0..n)
+            .map(|i| {
+                t.connect(vip, port)
+                    .unwrap_or_else(|e| panic!("long-lived {i}: {e}\n{}", self.logs()))
+            })
+            .collect();
+        let via = conns
+            .iter()
+            .map(|c| {
+                let on = nodes_holding(&self.nodes, c, vip, port);
+                assert_eq!(
+                    on.len(),
+                    1,
+                    "{}: exactly one node holds a new flow: {on:?}",
+                    c.local
+                );
+                on[0]
+            })
+            .collect();
+        (conns, via)
+    }
+
+    /// Node `victim` dies as a machine does: its link first, so nothing it would still
+    /// send (BIRD's TCP FIN when the kernel closes its sockets) reaches the router and
+    /// BFD has to notice; then kill -9 of its lbd and BIRD. Whether its XDP program
+    /// stayed attached after the kill.
+    pub fn die(&mut self, t: &Topology, victim: usize) -> bool {
+        t.set_lb_link(victim, false);
+        self.nodes[victim].kill();
+        xdp_attached(&t.lbs[victim].ns, &t.lbs[victim].ifname)
+    }
+
+    /// A node that `die`d comes back: link up, lbd (adopting its pinned maps) and BIRD.
+    pub fn revive(&mut self, t: &Topology, node: usize) {
+        t.set_lb_link(node, true);
+        self.nodes[node].start();
+    }
 }

@@ -569,6 +569,14 @@ impl Topology {
         None
     }
 
+    /// Makes the VIP prefixes on-link for the router (an active/backup pair holds
+    /// its VIPs by ARP/ND, `pair::pair_routed`).
+    pub fn set_router_vip_onlink(&self) {
+        let r = self.router();
+        ip(&["-n", r.ns(), "route", "replace", VIP_NET_V4, "dev", &r.node.ifname]);
+        ip(&["-n", r.ns(), "-6", "route", "replace", VIP_NET_V6, "dev", &r.node.ifname]);
+    }
+
     /// Sends the client's TCP connections from source ports `ports` to the VIP
     /// prefixes through balancer `lb`, whatever the router's ECMP route says (a policy
     /// rule and table `100 + lb` in the router): a test reaches one node on purpose.

@@ -9,110 +9,26 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use lb_tests::bgp::{
-    Bfd, BgpLab, LoadReport, echo_all, echo_load, new_conn_load, nodes_holding, watch_leave,
-    xdp_attached,
+    BgpLab, LAB_PORT as PORT, LoadReport, echo_all, echo_load, gue_lab, new_conn_load,
+    nodes_holding, per_node, watch_leave,
 };
 use lb_tests::lbd::wait_for;
-use lb_tests::netns::{Conn, ServerMode, TopoSpec, Topology, flow_slot, maglev_table, vip_v4};
+use lb_tests::netns::{Conn, Topology, flow_slot, maglev_table};
 use lb_userspace::BackendSpec;
 
-const PORT: u16 = 80;
 const EVERY: Duration = Duration::from_millis(20);
 /// A request slower than this lost a packet (a lost SYN is retransmitted after 1 s).
 const SLOW: Duration = Duration::from_millis(500);
 const CONVERGE: Duration = Duration::from_secs(30);
 
-/// A routed topology with 3 balancers and `backends` backends (servers on all), the
-/// BGP lab on it (router BIRD started, nodes not), and the gue service over backends
-/// `0..in_service`.
-fn setup(
-    prefix: &str,
-    backends: usize,
-    in_service: usize,
-    drain_ms: u32,
-) -> (Topology, BgpLab, IpAddr, String) {
-    let t = Topology::routed(prefix, TopoSpec { lbs: 3, backends });
-    let vip = vip_v4(1);
-    t.add_vip_to_backends(vip);
-    t.enable_second_chance();
-    t.start_servers(PORT, ServerMode::Echo);
-    let lab = BgpLab::new(&t, prefix.trim_end_matches('-'), Bfd::FAST, drain_ms);
-    let backends: String = (0..in_service)
-        .map(|i| format!("[[service.backend]]\naddress = \"{}\"\n", t.backends[i].v4))
-        .collect();
-    let services = format!(
-        "[[service]]\nname = \"g\"\nvip = \"{vip}:{PORT}/tcp\"\nmode = \"gue\"\ntable_size = 1009\n{backends}"
-    );
-    lab.write_config(&services);
-    (t, lab, vip, services)
-}
-
-/// Starts nodes `which` and waits until the router's route to `vip` has exactly them.
-fn start_nodes(t: &Topology, lab: &mut BgpLab, vip: IpAddr, which: &[usize]) -> Duration {
-    let t0 = Instant::now();
-    for &i in which {
-        lab.nodes[i].start();
-    }
-    assert!(
-        t.wait_router_lbs(vip, which, CONVERGE).is_some(),
-        "router next hops for {vip}: {:?}, want nodes {which:?}\n{}",
-        t.router_next_hops(vip),
-        lab.logs()
-    );
-    t0.elapsed()
-}
-
-/// `n` long-lived connections, and the node each went through (the one whose flow
-/// table holds it).
-fn open_long_lived(t: &Topology, lab: &BgpLab, vip: IpAddr, n: usize) -> (Vec<Conn>, Vec<usize>) {
-    let conns: Vec<Conn> = (0..n)
-        .map(|i| {
-            t.connect(vip, PORT)
-                .unwrap_or_else(|e| panic!("long-lived {i}: {e}\n{}", lab.logs()))
-        })
-        .collect();
-    let via: Vec<usize> = conns
-        .iter()
-        .map(|c| {
-            let on = nodes_holding(&lab.nodes, c, vip, PORT);
-            assert_eq!(
-                on.len(),
-                1,
-                "{}: exactly one node holds a new flow: {on:?}",
-                c.local
-            );
-            on[0]
-        })
-        .collect();
-    (conns, via)
-}
-
-/// Node `victim` dies as a machine does: its link first, so nothing it would still
-/// send (BIRD's TCP FIN when the kernel closes its sockets) reaches the router and BFD
-/// has to notice; then kill -9 of its lbd and BIRD. Whether its XDP program stayed
-/// attached after the kill.
-fn die(t: &Topology, lab: &mut BgpLab, victim: usize) -> bool {
-    t.set_lb_link(victim, false);
-    lab.nodes[victim].kill();
-    xdp_attached(&t.lbs[victim].ns, &t.lbs[victim].ifname)
-}
-
-fn per_node(via: &[usize]) -> [usize; 3] {
-    let mut n = [0; 3];
-    for &v in via {
-        n[v] += 1;
-    }
-    n
-}
-
 /// ECMP spreads new connections over the three nodes; each forwards its share.
 #[test]
 fn ecmp_spreads_over_three_nodes() {
-    let (t, mut lab, vip, _) = setup("bga-", 3, 3, 500);
-    let took = start_nodes(&t, &mut lab, vip, &[0, 1, 2]);
+    let (t, mut lab, vip) = gue_lab("bga-", 3, 3, 3, 500);
+    let took = lab.start_nodes(&t, vip, &[0, 1, 2]);
     let before = lab.forwarded();
-    let (mut conns, via) = open_long_lived(&t, &lab, vip, 60);
-    let share = per_node(&via);
+    let (mut conns, via) = lab.open_long_lived(&t, vip, PORT, 60);
+    let share = per_node(&via, 3);
     let after = lab.forwarded();
     let new_flows: Vec<u64> = (0..3)
         .map(|i| after[i].new_flows - before[i].new_flows)
@@ -126,7 +42,7 @@ fn ecmp_spreads_over_three_nodes() {
     );
     assert_eq!(
         new_flows.iter().map(|&n| n as usize).collect::<Vec<_>>(),
-        share.to_vec(),
+        share.clone(),
         "each node's counters saw exactly its flows"
     );
     assert!(echo_all(&mut conns, "spread").is_empty());
@@ -196,10 +112,10 @@ fn under_load<R>(
 /// is lost; new connections fail only while BFD has not noticed (gap < 1 s).
 #[test]
 fn kill_one_of_three_under_load() {
-    let (t, mut lab, vip, _) = setup("bgb-", 3, 3, 500);
-    start_nodes(&t, &mut lab, vip, &[0, 1, 2]);
-    let (mut conns, via) = open_long_lived(&t, &lab, vip, 36);
-    let share = per_node(&via);
+    let (t, mut lab, vip) = gue_lab("bgb-", 3, 3, 3, 500);
+    lab.start_nodes(&t, vip, &[0, 1, 2]);
+    let (mut conns, via) = lab.open_long_lived(&t, vip, PORT, 36);
+    let share = per_node(&via, 3);
     assert!(
         share.iter().all(|&n| n > 0),
         "long-lived connections on every node: {share:?}"
@@ -208,7 +124,7 @@ fn kill_one_of_three_under_load() {
     let (load, (killed_at, xdp_stays, converged)) =
         under_load(&t, vip, &mut conns, Duration::from_millis(1500), |origin| {
             let at = origin.elapsed();
-            let xdp_stays = die(&t, &mut lab, victim);
+            let xdp_stays = lab.die(&t, victim);
             let converged = t.wait_router_lbs(vip, &[0, 2], Duration::from_secs(10));
             (at, xdp_stays, converged)
         });
@@ -256,8 +172,8 @@ fn kill_one_of_three_under_load() {
 /// secondary, the previous owner (second chance, no flow sync). None breaks.
 #[test]
 fn backend_added_then_node_killed_keeps_moved_flows() {
-    let (t, mut lab, vip, _) = setup("bgc-", 4, 3, 500);
-    start_nodes(&t, &mut lab, vip, &[0, 1, 2]);
+    let (t, mut lab, vip) = gue_lab("bgc-", 3, 4, 3, 500);
+    lab.start_nodes(&t, vip, &[0, 1, 2]);
     // Predicted tables: Maglev depends on addresses and weights only (ids are labels).
     let spec = |i: usize| {
         (
@@ -331,7 +247,7 @@ fn backend_added_then_node_killed_keeps_moved_flows() {
     let victim = (0..3).max_by_key(|&n| changed_on(n)).unwrap();
     let moved_changed = changed_on(victim);
     let sc_before = decap_count(&t, "second_chance_not_held");
-    die(&t, &mut lab, victim);
+    lab.die(&t, victim);
     let others: Vec<usize> = (0..3).filter(|&n| n != victim).collect();
     let converged = t.wait_router_lbs(vip, &others, Duration::from_secs(10));
     assert!(
@@ -362,7 +278,7 @@ fn backend_added_then_node_killed_keeps_moved_flows() {
         "75 connections (60 whose pick changes when be3 is added), per node {:?}; be3 added on all nodes; node {victim} \
          killed with {moved_changed} changed-pick flows (router converged in {converged:?}); {} broken; \
          {sc} packets second-chanced to their previous backend; {moved} flows of surviving nodes also moved by the rehash",
-        per_node(&via),
+        per_node(&via, 3),
         broken.len()
     );
     assert!(broken.is_empty(), "{broken:#?}");
@@ -382,10 +298,10 @@ fn backend_added_then_node_killed_keeps_moved_flows() {
 #[test]
 fn drain_fails_no_request_and_node_goes_quiet() {
     let drain_ms = 1000;
-    let (t, mut lab, vip, _) = setup("bgd-", 3, 3, drain_ms);
-    start_nodes(&t, &mut lab, vip, &[0, 1, 2]);
-    let (mut conns, via) = open_long_lived(&t, &lab, vip, 30);
-    let share = per_node(&via);
+    let (t, mut lab, vip) = gue_lab("bgd-", 3, 3, 3, drain_ms);
+    lab.start_nodes(&t, vip, &[0, 1, 2]);
+    let (mut conns, via) = lab.open_long_lived(&t, vip, PORT, 30);
+    let share = per_node(&via, 3);
     let node = 2;
     assert!(
         share[node] > 0,
@@ -450,9 +366,9 @@ fn drain_fails_no_request_and_node_goes_quiet() {
         "undrained node back in the route"
     );
     let before = lab.nodes[node].forwarded().new_flows;
-    let (_, via2) = open_long_lived(&t, &lab, vip, 30);
+    let (_, via2) = lab.open_long_lived(&t, vip, PORT, 30);
     assert!(
-        per_node(&via2)[node] > 0 && lab.nodes[node].forwarded().new_flows > before,
+        per_node(&via2, 3)[node] > 0 && lab.nodes[node].forwarded().new_flows > before,
         "undrained node takes new flows"
     );
 }
@@ -463,10 +379,10 @@ fn drain_fails_no_request_and_node_goes_quiet() {
 /// fails, and the new node takes a share of the new connections.
 #[test]
 fn join_loses_nothing_and_takes_a_share() {
-    let (t, mut lab, vip, _) = setup("bge-", 3, 3, 500);
-    start_nodes(&t, &mut lab, vip, &[0, 1]);
-    let (mut conns, via) = open_long_lived(&t, &lab, vip, 30);
-    let share = per_node(&via);
+    let (t, mut lab, vip) = gue_lab("bge-", 3, 3, 3, 500);
+    lab.start_nodes(&t, vip, &[0, 1]);
+    let (mut conns, via) = lab.open_long_lived(&t, vip, PORT, 30);
+    let share = per_node(&via, 3);
     let node = 2;
     let mut nodes = std::mem::take(&mut lab.nodes);
     let (load, (joined_at, announced)) =
@@ -506,13 +422,13 @@ fn join_loses_nothing_and_takes_a_share() {
         new_flows[node] > 0,
         "the joined node takes new connections: {new_flows:?}"
     );
-    let (_, via2) = open_long_lived(&t, &lab, vip, 30);
+    let (_, via2) = lab.open_long_lived(&t, vip, PORT, 30);
     println!(
         "30 new connections after the join, per node {:?}",
-        per_node(&via2)
+        per_node(&via2, 3)
     );
     assert!(
-        per_node(&via2)[node] > 0,
+        per_node(&via2, 3)[node] > 0,
         "the joined node takes a share of new connections"
     );
 }
@@ -524,8 +440,8 @@ fn join_loses_nothing_and_takes_a_share() {
 /// once the config is fixed.
 #[test]
 fn bird_unreachable_or_refusing_is_reported_and_retried() {
-    let (t, mut lab, vip, _) = setup("bgf-", 3, 3, 200);
-    start_nodes(&t, &mut lab, vip, &[0, 1, 2]);
+    let (t, mut lab, vip) = gue_lab("bgf-", 3, 3, 3, 200);
+    lab.start_nodes(&t, vip, &[0, 1, 2]);
     let node = 1;
     let status = |lab: &BgpLab| lab.nodes[node].bgp_status();
     // 1. BIRD dies.
