@@ -30,7 +30,7 @@ use lb_common::{FlowKey, FlowValue, MAX_SERVICES, map_names};
 use lb_userspace::stats::Stats;
 
 use crate::lbd::{Lbd, wait_for};
-use crate::netns::{ChildGuard, Conn, Topology, ns_command, run};
+use crate::netns::{ChildGuard, Conn, ServerMode, TopoSpec, Topology, ns_command, run, vip_v4};
 
 /// The router's AS.
 pub const ROUTER_AS: u32 = 65000;
@@ -444,6 +444,8 @@ pub struct LoadReport {
     pub gap: Duration,
     /// The longest time between the starts of two consecutive good attempts.
     pub max_success_gap: Duration,
+    /// The start of the first good attempt after the last failed one.
+    pub first_good_after_failures: Option<Duration>,
 }
 
 impl LoadReport {
@@ -477,11 +479,28 @@ impl LoadReport {
             .map(|w| w[1] - w[0])
             .max()
             .unwrap_or_default();
+        let first_good_after_failures = failed
+            .last()
+            .and_then(|(last, _)| v.iter().find(|a| a.at > *last && !bad(a)).map(|a| a.at));
         LoadReport {
             attempts: v.len(),
             failed,
             gap,
             max_success_gap,
+            first_good_after_failures,
+        }
+    }
+
+    /// The outage counted from `event` (on the attempts' clock, e.g. a kill): until the
+    /// start of the first good attempt after the last failed one; zero without
+    /// failures, `Duration::MAX` when the load ended before a good one came back.
+    /// Attempts that happened to take live paths right after the event do not shorten
+    /// it, unlike `gap`.
+    pub fn outage_since(&self, event: Duration) -> Duration {
+        match (self.failed.last(), self.first_good_after_failures) {
+            (None, _) => Duration::ZERO,
+            (Some(_), Some(end)) => end.saturating_sub(event),
+            (Some(_), None) => Duration::MAX,
         }
     }
 }
@@ -495,7 +514,8 @@ pub fn request(t: &Topology, vip: IpAddr, port: u16) -> std::io::Result<String> 
 }
 
 /// Every `every` until `stop` (at most `max`), a `request` in a thread of its own (a
-/// SYN lost on a dead path does not delay the next ones); joins them all.
+/// SYN lost on a dead path does not delay the next ones); joins them all. `Attempt::at`
+/// counts from `origin` (the caller's clock, to compare with its own events).
 pub fn new_conn_load(
     t: &Topology,
     vip: IpAddr,
@@ -503,20 +523,23 @@ pub fn new_conn_load(
     every: Duration,
     stop: &AtomicBool,
     max: Duration,
+    origin: Instant,
 ) -> Vec<Attempt> {
     let out = Mutex::new(Vec::new());
     let start = Instant::now();
     std::thread::scope(|s| {
         let mut n = 0u32;
         while !stop.load(Ordering::SeqCst) && start.elapsed() < max {
-            let at = start.elapsed();
             let out = &out;
             s.spawn(move || {
                 let t0 = Instant::now();
                 let r = request(t, vip, port)
                     .map(|_| t0.elapsed())
                     .map_err(|e| e.to_string());
-                out.lock().unwrap().push(Attempt { at, result: r });
+                out.lock().unwrap().push(Attempt {
+                    at: t0.duration_since(origin),
+                    result: r,
+                });
             });
             n += 1;
             if let Some(d) = (start + every * n).checked_duration_since(Instant::now()) {
@@ -579,4 +602,152 @@ pub fn nodes_holding(nodes: &[BgpNode], c: &Conn, vip: IpAddr, port: u16) -> Vec
         .filter(|(_, n)| flow_entry(&n.lbd.instance, &key).is_some())
         .map(|(i, _)| i)
         .collect()
+}
+
+/// What `watch_leave` saw from the moment a node started leaving (drain).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Leave {
+    /// When the router's route to the VIP first had exactly the other nodes.
+    pub converged: Option<Duration>,
+    /// When the node's forwarded-packet counter last moved (None: never after `t0`).
+    pub last_packet: Option<Duration>,
+    /// Its counter at the end.
+    pub packets: u64,
+}
+
+/// From `t0` (the drain command), until `t0 + span`: samples node `node`'s forwarded
+/// packets (about every 5 ms) and the router's route to `vip` (want `others`).
+#[allow(clippy::too_many_arguments)]
+pub fn watch_leave(
+    t: &Topology,
+    lab: &BgpLab,
+    node: usize,
+    vip: IpAddr,
+    others: &[usize],
+    t0: Instant,
+    before: u64,
+    span: Duration,
+) -> Leave {
+    let mut want = others.to_vec();
+    want.sort();
+    let mut l = Leave {
+        packets: before,
+        ..Leave::default()
+    };
+    while t0.elapsed() < span {
+        let p = lab.nodes[node].forwarded().packets;
+        if p != l.packets {
+            l.packets = p;
+            l.last_packet = Some(t0.elapsed());
+        }
+        if l.converged.is_none() && t.router_lbs(vip) == want {
+            l.converged = Some(t0.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    l
+}
+
+/// The service port of `gue_lab`.
+pub const LAB_PORT: u16 = 80;
+
+/// A routed topology `prefix` with `lbs` balancers and `backends` backends (echo
+/// servers on `LAB_PORT` on all, ready for second chance), the BGP lab on it (router
+/// BIRD started with BFD 100 ms × 3, nodes `<prefix without '-'><i>` configured, not
+/// started) and one gue service `g` on `vip_v4(1)` over backends `0..in_service`.
+pub fn gue_lab(
+    prefix: &str,
+    lbs: usize,
+    backends: usize,
+    in_service: usize,
+    drain_ms: u32,
+) -> (Topology, BgpLab, IpAddr) {
+    let t = Topology::routed(prefix, TopoSpec { lbs, backends });
+    let vip = vip_v4(1);
+    t.add_vip_to_backends(vip);
+    t.enable_second_chance();
+    t.start_servers(LAB_PORT, ServerMode::Echo);
+    let lab = BgpLab::new(&t, prefix.trim_end_matches('-'), Bfd::FAST, drain_ms);
+    let backends: String = (0..in_service)
+        .map(|i| format!("[[service.backend]]\naddress = \"{}\"\n", t.backends[i].v4))
+        .collect();
+    lab.write_config(&format!(
+        "[[service]]\nname = \"g\"\nvip = \"{vip}:{LAB_PORT}/tcp\"\nmode = \"gue\"\ntable_size = 1009\n{backends}"
+    ));
+    (t, lab, vip)
+}
+
+/// How many of `via` (a node index per connection) each of `nodes` nodes has.
+pub fn per_node(via: &[usize], nodes: usize) -> Vec<usize> {
+    let mut n = vec![0; nodes];
+    for &v in via {
+        n[v] += 1;
+    }
+    n
+}
+
+impl BgpLab {
+    /// Starts nodes `which` and waits (≤ 30 s) until the router's route to `vip` has
+    /// exactly them; the time it took. Panics with every log otherwise.
+    pub fn start_nodes(&mut self, t: &Topology, vip: IpAddr, which: &[usize]) -> Duration {
+        let t0 = Instant::now();
+        for &i in which {
+            self.nodes[i].start();
+        }
+        assert!(
+            t.wait_router_lbs(vip, which, Duration::from_secs(30))
+                .is_some(),
+            "router next hops for {vip}: {:?}, want nodes {which:?}\n{}",
+            t.router_next_hops(vip),
+            self.logs()
+        );
+        t0.elapsed()
+    }
+
+    /// `n` long-lived connections to `vip:port` and the node each went through (the
+    /// one whose flow table holds it; exactly one must).
+    pub fn open_long_lived(
+        &self,
+        t: &Topology,
+        vip: IpAddr,
+        port: u16,
+        n: usize,
+    ) -> (Vec<Conn>, Vec<usize>) {
+        let conns: Vec<Conn> = (0..n)
+            .map(|i| {
+                t.connect(vip, port)
+                    .unwrap_or_else(|e| panic!("long-lived {i}: {e}\n{}", self.logs()))
+            })
+            .collect();
+        let via = conns
+            .iter()
+            .map(|c| {
+                let on = nodes_holding(&self.nodes, c, vip, port);
+                assert_eq!(
+                    on.len(),
+                    1,
+                    "{}: exactly one node holds a new flow: {on:?}",
+                    c.local
+                );
+                on[0]
+            })
+            .collect();
+        (conns, via)
+    }
+
+    /// Node `victim` dies as a machine does: its link first, so nothing it would still
+    /// send (BIRD's TCP FIN when the kernel closes its sockets) reaches the router and
+    /// BFD has to notice; then kill -9 of its lbd and BIRD. Whether its XDP program
+    /// stayed attached after the kill.
+    pub fn die(&mut self, t: &Topology, victim: usize) -> bool {
+        t.set_lb_link(victim, false);
+        self.nodes[victim].kill();
+        xdp_attached(&t.lbs[victim].ns, &t.lbs[victim].ifname)
+    }
+
+    /// A node that `die`d comes back: link up, lbd (adopting its pinned maps) and BIRD.
+    pub fn revive(&mut self, t: &Topology, node: usize) {
+        t.set_lb_link(node, true);
+        self.nodes[node].start();
+    }
 }

@@ -21,6 +21,8 @@
 //!   `fib_multipath_hash_policy = 1` (L4 hash, IPv4 and IPv6) in the router.
 //! - The client routes the VIP prefixes via the router (`mtu 1400`); backends and
 //!   balancers route the client subnet via the router (DSR replies go through it).
+//! - The bridge does not flood unknown unicast to the balancers' ports (a NIC's MAC
+//!   filter): frames for a dead balancer do not reach the live ones' XDP.
 //!
 //! - Addresses (one subnet, in every topology: namespaces isolate them): client
 //!   10.200.0.100 / fd00:200::100, LB i 10.200.0.(1+i) / fd00:200::(1+i), backend i
@@ -215,6 +217,10 @@ pub struct Topology {
     servers: Mutex<BTreeMap<(usize, u16), Server>>,
     vips: Mutex<Vec<IpAddr>>,
     cleaned: AtomicBool,
+}
+
+pub fn run_out(args: &[&str]) -> String {
+    run(Command::new(args[0]).args(&args[1..])).unwrap_or_else(|e| e.to_string())
 }
 
 pub(crate) fn run(cmd: &mut Command) -> io::Result<String> {
@@ -507,6 +513,14 @@ impl Topology {
         let (gw4, gw6) = (r.client_side_v4.to_string(), r.client_side_v6.to_string());
         ip(&["-n", &cl.ns, "route", "replace", VIP_NET_V4, "via", &gw4, "mtu", &mtu]);
         ip(&["-n", &cl.ns, "-6", "route", "replace", VIP_NET_V6, "via", &gw6, "mtu", &mtu]);
+        // A NIC drops unicast frames for other MACs; a veth hands them to XDP, and
+        // lb_xdp forwards whatever is addressed to a VIP. Without this, the bridge
+        // would flood the frames for a dead balancer (its MAC forgotten with its link)
+        // to the live ones, which would forward them: a dead node would lose nothing.
+        for l in &self.lbs {
+            run(Command::new("bridge").args(["-n", &self.switch_ns, "link", "set", "dev", &l.peer, "flood", "off"]))
+                .unwrap_or_else(|e| panic!("topology setup: {e}"));
+        }
         let (seg4, seg6) = (r.node.v4.to_string(), r.node.v6.to_string());
         for n in self.lbs.iter().chain(&self.backends) {
             ip(&["-n", &n.ns, "route", "replace", CLIENT_NET_V4, "via", &seg4]);
@@ -553,6 +567,14 @@ impl Topology {
             std::thread::sleep(Duration::from_millis(10));
         }
         None
+    }
+
+    /// Makes the VIP prefixes on-link for the router (an active/backup pair holds
+    /// its VIPs by ARP/ND, `pair::pair_routed`).
+    pub fn set_router_vip_onlink(&self) {
+        let r = self.router();
+        ip(&["-n", r.ns(), "route", "replace", VIP_NET_V4, "dev", &r.node.ifname]);
+        ip(&["-n", r.ns(), "-6", "route", "replace", VIP_NET_V6, "dev", &r.node.ifname]);
     }
 
     /// Sends the client's TCP connections from source ports `ports` to the VIP
