@@ -16,7 +16,7 @@
 //!   tiers' VIPs via it, so nginx → app VIP and app → db VIP are spread by ECMP over the
 //!   balancers like the client's traffic. The router hairpins on the segment: it sends
 //!   no ICMP redirects (a backend that followed one would bypass ECMP).
-//! - The bridge floods no unknown unicast to the balancers' ports (see `LabBgp::up`):
+//! - The bridge floods no unknown unicast to the balancers' ports (`Topology::routed`):
 //!   a dead node's packets are lost until BFD withdraws its routes, as on real NICs.
 //! - Processes are detached with pid files (`lab::Site`): `lbd-n<i>`, `bird-n<i>`,
 //!   `bird-router`, the tiers; `down` finds everything by prefix and state directory.
@@ -135,23 +135,6 @@ impl LabBgp {
             },
         );
         t.enable_second_chance();
-        // A dead node's bridge port loses its MAC, and the bridge floods frames for
-        // an unknown MAC to every port; the other balancers' XDP programs (a veth has
-        // no MAC filter before XDP, a real NIC has) would take the dead node's packets
-        // and hide the outage. No unknown-unicast flooding toward the balancers.
-        for lb in &t.lbs {
-            crate::netns::run(Command::new("bridge").args([
-                "-n",
-                &t.switch_ns,
-                "link",
-                "set",
-                "dev",
-                &lb.peer,
-                "flood",
-                "off",
-            ]))
-            .unwrap_or_else(|e| panic!("lab setup: {e}"));
-        }
         let nodes: Vec<LbNode> = (0..NODES)
             .map(|i| {
                 let lb = &t.lbs[i];
@@ -384,15 +367,17 @@ impl LabBgp {
     /// One visit every `every`, each in a thread of its own (a SYN lost on a dead path
     /// delays only its own request), until `stop` or `max`: the counts (in start order)
     /// and the attempts for `LoadReport`.
+    /// `start`: the clock of the attempts (now, or a moment the caller also times
+    /// events from).
     pub fn visit_load(
         &self,
+        start: Instant,
         every: Duration,
         stop: &AtomicBool,
         max: Duration,
     ) -> (Counts, Vec<Attempt>) {
         type Outcome = (Duration, Duration, Result<(String, String, u64), String>);
         let out: Mutex<Vec<Outcome>> = Mutex::new(Vec::new());
-        let start = Instant::now();
         std::thread::scope(|s| {
             let mut n = 0u32;
             while !stop.load(Ordering::SeqCst) && start.elapsed() < max {
@@ -521,6 +506,9 @@ pub struct Kill {
     pub node: usize,
     pub counts: Counts,
     pub load: LoadReport,
+    /// From the link going down until new connections worked again (the first good
+    /// one after the last slow or failed one): `LoadReport::outage_since`.
+    pub outage: Duration,
     /// From the node's link going down until the router's routes no longer go
     /// through it (BFD's detection plus BIRD's route update).
     pub withdrawn_after: Option<Duration>,
@@ -586,9 +574,15 @@ impl LabBgp {
         let held_via_node = per.get(&node).copied().unwrap_or(0);
         let before = self.forwarded();
         let stop = AtomicBool::new(false);
-        let ((counts, attempts), withdrawn_after) = std::thread::scope(|s| {
+        let start = Instant::now();
+        let ((counts, attempts), withdrawn_after, kill_at) = std::thread::scope(|s| {
             let load = s.spawn(|| {
-                self.visit_load(Duration::from_millis(20), &stop, Duration::from_secs(10))
+                self.visit_load(
+                    start,
+                    Duration::from_millis(20),
+                    &stop,
+                    Duration::from_secs(10),
+                )
             });
             let hold =
                 s.spawn(|| held.run(Duration::from_millis(100), &stop, Duration::from_secs(10)));
@@ -605,12 +599,14 @@ impl LabBgp {
             std::thread::sleep(Duration::from_millis(2500));
             stop.store(true, Ordering::SeqCst);
             hold.join().expect("held connections");
-            (load.join().expect("load"), w)
+            (load.join().expect("load"), w, t0 - start)
         });
         held.round("after the kill");
+        let load = LoadReport::from_attempts(attempts, SLOW);
         Kill {
             node,
-            load: LoadReport::from_attempts(attempts, SLOW),
+            outage: load.outage_since(kill_at),
+            load,
             counts,
             withdrawn_after,
             held_via_node,

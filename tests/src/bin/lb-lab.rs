@@ -194,9 +194,9 @@ fn up_bgp(once: bool) {
     let s2 = lab.step_kill(&mut held);
     let k = s2.node + 1;
     let r2 = format!(
-        "n{k} killed: router withdrew it after {}; new-conn gap {} ms ({} slow/failed of {}); {} ({} via n{k})",
+        "n{k} killed: router withdrew it after {}; new conns OK again {} ms after ({} of {} slow: a lost SYN is resent after 1 s); {} ({} via n{k})",
         ms(s2.withdrawn_after),
-        s2.load.gap.as_millis(),
+        s2.outage.as_millis(),
         s2.load.failed.len(),
         s2.load.attempts,
         survived(s2.held_lost, s2.held, &s2.held_error),
