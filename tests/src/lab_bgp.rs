@@ -135,6 +135,16 @@ impl LabBgp {
             },
         );
         t.enable_second_chance();
+        // A node that dies takes its link down; its IPv6 address must survive that
+        // for its IPv6 BGP session to come back when it returns.
+        for lb in &t.lbs {
+            sysctl(
+                &lb.ns,
+                &format!("net.ipv6.conf.{}.keep_addr_on_down", lb.ifname),
+                "1",
+            )
+            .unwrap();
+        }
         let nodes: Vec<LbNode> = (0..NODES)
             .map(|i| {
                 let lb = &t.lbs[i];
@@ -308,6 +318,17 @@ impl LabBgp {
     pub fn restore_node(&self, i: usize) {
         self.t.set_lb_link(i, true);
         self.start_node(i);
+    }
+
+    /// The router's BGP sessions: (established, all), IPv4 and IPv6 to each node.
+    pub fn router_sessions(&self) -> (usize, usize) {
+        let out =
+            birdc(&self.dir.join("router").join("bird.ctl"), "show protocols").unwrap_or_default();
+        let bgp: Vec<&str> = out.lines().filter(|l| l.contains(" BGP ")).collect();
+        (
+            bgp.iter().filter(|l| l.contains("Established")).count(),
+            bgp.len(),
+        )
     }
 
     /// Packets and new flows each node forwarded so far (its pinned counters).
@@ -545,6 +566,9 @@ pub struct Rejoin {
     /// Until the router's routes went through all three nodes again (the BGP
     /// session re-established, the VIPs announced once their backends are healthy).
     pub back_after: Result<Duration, String>,
+    /// The router's BGP sessions (established, all) once the paths are back (IPv6
+    /// too, up to 10 s more).
+    pub sessions: (usize, usize),
     pub counts: Counts,
     pub shares: Vec<Forwarded>,
     pub held: usize,
@@ -701,6 +725,11 @@ impl LabBgp {
         let (ok, _, err) = self.nodes[drained].lbctl(&["node", "undrain"]);
         assert!(ok, "n{}: lbctl node undrain: {err}", drained + 1);
         let back_after = self.wait_paths(&[0, 1, 2]).map(|_| t0.elapsed());
+        let _ = wait_for(Duration::from_secs(10), || {
+            let (up, all) = self.router_sessions();
+            up == all && all == 2 * NODES
+        });
+        let sessions = self.router_sessions();
         held.round("after the rejoin");
         // app3 in the returned node's table too, before its share is measured.
         let _ = wait_for(Duration::from_secs(5), || {
@@ -715,6 +744,7 @@ impl LabBgp {
             undrained: drained,
             started_after,
             back_after,
+            sessions,
             counts,
             shares,
             held: held.conns.len(),

@@ -164,6 +164,11 @@ fn bgp_lab_scenario_spread_kill_maintenance_rejoin() {
         s.held
     );
     assert!(s.back_after.is_ok(), "{:?}", s.back_after);
+    assert_eq!(
+        s.sessions,
+        (2 * NODES, 2 * NODES),
+        "every BGP session (IPv4 and IPv6) up again"
+    );
     assert_eq!((c.answered, c.failed), (c.sent, 0), "{:?}", c.first_error);
     assert!(
         s.shares[killed].new_flows > 0,

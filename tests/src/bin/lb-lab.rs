@@ -237,9 +237,11 @@ fn up_bgp(once: bool) {
     println!("== 4. n{k} returns (link up, lbd and BIRD started; app3 in its config) and n{d} undrains (`lbctl node undrain`)");
     let s4 = lab.step_rejoin(&mut held, s2.node, drained, 60);
     let r4 = format!(
-        "n{k} running after {} ms, 3 paths again after {}; {}",
+        "n{k} running after {} ms, 3 paths again after {}, {}/{} BGP sessions up; {}",
         s4.started_after.as_millis(),
         s4.back_after.as_ref().map_or_else(|e| e.clone(), |d| format!("{} ms", d.as_millis())),
+        s4.sessions.0,
+        s4.sessions.1,
         survived(s4.held_lost, s4.held, &s4.held_error)
     );
     let mut t = Table::with(&extra);
