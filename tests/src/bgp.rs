@@ -18,7 +18,7 @@
 //! route, what packets follow).
 
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -30,7 +30,9 @@ use lb_common::{FlowKey, FlowValue, MAX_SERVICES, map_names};
 use lb_userspace::stats::Stats;
 
 use crate::lbd::{Lbd, wait_for};
-use crate::netns::{ChildGuard, Conn, ServerMode, TopoSpec, Topology, ns_command, run, vip_v4};
+use crate::netns::{
+    ChildGuard, Conn, ServerMode, TopoSpec, Topology, ns_command, run, vip_v4, vip_v6,
+};
 
 /// The router's AS.
 pub const ROUTER_AS: u32 = 65000;
@@ -654,7 +656,8 @@ pub const LAB_PORT: u16 = 80;
 /// A routed topology `prefix` with `lbs` balancers and `backends` backends (echo
 /// servers on `LAB_PORT` on all, ready for second chance), the BGP lab on it (router
 /// BIRD started with BFD 100 ms × 3, nodes `<prefix without '-'><i>` configured, not
-/// started) and one gue service `g` on `vip_v4(1)` over backends `0..in_service`.
+/// started) and two gue services over backends `0..in_service`: `g` on `vip_v4(1)`
+/// (returned) and `g6` on `lab_vip6()`.
 pub fn gue_lab(
     prefix: &str,
     lbs: usize,
@@ -665,16 +668,31 @@ pub fn gue_lab(
     let t = Topology::routed(prefix, TopoSpec { lbs, backends });
     let vip = vip_v4(1);
     t.add_vip_to_backends(vip);
+    t.add_vip_to_backends(lab_vip6());
     t.enable_second_chance();
     t.start_servers(LAB_PORT, ServerMode::Echo);
     let lab = BgpLab::new(&t, prefix.trim_end_matches('-'), Bfd::FAST, drain_ms);
-    let backends: String = (0..in_service)
-        .map(|i| format!("[[service.backend]]\naddress = \"{}\"\n", t.backends[i].v4))
-        .collect();
-    lab.write_config(&format!(
-        "[[service]]\nname = \"g\"\nvip = \"{vip}:{LAB_PORT}/tcp\"\nmode = \"gue\"\ntable_size = 1009\n{backends}"
-    ));
+    let service = |name: &str, vip: IpAddr| {
+        let backends: String = (0..in_service)
+            .map(|i| {
+                format!(
+                    "[[service.backend]]\naddress = \"{}\"\n",
+                    t.backends[i].addr(vip.is_ipv6())
+                )
+            })
+            .collect();
+        format!(
+            "[[service]]\nname = \"{name}\"\nvip = \"{}/tcp\"\nmode = \"gue\"\ntable_size = 1009\n{backends}\n",
+            SocketAddr::new(vip, LAB_PORT)
+        )
+    };
+    lab.write_config(&(service("g", vip) + &service("g6", lab_vip6())));
     (t, lab, vip)
+}
+
+/// The IPv6 VIP of `gue_lab` (service `g6`).
+pub fn lab_vip6() -> IpAddr {
+    vip_v6(1)
 }
 
 /// How many of `via` (a node index per connection) each of `nodes` nodes has.

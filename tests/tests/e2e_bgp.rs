@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use lb_tests::bgp::{
-    BgpLab, LAB_PORT as PORT, LoadReport, echo_all, echo_load, gue_lab, new_conn_load,
+    BgpLab, LAB_PORT as PORT, LoadReport, echo_all, echo_load, gue_lab, lab_vip6, new_conn_load,
     nodes_holding, per_node, watch_leave,
 };
 use lb_tests::lbd::wait_for;
@@ -21,7 +21,8 @@ const EVERY: Duration = Duration::from_millis(20);
 const SLOW: Duration = Duration::from_millis(500);
 const CONVERGE: Duration = Duration::from_secs(30);
 
-/// ECMP spreads new connections over the three nodes; each forwards its share.
+/// ECMP spreads new connections over the three nodes, over IPv4 and IPv6; each node
+/// forwards its share.
 #[test]
 fn ecmp_spreads_over_three_nodes() {
     let (t, mut lab, vip) = gue_lab("bga-", 3, 3, 3, 500);
@@ -46,6 +47,25 @@ fn ecmp_spreads_over_three_nodes() {
         "each node's counters saw exactly its flows"
     );
     assert!(echo_all(&mut conns, "spread").is_empty());
+    // IPv6: the same nodes announce the /128 over their IPv6 sessions.
+    let vip6 = lab_vip6();
+    assert!(
+        t.wait_router_lbs(vip6, &[0, 1, 2], Duration::from_secs(10))
+            .is_some(),
+        "IPv6 route: {:?}",
+        t.router_next_hops(vip6)
+    );
+    let (mut conns6, via6) = lab.open_long_lived(&t, vip6, PORT, 30);
+    let share6 = per_node(&via6, 3);
+    println!(
+        "IPv6 VIP {vip6}: next hops {:?}; 30 connections per node {share6:?}",
+        t.router_next_hops(vip6)
+    );
+    assert!(
+        share6.iter().all(|&n| n > 0),
+        "every node takes a share over IPv6: {share6:?}"
+    );
+    assert!(echo_all(&mut conns6, "spread6").is_empty());
 }
 
 fn decap_count(t: &Topology, reason: &str) -> u64 {
