@@ -331,6 +331,19 @@ impl LabBgp {
         )
     }
 
+    /// Packets the backends' decap programs handed on by second chance so far (SYNs
+    /// for a port nobody listens on, packets of connections another backend holds).
+    pub fn second_chance(&self) -> u64 {
+        self.t
+            .backends
+            .iter()
+            .filter_map(|b| lb_userspace::decap::stats(&b.ifname).ok())
+            .flatten()
+            .filter(|(n, _)| *n == "second_chance_syn" || *n == "second_chance_not_held")
+            .map(|(_, c)| c.packets)
+            .sum()
+    }
+
     /// Packets and new flows each node forwarded so far (its pinned counters).
     pub fn forwarded(&self) -> Vec<Forwarded> {
         self.nodes.iter().map(|n| forwarded(&n.instance)).collect()
@@ -549,6 +562,8 @@ pub struct Maintenance {
     pub app3_in_tables_after: Option<Duration>,
     /// After `lbctl node drain`, until the router's routes left the node.
     pub withdrawn_after: Option<Duration>,
+    /// Packets the backends passed on by second chance during the step.
+    pub second_chance: u64,
     /// Packets the drained node forwarded in the second after `drain_ms`.
     pub drained_packets_after: u64,
     pub held: usize,
@@ -561,6 +576,8 @@ pub struct Maintenance {
 pub struct Rejoin {
     pub returned: usize,
     pub undrained: usize,
+    /// Packets the backends passed on by second chance during the step.
+    pub second_chance: u64,
     /// Until its lbd and BIRD ran (lbd answering, BIRD's socket answering).
     pub started_after: Duration,
     /// Until the router's routes went through all three nodes again (the BGP
@@ -645,6 +662,7 @@ impl LabBgp {
     /// running node `node` drained (`lbctl node drain`).
     pub fn step_maintenance(&self, held: &mut Held, running: &[usize], node: usize) -> Maintenance {
         let before = self.forwarded();
+        let sc = self.second_chance();
         let stop = AtomicBool::new(false);
         let app3 = self.addr(lab::APP3);
         let (counts, in_tables, withdrawn, drained_packets_after) = std::thread::scope(|s| {
@@ -705,6 +723,7 @@ impl LabBgp {
             node,
             counts,
             app3_in_tables_after: in_tables,
+            second_chance: self.second_chance() - sc,
             withdrawn_after: withdrawn,
             drained_packets_after,
             held: held.conns.len(),
@@ -719,6 +738,7 @@ impl LabBgp {
         // Its config lists app3 now, as config management would have it: the node
         // comes back with the same tables as the others.
         self.write_node_config(killed, &[lab::APP[0], lab::APP[1], lab::APP3]);
+        let sc = self.second_chance();
         let t0 = Instant::now();
         self.restore_node(killed);
         let started_after = t0.elapsed();
@@ -742,6 +762,7 @@ impl LabBgp {
         Rejoin {
             returned: killed,
             undrained: drained,
+            second_chance: self.second_chance() - sc,
             started_after,
             back_after,
             sessions,

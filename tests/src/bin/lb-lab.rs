@@ -220,10 +220,11 @@ fn up_bgp(once: bool) {
     );
     let s3 = lab.step_maintenance(&mut held, &running, drained);
     let r3 = format!(
-        "app3 in every table after {}; n{d} withdrawn after {}, forwarded {} packets in the second after drain_ms; {}",
+        "app3 in every table after {}; n{d} withdrawn after {}, forwarded {} packets in the second after drain_ms; second chance: {} packets; {}",
         ms(s3.app3_in_tables_after),
         ms(s3.withdrawn_after),
         s3.drained_packets_after,
+        s3.second_chance,
         survived(s3.held_lost, s3.held, &s3.held_error)
     );
     let mut t = Table::with(&extra);
@@ -237,11 +238,12 @@ fn up_bgp(once: bool) {
     println!("== 4. n{k} returns (link up, lbd and BIRD started; app3 in its config) and n{d} undrains (`lbctl node undrain`)");
     let s4 = lab.step_rejoin(&mut held, s2.node, drained, 60);
     let r4 = format!(
-        "n{k} running after {} ms, 3 paths again after {}, {}/{} BGP sessions up; {}",
+        "n{k} running after {} ms, 3 paths again after {}, {}/{} BGP sessions up; second chance: {} packets; {}",
         s4.started_after.as_millis(),
         s4.back_after.as_ref().map_or_else(|e| e.clone(), |d| format!("{} ms", d.as_millis())),
         s4.sessions.0,
         s4.sessions.1,
+        s4.second_chance,
         survived(s4.held_lost, s4.held, &s4.held_error)
     );
     let mut t = Table::with(&extra);
