@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use lb_tests::bgp::{
     BgpLab, LAB_PORT as PORT, LoadReport, echo_all, echo_load, gue_lab, lab_vip6, new_conn_load,
-    nodes_holding, per_node, watch_leave,
+    nodes_holding, per_node, watch_leave, xdp_attached,
 };
 use lb_tests::lbd::wait_for;
 use lb_tests::netns::{Conn, Topology, flow_slot, maglev_table};
@@ -568,4 +568,83 @@ fn bird_unreachable_or_refusing_is_reported_and_retried() {
             .is_some(),
         "undrained"
     );
+}
+
+/// Withdraw before traffic stops: SIGTERM to one node's lbd, then `lbctl detach` on
+/// another, each under long-lived connections and a request every 20 ms. lbd
+/// withdraws first, the router moves the flows, and only after drain_ms does lbd stop
+/// (its pinned XDP program stays) or detach (the program goes): nothing fails.
+#[test]
+fn sigterm_and_detach_withdraw_before_stopping() {
+    let drain_ms = 1000u64;
+    let (t, mut lab, vip) = gue_lab("bgg-", 3, 3, 3, drain_ms as u32);
+    lab.start_nodes(&t, vip, &[0, 1, 2]);
+    let (mut conns, via) = lab.open_long_lived(&t, vip, PORT, 30);
+    let share = per_node(&via, 3);
+    let mut stop_one = |lab: &mut BgpLab, node: usize, detach: bool, remaining: &[usize]| {
+        let ifname = t.lbs[node].ifname.clone();
+        let ns = t.lbs[node].ns.clone();
+        let (load, (withdrawn, draining, exited, xdp_while, xdp_after)) =
+            under_load(&t, vip, &mut conns, Duration::from_millis(300), |_| {
+                let t0 = Instant::now();
+                let lbd = &mut lab.nodes[node].lbd;
+                if detach {
+                    let (ok, _, err) = lbd.lbctl(&["detach", "--yes"]);
+                    assert!(ok, "lbctl detach: {err}");
+                } else {
+                    assert!(lbd.terminate(), "SIGTERM to lbd");
+                }
+                let withdrawn = t.wait_router_lbs(vip, remaining, Duration::from_secs(5));
+                // Still there (draining) shortly before drain_ms.
+                let draining = lbd
+                    .wait_exit(Duration::from_millis(drain_ms - 300))
+                    .is_none();
+                let xdp_while = xdp_attached(&ns, &ifname);
+                let exited = lbd
+                    .wait_exit(Duration::from_secs(5))
+                    .map(|st| (st.success(), t0.elapsed()));
+                (
+                    withdrawn,
+                    draining,
+                    exited,
+                    xdp_while,
+                    xdp_attached(&ns, &ifname),
+                )
+            });
+        let how = if detach { "lbctl detach" } else { "SIGTERM" };
+        println!(
+            "{how} on node {node} (drain_ms {drain_ms}): router without it {withdrawn:?} after; lbd still draining at \
+             {} ms: {draining}; exited (ok, after) {exited:?}; XDP attached while draining {xdp_while}, after {xdp_after}; \
+             requests: {} attempts, {} failed; long-lived 30 (started on {share:?}): {} broken",
+            drain_ms - 300,
+            load.report.attempts,
+            load.report.failed.len(),
+            load.broken.len()
+        );
+        assert!(
+            withdrawn.is_some(),
+            "{how}: routes withdrawn first: {:?}",
+            t.router_next_hops(vip)
+        );
+        assert!(draining, "{how}: lbd waited drain_ms before stopping");
+        let (ok, after) =
+            exited.unwrap_or_else(|| panic!("{how}: lbd did not stop\n{}", lab.logs()));
+        assert!(
+            ok && after >= Duration::from_millis(drain_ms),
+            "{how}: exit ok {ok} after {after:?}"
+        );
+        assert!(xdp_while, "{how}: still forwarding while draining");
+        assert_eq!(
+            xdp_after, !detach,
+            "{how}: the program stays after a stop, goes after a detach"
+        );
+        assert!(
+            load.report.failed.is_empty(),
+            "{how}: {:#?}",
+            load.report.failed
+        );
+        assert!(load.broken.is_empty(), "{how}: {:#?}", load.broken);
+    };
+    stop_one(&mut lab, 2, false, &[0, 1]);
+    stop_one(&mut lab, 1, true, &[0]);
 }
