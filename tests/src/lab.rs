@@ -93,6 +93,11 @@ impl LbNode {
     pub fn role(&self) -> String {
         self.json(&["cluster", "status"]).and_then(|v| v["role"].as_str().map(str::to_string)).unwrap_or_else(|| "down".into())
     }
+    /// Whether `lbctl backend list` shows `n` backends, every one up and in its table.
+    pub fn all_backends_up(&self, n: usize) -> bool {
+        self.json(&["backend", "list"])
+            .is_some_and(|v| v.as_array().is_some_and(|a| a.len() == n && a.iter().all(|b| b["health"] == "up" && b["in_table"] == true)))
+    }
     /// Health of backend `addr` of `service` (`up`, `down`, ...), if listed.
     pub fn health(&self, service: &str, addr: IpAddr) -> Option<(String, bool)> {
         let v = self.json(&["backend", "list", service])?;
@@ -102,13 +107,29 @@ impl LbNode {
     }
 }
 
-pub struct Lab {
+/// What every lab has (this one and the BGP lab, `crate::lab_bgp`): the topology, its
+/// prefix and state directory, the detached processes, and the web/app/db tiers on
+/// backends `be0..be5`. `Lab` and `lab_bgp::LabBgp` deref to it.
+pub struct Site {
     pub t: ManuallyDrop<Topology>,
     pub prefix: String,
     pub dir: PathBuf,
-    pub nodes: [LbNode; 2],
+    /// The lbd instances whose pins `down` removes.
+    instances: Vec<String>,
     children: Mutex<BTreeMap<String, Child>>,
     keep: bool,
+}
+
+pub struct Lab {
+    site: Site,
+    pub nodes: [LbNode; 2],
+}
+
+impl std::ops::Deref for Lab {
+    type Target = Site;
+    fn deref(&self) -> &Site {
+        &self.site
+    }
 }
 
 /// What a run of requests got.
@@ -130,7 +151,8 @@ pub struct Counts {
 }
 
 impl Counts {
-    fn record(&mut self, t: Duration, r: Result<(String, String, u64), String>) {
+    /// Adds one request started at `t` (since the run began) and its result.
+    pub fn record(&mut self, t: Duration, r: Result<(String, String, u64), String>) {
         self.sent += 1;
         match r {
             Ok((web, app, n)) => {
@@ -196,6 +218,16 @@ fn terminate(pid: i32) {
 /// namespaces, both lbd instances' pins, the namespaces, links and decap pins by
 /// prefix, the state directory. Idempotent. Returns what it did, one line each.
 pub fn down(prefix: &str, dir: &Path) -> Vec<String> {
+    down_with(prefix, dir, &lbd_instances(prefix, 2))
+}
+
+/// `<prefix>n1` .. `<prefix>n<n>`: the lbd instance names of a lab's nodes.
+pub fn lbd_instances(prefix: &str, n: usize) -> Vec<String> {
+    (1..=n).map(|i| format!("{prefix}n{i}")).collect()
+}
+
+/// `down` for a lab whose lbd instances are `instances`.
+pub fn down_with(prefix: &str, dir: &Path, instances: &[String]) -> Vec<String> {
     let mut did = Vec::new();
     let pids_dir = dir.join("pids");
     if let Ok(rd) = fs::read_dir(&pids_dir) {
@@ -225,10 +257,9 @@ pub fn down(prefix: &str, dir: &Path) -> Vec<String> {
             }
         }
     }
-    for n in ["n1", "n2"] {
-        let inst = format!("{prefix}{n}");
-        if Path::new("/sys/fs/bpf").join(&inst).exists() {
-            match lb_userspace::daemon::detach_offline(&inst) {
+    for inst in instances {
+        if Path::new("/sys/fs/bpf").join(inst).exists() {
+            match lb_userspace::daemon::detach_offline(inst) {
                 Ok(_) => did.push(format!("removed the pins of lbd instance {inst}")),
                 Err(e) => did.push(format!("lbd instance {inst}: {e:#}")),
             }
@@ -263,25 +294,10 @@ impl Lab {
             fs::create_dir_all(&d).expect("node dir");
             LbNode { instance: format!("{prefix}n{n}"), ns: lb.ns.clone(), ifname: lb.ifname.clone(), dir: d }
         });
-        let lab = Lab {
-            t: ManuallyDrop::new(t),
-            prefix: prefix.to_string(),
-            dir: dir.to_path_buf(),
-            nodes,
-            children: Mutex::new(BTreeMap::new()),
-            keep: false,
-        };
-        lab.network();
-        progress("db tier: MariaDB (private datadir, database lab, user lab)");
-        lab.start_mariadb();
-        progress("app tier: app1, app2 (+ app3 spare) on :8080");
-        for i in [APP[0], APP[1], APP3] {
-            lab.start_app(i);
-        }
-        progress("web tier: nginx on web1, web2 (static + /app/ → app VIP)");
-        for i in WEB {
-            lab.start_nginx(i);
-        }
+        let lab = Lab { site: Site::new(t, prefix, dir, lbd_instances(prefix, 2)), nodes };
+        lab.network(None);
+        lab.t.set_client_route_onlink();
+        lab.start_tiers(progress);
         progress("load balancers: lbd pair (active/backup), services web, app, db, health-checked");
         lab.write_lbd_configs();
         for n in 0..2 {
@@ -289,11 +305,7 @@ impl Lab {
         }
         let active = wait_for(Duration::from_secs(10), || lab.nodes[0].role() == "active" && lab.nodes[1].role() == "backup");
         assert!(active.is_some(), "lbd pair roles: {} / {}", lab.nodes[0].role(), lab.nodes[1].role());
-        let all_up = || {
-            lab.nodes[0].json(&["backend", "list"]).is_some_and(|v| {
-                v.as_array().is_some_and(|a| a.len() == 5 && a.iter().all(|b| b["health"] == "up" && b["in_table"] == true))
-            })
-        };
+        let all_up = || lab.nodes[0].all_backends_up(5);
         assert!(
             wait_for(Duration::from_secs(15), all_up).is_some(),
             "every backend up: {}",
@@ -301,6 +313,26 @@ impl Lab {
         );
         progress("ready: every backend healthy");
         lab
+    }
+
+    /// Leaves everything running after this value is gone (`down` removes it).
+    pub fn keep(self) {
+        self.site.keep();
+    }
+}
+
+impl Site {
+    /// A site on topology `t` (built with `prefix`), state in `dir`, lbd instances
+    /// `instances`; nothing started yet. Dropped unkept, it removes everything.
+    pub fn new(t: Topology, prefix: &str, dir: &Path, instances: Vec<String>) -> Site {
+        Site {
+            t: ManuallyDrop::new(t),
+            prefix: prefix.to_string(),
+            dir: dir.to_path_buf(),
+            instances,
+            children: Mutex::new(BTreeMap::new()),
+            keep: false,
+        }
     }
 
     /// Leaves everything running after this value is gone (`down` removes it).
@@ -319,7 +351,10 @@ impl Lab {
         IpAddr::V4(self.be(i).v4)
     }
 
-    fn network(&self) {
+    /// Each tier's VIP on `lo` of its backends; the other tiers' VIPs routed on-link
+    /// (`gateway` None: the active node answers ARP) or via `gateway` (a router), MTU
+    /// 1400; checksums in software.
+    pub fn network(&self, gateway: Option<IpAddr>) {
         let tier_vip = |i: usize| match i {
             0 | 1 => web_vip(),
             2 | 3 | 5 => app_vip(),
@@ -330,16 +365,33 @@ impl Lab {
             let own = tier_vip(i);
             ip(&["-n", &b.ns, "addr", "add", &format!("{own}/32"), "dev", "lo"]);
             for v in [web_vip(), app_vip(), db_vip()].into_iter().filter(|v| *v != own) {
-                ip(&["-n", &b.ns, "route", "replace", &format!("{v}/32"), "dev", &b.ifname, "mtu", &mtu]);
+                let dst = format!("{v}/32");
+                match gateway {
+                    None => ip(&["-n", &b.ns, "route", "replace", &dst, "dev", &b.ifname, "mtu", &mtu]),
+                    Some(gw) => ip(&["-n", &b.ns, "route", "replace", &dst, "via", &gw.to_string(), "mtu", &mtu]),
+                }
             }
             run_ok(ns_command(&b.ns, "ethtool").args(["-K", &b.ifname, "tx", "off"])).unwrap_or_else(|e| panic!("lab setup: {e}"));
         }
-        self.t.set_client_route_onlink();
+    }
+
+    /// The database, the app servers (app3 spare) and nginx on the web servers.
+    pub fn start_tiers(&self, progress: &dyn Fn(&str)) {
+        progress("db tier: MariaDB (private datadir, database lab, user lab)");
+        self.start_mariadb();
+        progress("app tier: app1, app2 (+ app3 spare) on :8080");
+        for i in [APP[0], APP[1], APP3] {
+            self.start_app(i);
+        }
+        progress("web tier: nginx on web1, web2 (static + /app/ → app VIP)");
+        for i in WEB {
+            self.start_nginx(i);
+        }
     }
 
     /// Starts `prog` in namespace `ns`, detached (own process group, log file, pid file
     /// `<dir>/pids/<name>.pid`).
-    fn spawn(&self, name: &str, ns: &str, prog: &str, args: &[String]) -> u32 {
+    pub fn spawn(&self, name: &str, ns: &str, prog: &str, args: &[String]) -> u32 {
         let log = fs::OpenOptions::new().create(true).append(true).open(self.dir.join(format!("{name}.log"))).expect("log");
         let mut c = ns_command(ns, prog);
         c.args(args).stdin(Stdio::null()).stdout(log.try_clone().expect("log")).stderr(log).process_group(0);
@@ -374,7 +426,7 @@ impl Lab {
         assert!(ok.is_some(), "{what} not listening on {addr} within {max:?}: see {}", self.dir.display());
     }
 
-    fn start_mariadb(&self) {
+    pub fn start_mariadb(&self) {
         let d = self.dir.join("db1");
         let data = d.join("data");
         fs::create_dir_all(&data).expect("db dir");
@@ -429,7 +481,8 @@ impl Lab {
         self.wait_port(&ns, SocketAddr::new(self.addr(DB), 3306), "mariadbd", Duration::from_secs(5));
     }
 
-    fn start_app(&self, i: usize) {
+    /// Starts (or restarts) the app server on backend `i`.
+    pub fn start_app(&self, i: usize) {
         let name = ROLES[i];
         let args = vec!["--name".into(), name.into(), "--listen".into(), "0.0.0.0:8080".into(), "--db".into(), format!("{}:3306", db_vip())];
         let ns = self.be(i).ns.clone();
@@ -469,64 +522,40 @@ impl Lab {
         self.wait_port(&ns, SocketAddr::new(self.addr(i), 80), "nginx", Duration::from_secs(5));
     }
 
-    fn write_lbd_configs(&self) {
+    /// The lab's three services (`[[service]]` tables, health-checked), the app
+    /// service over backends `app`; `extra` goes into each (e.g. `mode = "gue"` and a
+    /// newline).
+    pub fn services(&self, extra: &str, app: &[usize]) -> String {
         let h = |kind: &str, extra: &str| {
             format!(
                 "health = {{ kind = \"{kind}\", {extra}interval_ms = {HEALTH_INTERVAL_MS}, timeout_ms = 250, rise = {HEALTH_RISE}, fall = {HEALTH_FALL} }}\n"
             )
         };
         let backends = |is: &[usize]| is.iter().map(|i| format!("[[service.backend]]\naddress = \"{}\"\n", self.addr(*i))).collect::<String>();
-        let services = format!(
-            "[[service]]\nname = \"web\"\nvip = \"{}:80/tcp\"\ntable_size = 1009\n{}{}\n\
-             [[service]]\nname = \"app\"\nvip = \"{}:8080/tcp\"\ntable_size = 1009\n{}{}\n\
-             [[service]]\nname = \"db\"\nvip = \"{}:3306/tcp\"\ntable_size = 1009\n{}{}\n",
+        format!(
+            "[[service]]\nname = \"web\"\nvip = \"{}:80/tcp\"\ntable_size = 1009\n{extra}{}{}\n\
+             [[service]]\nname = \"app\"\nvip = \"{}:8080/tcp\"\ntable_size = 1009\n{extra}{}{}\n\
+             [[service]]\nname = \"db\"\nvip = \"{}:3306/tcp\"\ntable_size = 1009\n{extra}{}{}\n",
             web_vip(),
             h("http", "path = \"/index.html\", "),
             backends(&WEB),
             app_vip(),
             h("http", "path = \"/healthz\", "),
-            backends(&APP),
+            backends(app),
             db_vip(),
             h("tcp", ""),
             backends(&[DB]),
-        );
-        for (i, n) in self.nodes.iter().enumerate() {
-            let secret = n.dir.join("cluster.key");
-            fs::write(&secret, b"the lab's shared cluster secret\n").unwrap();
-            fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
-            let (me, other) = (&self.t.lbs[i], &self.t.lbs[1 - i]);
-            let cfg = format!(
-                "instance = \"{}\"\ninterfaces = [\"{}\"]\nxdp_mode = \"native\"\nencap_source_v4 = \"{}\"\nsocket = \"{}\"\nstate_dir = \"{}\"\n\n\
-                 {services}\n[cluster]\nnode_id = {}\npriority = {}\nlisten = \"{}:{CLUSTER_PORT}\"\npeer = \"{}:{CLUSTER_PORT}\"\n\
-                 secret_file = \"{}\"\nheartbeat_ms = 100\ndead_after = 3\n",
-                n.instance,
-                n.ifname,
-                me.v4,
-                n.socket().display(),
-                n.dir.join("state").display(),
-                i + 1,
-                if i == 0 { 200 } else { 100 },
-                me.v4,
-                other.v4,
-                secret.display()
-            );
-            fs::write(n.config(), cfg).unwrap();
-        }
+        )
     }
 
-    /// Starts lbd on node `n` (0 or 1) and waits until it answers.
-    pub fn start_lbd(&self, n: usize) {
-        let node = &self.nodes[n];
+    /// Starts lbd for `node` (process `lbd-n<n>`, a fresh start: a killed run's pins
+    /// are removed first) and waits until it answers.
+    pub fn start_lbd_node(&self, node: &LbNode, n: usize) {
         let _ = lb_userspace::daemon::detach_offline(&node.instance);
         let args = vec!["--config".into(), node.config().display().to_string()];
-        self.spawn(&format!("lbd-n{}", n + 1), &node.ns, &bin("lbd").to_string_lossy(), &args);
+        self.spawn(&format!("lbd-n{n}"), &node.ns, &bin("lbd").to_string_lossy(), &args);
         let ok = wait_for(Duration::from_secs(20), || call(&node.socket(), &Request::Status {}).is_ok_and(|r| r.ok));
-        assert!(ok.is_some(), "lbd n{} did not come up: {}", n + 1, self.dir.join(format!("lbd-n{}.log", n + 1)).display());
-    }
-
-    /// The index of the node currently active, if one is.
-    pub fn active(&self) -> Option<usize> {
-        (0..2).find(|&n| self.nodes[n].role() == "active")
+        assert!(ok.is_some(), "lbd n{n} did not come up: {}", self.dir.join(format!("lbd-n{n}.log")).display());
     }
 
     /// One GET through the web VIP from the client: (web, app, visits) from the JSON.
@@ -582,6 +611,44 @@ impl Lab {
     }
 }
 
+impl Lab {
+    fn write_lbd_configs(&self) {
+        let services = self.services("", &APP);
+        for (i, n) in self.nodes.iter().enumerate() {
+            let secret = n.dir.join("cluster.key");
+            fs::write(&secret, b"the lab's shared cluster secret\n").unwrap();
+            fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
+            let (me, other) = (&self.t.lbs[i], &self.t.lbs[1 - i]);
+            let cfg = format!(
+                "instance = \"{}\"\ninterfaces = [\"{}\"]\nxdp_mode = \"native\"\nencap_source_v4 = \"{}\"\nsocket = \"{}\"\nstate_dir = \"{}\"\n\n\
+                 {services}\n[cluster]\nnode_id = {}\npriority = {}\nlisten = \"{}:{CLUSTER_PORT}\"\npeer = \"{}:{CLUSTER_PORT}\"\n\
+                 secret_file = \"{}\"\nheartbeat_ms = 100\ndead_after = 3\n",
+                n.instance,
+                n.ifname,
+                me.v4,
+                n.socket().display(),
+                n.dir.join("state").display(),
+                i + 1,
+                if i == 0 { 200 } else { 100 },
+                me.v4,
+                other.v4,
+                secret.display()
+            );
+            fs::write(n.config(), cfg).unwrap();
+        }
+    }
+
+    /// Starts lbd on node `n` (0 or 1) and waits until it answers.
+    pub fn start_lbd(&self, n: usize) {
+        self.start_lbd_node(&self.nodes[n], n + 1);
+    }
+
+    /// The index of the node currently active, if one is.
+    pub fn active(&self) -> Option<usize> {
+        (0..2).find(|&n| self.nodes[n].role() == "active")
+    }
+}
+
 fn parse_visit(status: u16, body: &str) -> Result<(String, String, u64), String> {
     if status != 200 {
         return Err(format!("HTTP {status}: {}", body.trim()));
@@ -593,7 +660,7 @@ fn parse_visit(status: u16, body: &str) -> Result<(String, String, u64), String>
     }
 }
 
-impl Drop for Lab {
+impl Drop for Site {
     fn drop(&mut self) {
         if self.keep {
             return;
@@ -602,7 +669,7 @@ impl Drop for Lab {
         for name in names {
             self.stop(&name, libc::SIGTERM);
         }
-        let _ = down(&self.prefix, &self.dir);
+        let _ = down_with(&self.prefix, &self.dir, &self.instances);
         // SAFETY: dropped once, here, and never used again.
         unsafe { ManuallyDrop::drop(&mut self.t) };
     }

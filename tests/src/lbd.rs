@@ -129,6 +129,26 @@ impl Lbd {
         }
     }
 
+    /// SIGTERM (a graceful stop), without waiting; false when lbd is not running.
+    pub fn terminate(&mut self) -> bool {
+        // SAFETY: kill(2) on our own child's pid.
+        self.child.as_ref().is_some_and(|c| unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) } == 0)
+    }
+
+    /// Waits (at most `max`) until lbd has exited by itself (SIGTERM, `lbctl detach`);
+    /// its exit status, None when it still runs.
+    pub fn wait_exit(&mut self, max: Duration) -> Option<std::process::ExitStatus> {
+        let t = Instant::now();
+        while t.elapsed() < max {
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.child.try_wait()) {
+                self.child = None;
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("lbd.log")).unwrap_or_default()
     }

@@ -10,6 +10,8 @@ pub mod lbd;
 pub mod lab;
 pub mod flood;
 pub mod backend_down;
+pub mod bgp;
+pub mod lab_bgp;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

@@ -1,11 +1,28 @@
 //! End-to-end topology in network namespaces: one L2 segment (a Linux bridge in its own
-//! namespace), a client, 1-2 balancer nodes and ≥ 3 backends, each in its own namespace
+//! namespace), a client, 1-3 balancer nodes and ≥ 3 backends, each in its own namespace
 //! on a veth into the bridge. Real TCP through the VIP.
 //!
 //! ```text
 //!            ┌──────────────── <prefix>sw: bridge <prefix>br ────────────────┐
-//!   <prefix>cl ── client      <prefix>lb0/1 ── balancer      <prefix>be0..N ── backends
+//!   <prefix>cl ── client      <prefix>lb0..2 ── balancer     <prefix>be0..N ── backends
 //! ```
+//!
+//! Routed (`Topology::routed`, issue 14): the client sits behind a router on a link of
+//! its own; the router is on the segment and spreads the VIPs over the balancers by ECMP
+//! (routes put there by BIRD, see `crate::bgp`, or by a test):
+//!
+//! ```text
+//!   <prefix>cl ── client ──(<prefix>clp)── <prefix>rt ── router ── bridge ── lb0..2, be0..N
+//!   10.210.0.100              10.210.0.1  10.200.0.254
+//! ```
+//!
+//! - Client 10.210.0.100 / fd00:210::100, router 10.210.0.1 / fd00:210::1 on the client
+//!   link and 10.200.0.254 / fd00:200::254 on the segment; forwarding on and
+//!   `fib_multipath_hash_policy = 1` (L4 hash, IPv4 and IPv6) in the router.
+//! - The client routes the VIP prefixes via the router (`mtu 1400`); backends and
+//!   balancers route the client subnet via the router (DSR replies go through it).
+//! - The bridge does not flood unknown unicast to the balancers' ports (a NIC's MAC
+//!   filter): frames for a dead balancer do not reach the live ones' XDP.
 //!
 //! - Addresses (one subnet, in every topology: namespaces isolate them): client
 //!   10.200.0.100 / fd00:200::100, LB i 10.200.0.(1+i) / fd00:200::(1+i), backend i
@@ -51,6 +68,13 @@ pub const SUBNET_V4_LEN: u8 = 24;
 pub const SUBNET_V6_LEN: u8 = 64;
 pub const VIP_NET_V4: &str = "10.201.0.0/24";
 pub const VIP_NET_V6: &str = "fd00:201::/64";
+/// The client's own subnet in a routed topology.
+pub const CLIENT_NET_V4: &str = "10.210.0.0/24";
+pub const CLIENT_NET_V6: &str = "fd00:210::/64";
+pub const MAC_ROUTER: [u8; 6] = [0x02, 0xe2, 0, 3, 0, 0xfe];
+pub const MAC_ROUTER_CLIENT_SIDE: [u8; 6] = [0x02, 0xe2, 0, 3, 0, 0x01];
+/// Host part of the router on the segment (10.200.0.254, fd00:200::254).
+pub const ROUTER_HOST: u8 = 254;
 /// Route MTU toward the VIPs (see the module docs).
 pub const VIP_ROUTE_MTU: u32 = 1400;
 
@@ -75,7 +99,23 @@ fn v4(host: u8) -> Ipv4Addr {
 }
 /// Same digits as the IPv4 host part: 11 → fd00:200::11.
 fn v6(host: u8) -> Ipv6Addr {
-    Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, u16::from_str_radix(&host.to_string(), 16).expect("digits"))
+    Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, digits(host))
+}
+fn digits(host: u8) -> u16 {
+    u16::from_str_radix(&host.to_string(), 16).expect("digits")
+}
+/// The client subnet of a routed topology: 10.210.0.<host>, fd00:210::<host digits>.
+fn client_v4(host: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 210, 0, host)
+}
+fn client_v6(host: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x210, 0, 0, 0, 0, 0, digits(host))
+}
+
+/// The EUI-64 link-local address the kernel gives an interface with MAC `m`.
+pub fn link_local(m: &[u8; 6]) -> Ipv6Addr {
+    let w = |a: u8, b: u8| u16::from_be_bytes([a, b]);
+    Ipv6Addr::new(0xfe80, 0, 0, 0, w(m[0] ^ 2, m[1]), w(m[2], 0xff), w(0xfe, m[3]), w(m[4], m[5]))
 }
 
 pub fn mac_str(m: &[u8; 6]) -> String {
@@ -84,7 +124,7 @@ pub fn mac_str(m: &[u8; 6]) -> String {
 
 #[derive(Clone, Debug)]
 pub struct TopoSpec {
-    /// Balancer nodes (1 or 2).
+    /// Balancer nodes (1 to 3).
     pub lbs: usize,
     /// Backend nodes (≥ 3).
     pub backends: usize,
@@ -141,13 +181,36 @@ impl Drop for Server {
     }
 }
 
+/// The router of a routed topology (`Topology::routed`).
+#[derive(Clone, Debug)]
+pub struct Router {
+    /// Its side of the segment: namespace `<prefix>rt`, interface `<prefix>rt` into the
+    /// bridge, 10.200.0.254 / fd00:200::254.
+    pub node: Node,
+    /// Its interface toward the client (`<prefix>clp`, in `node.ns`).
+    pub client_if: String,
+    /// Its addresses on the client link (the client's gateway).
+    pub client_side_v4: Ipv4Addr,
+    pub client_side_v6: Ipv6Addr,
+}
+
+impl Router {
+    pub fn ns(&self) -> &str {
+        &self.node.ns
+    }
+}
+
 pub struct Topology {
     pub prefix: String,
     pub switch_ns: String,
     pub bridge: String,
+    /// In a routed topology the client is not on the segment: its `peer` is the
+    /// router's client-side interface.
     pub client: Node,
     pub lbs: Vec<Node>,
     pub backends: Vec<Node>,
+    /// Present in a routed topology (`Topology::routed`).
+    pub router: Option<Router>,
     /// Interfaces with pins under /sys/fs/bpf/lb-decap (detached on drop).
     pins: Mutex<Vec<String>>,
     /// (backend index, port) → running server.
@@ -156,7 +219,11 @@ pub struct Topology {
     cleaned: AtomicBool,
 }
 
-fn run(cmd: &mut Command) -> io::Result<String> {
+pub fn run_out(args: &[&str]) -> String {
+    run(Command::new(args[0]).args(&args[1..])).unwrap_or_else(|e| e.to_string())
+}
+
+pub(crate) fn run(cmd: &mut Command) -> io::Result<String> {
     let out = cmd.stdin(Stdio::null()).output()?;
     if !out.status.success() {
         return Err(io::Error::other(format!(
@@ -295,9 +362,20 @@ impl Topology {
     /// after removing stale leftovers with that prefix. Panics on a setup failure
     /// (everything made so far is removed by the drop).
     pub fn new(prefix: &str, spec: TopoSpec) -> Topology {
+        Self::make(prefix, spec, false)
+    }
+
+    /// A routed topology (module docs): the client behind a router namespace on the
+    /// segment. The router has no route to the VIPs until BIRD (or `set_router_vip_route`)
+    /// puts one there.
+    pub fn routed(prefix: &str, spec: TopoSpec) -> Topology {
+        Self::make(prefix, spec, true)
+    }
+
+    fn make(prefix: &str, spec: TopoSpec, routed: bool) -> Topology {
         crate::require_root();
         assert!(prefix.len() <= 8 && !prefix.is_empty(), "prefix {prefix:?}: 1..=8 characters (interface names ≤ 15)");
-        assert!((1..=2).contains(&spec.lbs), "1 or 2 balancer nodes");
+        assert!((1..=3).contains(&spec.lbs), "1 to 3 balancer nodes");
         assert!((3..=40).contains(&spec.backends), "3..=40 backends");
         cleanup_stale(prefix);
         let node = |name: String, mac, v4, v6| Node {
@@ -313,7 +391,17 @@ impl Topology {
             prefix: prefix.to_string(),
             switch_ns: format!("{prefix}sw"),
             bridge: format!("{prefix}br"),
-            client: node("cl".into(), MAC_CLIENT, v4(100), v6(100)),
+            client: if routed {
+                node("cl".into(), MAC_CLIENT, client_v4(100), client_v6(100))
+            } else {
+                node("cl".into(), MAC_CLIENT, v4(100), v6(100))
+            },
+            router: routed.then(|| Router {
+                node: node("rt".into(), MAC_ROUTER, v4(ROUTER_HOST), v6(ROUTER_HOST)),
+                client_if: format!("{prefix}clp"),
+                client_side_v4: client_v4(1),
+                client_side_v6: client_v6(1),
+            }),
             lbs: (0..spec.lbs).map(|i| node(format!("lb{i}"), mac_lb(i), v4(1 + i as u8), v6(1 + i as u8))).collect(),
             backends: (0..spec.backends)
                 .map(|i| node(format!("be{i}"), mac_backend(i), v4(11 + i as u8), v6(11 + i as u8)))
@@ -328,8 +416,14 @@ impl Topology {
         t
     }
 
+    /// Every namespace with a node: client, router (routed), balancers, backends.
     pub fn nodes(&self) -> impl Iterator<Item = &Node> {
-        std::iter::once(&self.client).chain(&self.lbs).chain(&self.backends)
+        // The router first: the routed client's link is made into its namespace.
+        self.router.as_ref().map(|r| &r.node).into_iter().chain(std::iter::once(&self.client)).chain(&self.lbs).chain(&self.backends)
+    }
+
+    pub fn router(&self) -> &Router {
+        self.router.as_ref().expect("a routed topology (Topology::routed)")
     }
 
     fn build(&self) {
@@ -354,12 +448,23 @@ impl Topology {
             ] {
                 sysctl(&n.ns, k, v).unwrap();
             }
-            ip(&["-n", sw, "link", "add", &n.peer, "type", "veth", "peer", "name", &n.ifname, "netns", &n.ns]);
-            ip(&["-n", sw, "link", "set", &n.peer, "master", &self.bridge, "up"]);
+            match &self.router {
+                // The routed client's link ends in the router (made first: `nodes` order).
+                Some(r) if n.name == "cl" => {
+                    ip(&["-n", &r.node.ns, "link", "add", &n.peer, "type", "veth", "peer", "name", &n.ifname, "netns", &n.ns]);
+                }
+                _ => {
+                    ip(&["-n", sw, "link", "add", &n.peer, "type", "veth", "peer", "name", &n.ifname, "netns", &n.ns]);
+                    ip(&["-n", sw, "link", "set", &n.peer, "master", &self.bridge, "up"]);
+                }
+            }
             ip(&["-n", &n.ns, "link", "set", "lo", "up"]);
             ip(&["-n", &n.ns, "link", "set", &n.ifname, "address", &mac_str(&n.mac), "up"]);
             ip(&["-n", &n.ns, "addr", "add", &format!("{}/{SUBNET_V4_LEN}", n.v4), "dev", &n.ifname]);
             ip(&["-n", &n.ns, "-6", "addr", "add", &format!("{}/{SUBNET_V6_LEN}", n.v6), "dev", &n.ifname, "nodad"]);
+        }
+        if let Some(r) = &self.router {
+            self.build_router(r);
         }
         for b in &self.backends {
             sysctl(&b.ns, "net.ipv4.conf.all.arp_ignore", "1").unwrap();
@@ -380,11 +485,136 @@ impl Topology {
             in_ns(&b.ns, || decap::attach(&b.ifname, XdpMode::Driver, &balancers))
                 .unwrap_or_else(|e| panic!("attaching lb_decap to {} in {}: {e:#}", b.ifname, b.ns));
         }
-        self.set_client_route(0);
+        if self.router.is_none() {
+            self.set_client_route(0);
+        }
+    }
+
+    /// The router's client link, forwarding and ECMP hashing; the routes of the
+    /// client (VIPs via the router) and of the segment (client subnet via the router).
+    fn build_router(&self, r: &Router) {
+        let rt = r.node.ns.as_str();
+        // The namespace (made in `build`, before the client's link) exists: the
+        // router's side of the client link, whose veth peer went to the client.
+        ip(&["-n", rt, "link", "set", &r.client_if, "address", &mac_str(&MAC_ROUTER_CLIENT_SIDE), "up"]);
+        ip(&["-n", rt, "addr", "add", &format!("{}/{SUBNET_V4_LEN}", r.client_side_v4), "dev", &r.client_if]);
+        ip(&["-n", rt, "-6", "addr", "add", &format!("{}/{SUBNET_V6_LEN}", r.client_side_v6), "dev", &r.client_if, "nodad"]);
+        for (k, v) in [
+            ("net.ipv4.ip_forward", "1"),
+            ("net.ipv6.conf.all.forwarding", "1"),
+            // L4 hash: the flows of one client spread over the balancers.
+            ("net.ipv4.fib_multipath_hash_policy", "1"),
+            ("net.ipv6.fib_multipath_hash_policy", "1"),
+        ] {
+            sysctl(rt, k, v).unwrap();
+        }
+        let mtu = VIP_ROUTE_MTU.to_string();
+        let cl = &self.client;
+        let (gw4, gw6) = (r.client_side_v4.to_string(), r.client_side_v6.to_string());
+        ip(&["-n", &cl.ns, "route", "replace", VIP_NET_V4, "via", &gw4, "mtu", &mtu]);
+        ip(&["-n", &cl.ns, "-6", "route", "replace", VIP_NET_V6, "via", &gw6, "mtu", &mtu]);
+        // A NIC drops unicast frames for other MACs; a veth hands them to XDP, and
+        // lb_xdp forwards whatever is addressed to a VIP. Without this, the bridge
+        // would flood the frames for a dead balancer (its MAC forgotten with its link)
+        // to the live ones, which would forward them: a dead node would lose nothing.
+        for l in &self.lbs {
+            run(Command::new("bridge").args(["-n", &self.switch_ns, "link", "set", "dev", &l.peer, "flood", "off"]))
+                .unwrap_or_else(|e| panic!("topology setup: {e}"));
+        }
+        let (seg4, seg6) = (r.node.v4.to_string(), r.node.v6.to_string());
+        for n in self.lbs.iter().chain(&self.backends) {
+            ip(&["-n", &n.ns, "route", "replace", CLIENT_NET_V4, "via", &seg4]);
+            ip(&["-n", &n.ns, "-6", "route", "replace", CLIENT_NET_V6, "via", &seg6]);
+        }
+    }
+
+    /// The next hops of the router's kernel route to `vip` (a /32 or /128, as BIRD
+    /// installs them; several with ECMP), sorted; empty when there is none.
+    pub fn router_next_hops(&self, vip: IpAddr) -> Vec<IpAddr> {
+        let (fam, len) = if vip.is_ipv4() { ("-4", 32) } else { ("-6", 128) };
+        let out = run(Command::new("ip").args(["-j", fam, "-n", self.router().ns(), "route", "show", "exact", &format!("{vip}/{len}")]))
+            .unwrap_or_else(|e| panic!("router routes: {e}"));
+        let mut hops = parse_next_hops(&out);
+        hops.sort();
+        hops
+    }
+
+    /// The balancer a next hop of the router's routes is: its address, or (IPv6
+    /// routes from BIRD, which prefers the link-local next hop) its link-local address.
+    pub fn lb_of_hop(&self, hop: IpAddr) -> Option<usize> {
+        self.lbs.iter().position(|l| hop == IpAddr::V4(l.v4) || hop == IpAddr::V6(l.v6) || hop == IpAddr::V6(link_local(&l.mac)))
+    }
+
+    /// The balancer indexes the router's route to `vip` points at now, sorted (a next
+    /// hop that is no balancer is left out).
+    pub fn router_lbs(&self, vip: IpAddr) -> Vec<usize> {
+        let mut v: Vec<usize> = self.router_next_hops(vip).into_iter().filter_map(|h| self.lb_of_hop(h)).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Waits (at most `max`, checking every 10 ms) until the router's route to `vip`
+    /// points at exactly balancers `lbs`; the time it took.
+    pub fn wait_router_lbs(&self, vip: IpAddr, lbs: &[usize], max: Duration) -> Option<Duration> {
+        let mut want = lbs.to_vec();
+        want.sort();
+        let t = Instant::now();
+        while t.elapsed() < max {
+            if self.router_lbs(vip) == want {
+                return Some(t.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    /// Makes the VIP prefixes on-link for the router (an active/backup pair holds
+    /// its VIPs by ARP/ND, `pair::pair_routed`).
+    pub fn set_router_vip_onlink(&self) {
+        let r = self.router();
+        ip(&["-n", r.ns(), "route", "replace", VIP_NET_V4, "dev", &r.node.ifname]);
+        ip(&["-n", r.ns(), "-6", "route", "replace", VIP_NET_V6, "dev", &r.node.ifname]);
+    }
+
+    /// Sends the client's TCP connections from source ports `ports` to the VIP
+    /// prefixes through balancer `lb`, whatever the router's ECMP route says (a policy
+    /// rule and table `100 + lb` in the router): a test reaches one node on purpose.
+    pub fn pin_client_ports(&self, ports: std::ops::RangeInclusive<u16>, lb: usize) {
+        let rt = self.router().ns().to_string();
+        let table = (100 + lb).to_string();
+        let l = &self.lbs[lb];
+        ip(&["-n", &rt, "route", "replace", VIP_NET_V4, "via", &l.v4.to_string(), "table", &table]);
+        ip(&["-n", &rt, "-6", "route", "replace", VIP_NET_V6, "via", &l.v6.to_string(), "table", &table]);
+        let range = format!("{}-{}", ports.start(), ports.end());
+        for fam in ["-4", "-6"] {
+            ip(&["-n", &rt, fam, "rule", "add", "priority", "100", "iif", &self.router().client_if, "ipproto", "tcp", "sport", &range, "lookup", &table]);
+        }
+    }
+
+    /// Undoes every `pin_client_ports`.
+    pub fn unpin_client_ports(&self) {
+        let rt = self.router().ns().to_string();
+        for fam in ["-4", "-6"] {
+            // Bounded: one rule per pinned range and family.
+            for _ in 0..64 {
+                if run(Command::new("ip").args(["-n", &rt, fam, "rule", "del", "priority", "100"])).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Sets balancer `lb`'s interface up or down (a dead machine: its XDP program
+    /// would otherwise go on forwarding what still reaches it).
+    pub fn set_lb_link(&self, lb: usize, up: bool) {
+        let l = &self.lbs[lb];
+        ip(&["-n", &l.ns, "link", "set", &l.ifname, if up { "up" } else { "down" }]);
     }
 
     /// Points the client's routes to the VIP prefixes at balancer `lb` (failover).
     pub fn set_client_route(&self, lb: usize) {
+        assert!(self.router.is_none(), "routed topology: the router picks the balancer");
         let l = &self.lbs[lb];
         let mtu = VIP_ROUTE_MTU.to_string();
         ip(&["-n", &self.client.ns, "route", "replace", VIP_NET_V4, "via", &l.v4.to_string(), "mtu", &mtu]);
@@ -394,6 +624,7 @@ impl Topology {
     /// Makes the VIP prefixes on-link for the client: it ARPs/NDs for each VIP and
     /// sends to whichever balancer answers (the active node of a cluster holds them).
     pub fn set_client_route_onlink(&self) {
+        assert!(self.router.is_none(), "routed topology: the client is not on the segment");
         let mtu = VIP_ROUTE_MTU.to_string();
         let dev = self.client.ifname.as_str();
         ip(&["-n", &self.client.ns, "route", "replace", VIP_NET_V4, "dev", dev, "mtu", &mtu]);
@@ -563,6 +794,23 @@ impl Topology {
         // Anything else with our prefix (nothing is created in the root namespace).
         cleanup_stale(&self.prefix);
     }
+}
+
+/// The gateways of `ip -j route show` output: `gateway` of a single-path route, every
+/// `nexthops[].gateway` of a multipath one.
+pub fn parse_next_hops(json: &str) -> Vec<IpAddr> {
+    let Ok(serde_json::Value::Array(routes)) = serde_json::from_str::<serde_json::Value>(json) else {
+        return Vec::new();
+    };
+    let gw = |v: &serde_json::Value| v.get("gateway").and_then(|g| g.as_str()).and_then(|g| g.parse::<IpAddr>().ok());
+    let mut out = Vec::new();
+    for r in &routes {
+        match r.get("nexthops").and_then(|n| n.as_array()) {
+            Some(hops) => out.extend(hops.iter().filter_map(gw)),
+            None => out.extend(gw(r)),
+        }
+    }
+    out
 }
 
 impl Drop for Topology {

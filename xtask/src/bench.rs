@@ -28,12 +28,18 @@ pub fn bench(what: &str, args: &[String]) -> anyhow::Result<()> {
             build_bins(&["lb-userspace"])?;
             run_bin("lb-bench-backend-down", &[], args)
         }
+        // Three lbd nodes, each with its own BIRD, behind a router's BIRD (bird2 comes
+        // with setup); beside it the active/backup pair on the same topology.
+        "scale-out" => {
+            build_bins(&["lb-userspace"])?;
+            run_bin("lb-bench-scale-out", &[], args)
+        }
         // The lab also runs the lab's app server binary.
         "lab" => {
             build_bins(&["lb-userspace", "lb-tests"])?;
             run_bin("lb-bench-lab", &[], args)
         }
-        other => bail!("unknown bench {other:?} (available: datapath, decap, control, failover, backend-down, lab)"),
+        other => bail!("unknown bench {other:?} (available: datapath, decap, control, failover, backend-down, scale-out, lab)"),
     }
 }
 

@@ -39,7 +39,8 @@ enum Cmd {
         args: Vec<String>,
     },
     /// The lab: web/app/db tiers behind an lbd pair in network namespaces, with a narrated
-    /// scenario; stays up (`--once`: removed at the end). `lab down` removes it.
+    /// scenario; stays up (`--once`: removed at the end). `lab down` removes it. `--bgp`:
+    /// behind three lbd nodes announcing over BGP to an ECMP router (`--bgp down`).
     Lab {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
