@@ -19,6 +19,9 @@
 //!   the slowest peer would then hold the tail for everyone, or need the same
 //!   per-peer drop accounting anyway; a flow is 40 bytes, so copies are cheap.
 //!   Receivers translate backend ids by address as in the pair (`flow_sync::resolve`).
+//! - **Joining peers**: a peer whose session starts gets our whole flow table once its
+//!   heartbeat shows our config (`take_dump_requests`; the daemon reads the table and
+//!   feeds it back through `enqueue_dump` while the peer queues have room).
 //!
 //! `Mesh` is the state without I/O (tests drive three of them through memory);
 //! `run` is the task around it: one socket, one thread, no lock across I/O.
