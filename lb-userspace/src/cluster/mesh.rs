@@ -586,19 +586,17 @@ async fn recv_or_pending<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
 /// Send errors, logged at most once per peer per 10 s.
 #[derive(Default)]
 struct SendErrors {
-    last: std::collections::HashMap<SocketAddr, (Instant, u64)>,
+    /// Per peer: when its last error was logged (None: never), errors since start.
+    last: std::collections::HashMap<SocketAddr, (Option<Instant>, u64)>,
 }
 
 impl SendErrors {
     fn note(&mut self, to: SocketAddr, e: &std::io::Error) {
-        let (at, n) = self
-            .last
-            .entry(to)
-            .or_insert((Instant::now() - Duration::from_secs(60), 0));
+        let (at, n) = self.last.entry(to).or_insert((None, 0));
         *n += 1;
-        if at.elapsed() >= Duration::from_secs(10) {
+        if at.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
             warn!(error = %e, peer = %to, errors = *n, "cluster: send");
-            *at = Instant::now();
+            *at = Some(Instant::now());
         }
     }
 }
