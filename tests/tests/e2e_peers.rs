@@ -414,14 +414,25 @@ fn three_nodes_replicate_config_and_flows_to_every_peer_and_catch_up_after_a_res
     .is_some();
     assert!(dead, "{}", c.n[1].lbctl(&["status"]).1);
     // Flows keep fanning out to the live peer.
-    let before = applied(&c.n[0]);
     let mut late =
         c.t.connect(web(), 80)
             .expect("a new connection through node 2");
     late.echo("late").unwrap();
+    let want =
+        c.t.backends
+            .iter()
+            .find(|b| b.name == late.backend)
+            .unwrap()
+            .v4
+            .to_string();
+    let ok = wait_for(Duration::from_secs(3), || {
+        lookup(&c.n[0], &late).0.as_deref() == Some(want.as_str())
+    })
+    .is_some();
     assert!(
-        wait_for(Duration::from_secs(3), || applied(&c.n[0]) > before).is_some(),
-        "node 2's new flow reached node 1"
+        ok,
+        "node 2's new flow reached node 1: {:?}",
+        lookup(&c.n[0], &late)
     );
 
     // Node 3 returns as a replaced node would: its saved (older) config, but no
@@ -475,18 +486,12 @@ fn three_nodes_replicate_config_and_flows_to_every_peer_and_catch_up_after_a_res
         );
     }
     assert!(dumped(&c.n[0]) >= conns.len() as u64 && dumped(&c.n[1]) >= conns.len() as u64);
-    // And receives flows again: one more connection through node 2.
-    let before = applied(&c.n[2]);
+    // And receives flows again: one more connection through node 2. (Its applied
+    // counter also counts the dumps, so the entry itself is what is waited for.)
     let mut again =
         c.t.connect(web(), 80)
             .expect("a connection after node 3 returned");
     again.echo("again").unwrap();
-    assert!(
-        wait_for(Duration::from_secs(3), || applied(&c.n[2]) > before).is_some(),
-        "flows reach node 3 again: {}",
-        cluster(&c.n[2])
-    );
-    let (flow, _) = lookup(&c.n[2], &again);
     let want =
         c.t.backends
             .iter()
@@ -494,7 +499,16 @@ fn three_nodes_replicate_config_and_flows_to_every_peer_and_catch_up_after_a_res
             .unwrap()
             .v4
             .to_string();
-    assert_eq!(flow.as_deref(), Some(want.as_str()));
+    let ok = wait_for(Duration::from_secs(3), || {
+        lookup(&c.n[2], &again).0.as_deref() == Some(want.as_str())
+    })
+    .is_some();
+    assert!(
+        ok,
+        "the new flow reached node 3: {:?}\n{}",
+        lookup(&c.n[2], &again),
+        cluster(&c.n[2])
+    );
     for (i, s) in conns.iter_mut().enumerate() {
         s.echo(&format!("end-{i}"))
             .unwrap_or_else(|e| panic!("connection {i} at the end: {e}"));

@@ -19,6 +19,9 @@
 //!   the slowest peer would then hold the tail for everyone, or need the same
 //!   per-peer drop accounting anyway; a flow is 40 bytes, so copies are cheap.
 //!   Receivers translate backend ids by address as in the pair (`flow_sync::resolve`).
+//! - **Joining peers**: a peer whose session starts gets our whole flow table once its
+//!   heartbeat shows our config (`take_dump_requests`; the daemon reads the table and
+//!   feeds it back through `enqueue_dump` while the peer queues have room).
 //!
 //! `Mesh` is the state without I/O (tests drive three of them through memory);
 //! `run` is the task around it: one socket, one thread, no lock across I/O.
@@ -98,7 +101,8 @@ struct PeerLink {
 }
 
 /// Per-peer state of an active-active node. Calls return the datagrams to send; the
-/// caller sends them (and nothing here blocks on a peer).
+/// caller sends them (and nothing here blocks on a peer). `now` is in ms since this
+/// node's cluster task started.
 pub struct Mesh {
     dead_ms: u64,
     pos: ConfigPos,
@@ -339,7 +343,9 @@ impl Mesh {
                 // A new session: the peer (re)joined. Its flow table may lack flows that
                 // started before; ours follows once it runs our config (else they would
                 // not resolve there).
-                p.dump_due |= started;
+                // Not for sessions of our own start (`now` counts from it): then it is
+                // we who joined; the peers were up and already hold what we had.
+                p.dump_due |= started && now >= self.dead_ms;
                 if p.dump_due && hb.config == self.pos {
                     p.dump_due = false;
                     self.dump_requests.push(p.address);
@@ -580,19 +586,17 @@ async fn recv_or_pending<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
 /// Send errors, logged at most once per peer per 10 s.
 #[derive(Default)]
 struct SendErrors {
-    last: std::collections::HashMap<SocketAddr, (Instant, u64)>,
+    /// Per peer: when its last error was logged (None: never), errors since start.
+    last: std::collections::HashMap<SocketAddr, (Option<Instant>, u64)>,
 }
 
 impl SendErrors {
     fn note(&mut self, to: SocketAddr, e: &std::io::Error) {
-        let (at, n) = self
-            .last
-            .entry(to)
-            .or_insert((Instant::now() - Duration::from_secs(60), 0));
+        let (at, n) = self.last.entry(to).or_insert((None, 0));
         *n += 1;
-        if at.elapsed() >= Duration::from_secs(10) {
+        if at.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
             warn!(error = %e, peer = %to, errors = *n, "cluster: send");
-            *at = Instant::now();
+            *at = Some(Instant::now());
         }
     }
 }
@@ -1025,9 +1029,9 @@ mod tests {
     fn a_joining_peer_gets_our_flow_table_once_it_runs_our_config() {
         let mut net = Net::new(3, |_| p(1, 1));
         net.run(500);
-        // Every first session asks for a dump (tables are empty then).
+        // Sessions of a node's own start ask for no dump: it is the one joining.
         for m in &mut net.nodes {
-            assert_eq!(m.take_dump_requests().len(), 2);
+            assert!(m.take_dump_requests().is_empty());
         }
         net.change(0, "v2");
         // Node 3 is replaced: it comes back with an older config and applies nothing yet.
