@@ -22,7 +22,8 @@
 //! - The client routes the VIP prefixes via the router (`mtu 1400`); backends and
 //!   balancers route the client subnet via the router (DSR replies go through it).
 //! - The bridge does not flood unknown unicast to the balancers' ports (a NIC's MAC
-//!   filter): frames for a dead balancer do not reach the live ones' XDP.
+//!   filter): frames for a dead balancer do not reach the live ones' XDP. Balancers
+//!   keep their IPv6 address across `set_lb_link` down/up (`keep_addr_on_down`).
 //!
 //! - Addresses (one subnet, in every topology: namespaces isolate them): client
 //!   10.200.0.100 / fd00:200::100, LB i 10.200.0.(1+i) / fd00:200::(1+i), backend i
@@ -520,6 +521,10 @@ impl Topology {
         for l in &self.lbs {
             run(Command::new("bridge").args(["-n", &self.switch_ns, "link", "set", "dev", &l.peer, "flood", "off"]))
                 .unwrap_or_else(|e| panic!("topology setup: {e}"));
+            // `set_lb_link` down and up again must give the node back its IPv6 address
+            // (the kernel drops it with the link otherwise), or its IPv6 BGP session
+            // never returns.
+            sysctl(&l.ns, &format!("net.ipv6.conf.{}.keep_addr_on_down", l.ifname), "1").unwrap();
         }
         let (seg4, seg6) = (r.node.v4.to_string(), r.node.v6.to_string());
         for n in self.lbs.iter().chain(&self.backends) {

@@ -22,7 +22,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use lb_tests::bgp::{
-    Attempt, LAB_PORT, LoadReport, echo_all, echo_load, gue_lab, new_conn_load, watch_leave,
+    Attempt, LAB_PORT, LoadReport, echo_all, echo_load, gue_lab, lab_vip6, new_conn_load,
+    watch_leave,
 };
 use lb_tests::lbd::wait_for;
 use lb_tests::netns::Conn;
@@ -146,6 +147,14 @@ fn main() {
                     lab.logs()
                 );
                 rejoin.push(ms(t1.elapsed()));
+                // Its IPv6 session comes back too (the address survives the link flap).
+                assert!(
+                    t.wait_router_lbs(lab_vip6(), &[0, 1, 2], Duration::from_secs(30))
+                        .is_some(),
+                    "round {round}: node {victim} back in the IPv6 route: {:?}\n{}",
+                    t.router_next_hops(lab_vip6()),
+                    lab.logs()
+                );
                 std::thread::sleep(Duration::from_millis(500));
                 echo_stop.store(true, Ordering::SeqCst);
                 (echo.join().unwrap(), conv)
