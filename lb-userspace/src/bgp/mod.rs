@@ -272,7 +272,9 @@ pub fn render(c: &BgpConfig, instance: &str, routes: &BTreeSet<IpAddr>) -> Strin
         if c.hold_time_s != 0 {
             let _ = writeln!(o, "  keepalive time {};", (c.hold_time_s / 3).max(1));
         }
-        let _ = writeln!(o, "  connect retry time 1;\n  error wait time 1, 10;");
+        // BIRD waits 5 s after start before its first connect by default: a node that
+        // starts or returns would take that long to get its share again.
+        let _ = writeln!(o, "  connect delay time 1;\n  connect retry time 1;\n  error wait time 1, 10;");
         if c.bfd {
             let _ = writeln!(o, "  bfd on;");
         }
