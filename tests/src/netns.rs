@@ -674,6 +674,13 @@ impl Topology {
 
     /// The backend spec of backend `i` for a service of family `v6` (address of that
     /// family, the backend's MAC as next hop).
+    /// The Maglev table (IPv4, weight 1, ids = indices) of the first `n` backends, as
+    /// every node builds it: Maglev depends on addresses and weights only.
+    pub fn maglev_table_of_first(&self, n: usize, table_size: u32) -> Vec<u32> {
+        let specs: Vec<(BackendSpec, u32)> = (0..n).map(|i| (self.backend_spec(i, false, 1), i as u32)).collect();
+        maglev_table(&specs, table_size)
+    }
+
     pub fn backend_spec(&self, i: usize, v6: bool, weight: u32) -> BackendSpec {
         let b = &self.backends[i];
         BackendSpec { addr: b.addr(v6), weight, mac: Some(b.mac) }

@@ -13,8 +13,7 @@ use lb_tests::bgp::{
     nodes_holding, per_node, watch_leave, xdp_attached,
 };
 use lb_tests::lbd::wait_for;
-use lb_tests::netns::{Conn, Topology, flow_slot, maglev_table};
-use lb_userspace::BackendSpec;
+use lb_tests::netns::{Conn, Topology, flow_slot};
 
 const EVERY: Duration = Duration::from_millis(20);
 /// A request slower than this lost a packet (a lost SYN is retransmitted after 1 s).
@@ -195,18 +194,8 @@ fn backend_added_then_node_killed_keeps_moved_flows() {
     let (t, mut lab, vip) = gue_lab("bgc-", 3, 4, 3, 500);
     lab.start_nodes(&t, vip, &[0, 1, 2]);
     // Predicted tables: Maglev depends on addresses and weights only (ids are labels).
-    let spec = |i: usize| {
-        (
-            BackendSpec {
-                addr: IpAddr::V4(t.backends[i].v4),
-                weight: 1,
-                mac: None,
-            },
-            i as u32,
-        )
-    };
-    let before = maglev_table(&(0..3).map(spec).collect::<Vec<_>>(), 1009);
-    let after = maglev_table(&(0..4).map(spec).collect::<Vec<_>>(), 1009);
+    let before = t.maglev_table_of_first(3, 1009);
+    let after = t.maglev_table_of_first(4, 1009);
     let vip_sa = SocketAddr::new(vip, PORT);
     let slot_of = |port: u16| flow_slot(SocketAddr::new(t.client.addr(false), port), vip_sa, 1009);
     let changed: Vec<u16> = (20000..30000)

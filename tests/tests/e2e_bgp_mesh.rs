@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 
 use lb_tests::bgp::{Bfd, BgpLab, forwarded, per_node};
 use lb_tests::lbd::{Lbd, wait_for};
-use lb_tests::netns::{Conn, ServerMode, TopoSpec, Topology, flow_slot, maglev_table, vip_v4};
-use lb_userspace::BackendSpec;
+use lb_tests::netns::{Conn, ServerMode, TopoSpec, Topology, flow_slot, vip_v4};
 
 const PREFIX: &str = "bma-";
 const PORT: u16 = 80;
@@ -126,18 +125,8 @@ fn backend_added_on_one_node_then_node_killed_flow_sync_keeps_moved_flows() {
 
     // Maglev depends on addresses and weights only (ids are labels): the tables before
     // and after be3 joins.
-    let spec = |i: usize| {
-        (
-            BackendSpec {
-                addr: IpAddr::V4(t.backends[i].v4),
-                weight: 1,
-                mac: None,
-            },
-            i as u32,
-        )
-    };
-    let before = maglev_table(&(0..3).map(spec).collect::<Vec<_>>(), TABLE_SIZE);
-    let after = maglev_table(&(0..4).map(spec).collect::<Vec<_>>(), TABLE_SIZE);
+    let before = t.maglev_table_of_first(3, TABLE_SIZE);
+    let after = t.maglev_table_of_first(4, TABLE_SIZE);
     let vip_sa = SocketAddr::new(vip, PORT);
     let slot_of = |p: u16| flow_slot(SocketAddr::new(t.client.addr(false), p), vip_sa, TABLE_SIZE);
     let changed: Vec<u16> = (20000..30000)

@@ -1,19 +1,14 @@
 //! Three lbd nodes active-active (`[cluster]` peers with `[bgp]`), end to end: the
-//! client, two balancer nodes and the backends of a `netns::Topology`, plus a third
-//! balancer namespace this file puts on the same bridge. Each lbd has `[bgp]` pointing
+//! client, three balancer nodes and the backends of a `netns::Topology`. Each lbd has `[bgp]` pointing
 //! at a control socket where no BIRD runs: it must keep forwarding and say so.
 //! Root; one test at a time.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt as _;
-use std::process::Command;
 use std::time::Duration;
 
 use lb_tests::lbd::{Lbd, wait_for};
-use lb_tests::netns::{
-    Conn, SUBNET_V4_LEN, SUBNET_V6_LEN, ServerMode, TopoSpec, Topology, mac_lb, mac_str, sysctl,
-    vip_v4,
-};
+use lb_tests::netns::{Conn, ServerMode, TopoSpec, Topology, vip_v4};
 use serde_json::Value;
 
 const PREFIX: &str = "pra-";
@@ -24,117 +19,9 @@ fn web() -> IpAddr {
     vip_v4(1)
 }
 
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("running ip");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A third balancer namespace on the topology's bridge (the topology has two), built
-/// as `netns::Topology` builds its nodes. Removed on drop; the topology's cleanup
-/// removes it too (same prefix), so a panic leaves nothing behind.
-struct ThirdNode {
-    ns: String,
-    ifname: String,
-    v4: Ipv4Addr,
-    v6: Ipv6Addr,
-}
-
-impl ThirdNode {
-    fn new(t: &Topology) -> ThirdNode {
-        // The host after the second balancer (10.200.0.2 -> .3): free in the topology.
-        let o = t.lbs[1].v4.octets();
-        let v4 = Ipv4Addr::new(o[0], o[1], o[2], o[3] + 1);
-        let s = t.lbs[1].v6.segments();
-        let v6 = Ipv6Addr::new(s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7] + 1);
-        let n = ThirdNode {
-            ns: format!("{PREFIX}lb2"),
-            ifname: format!("{PREFIX}lb2"),
-            v4,
-            v6,
-        };
-        let peer = format!("{PREFIX}lb2p");
-        ip(&["netns", "add", &n.ns]);
-        for (k, v) in [
-            ("net.ipv6.conf.default.accept_dad", "0"),
-            ("net.ipv6.conf.all.accept_dad", "0"),
-            ("net.ipv4.conf.default.rp_filter", "0"),
-            ("net.ipv4.conf.all.rp_filter", "0"),
-        ] {
-            sysctl(&n.ns, k, v).unwrap();
-        }
-        ip(&[
-            "-n",
-            &t.switch_ns,
-            "link",
-            "add",
-            &peer,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &n.ifname,
-            "netns",
-            &n.ns,
-        ]);
-        ip(&[
-            "-n",
-            &t.switch_ns,
-            "link",
-            "set",
-            &peer,
-            "master",
-            &t.bridge,
-            "up",
-        ]);
-        ip(&["-n", &n.ns, "link", "set", "lo", "up"]);
-        ip(&[
-            "-n",
-            &n.ns,
-            "link",
-            "set",
-            &n.ifname,
-            "address",
-            &mac_str(&mac_lb(2)),
-            "up",
-        ]);
-        ip(&[
-            "-n",
-            &n.ns,
-            "addr",
-            "add",
-            &format!("{}/{SUBNET_V4_LEN}", n.v4),
-            "dev",
-            &n.ifname,
-        ]);
-        ip(&[
-            "-n",
-            &n.ns,
-            "-6",
-            "addr",
-            "add",
-            &format!("{}/{SUBNET_V6_LEN}", n.v6),
-            "dev",
-            &n.ifname,
-            "nodad",
-        ]);
-        n
-    }
-}
-
-impl Drop for ThirdNode {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
-    }
-}
-
 struct Cluster {
-    // Dropped in order: lbd processes, then the third namespace, then the topology.
+    // Dropped in order: lbd processes, then the topology.
     n: Vec<Lbd>,
-    _third: ThirdNode,
     t: Topology,
 }
 
@@ -144,7 +31,7 @@ fn three() -> Cluster {
     let t = Topology::new(
         PREFIX,
         TopoSpec {
-            lbs: 2,
+            lbs: 3,
             backends: 3,
         },
     );
@@ -153,18 +40,10 @@ fn three() -> Cluster {
     // ECMP stand-in: the client's route to the VIPs points at node 1 (set_client_route
     // moves it, as a router does when the next hops change).
     t.set_client_route(0);
-    let third = ThirdNode::new(&t);
-    let mut n = vec![
-        Lbd::new(&t, 0, &format!("{PREFIX}n1")),
-        Lbd::new(&t, 1, &format!("{PREFIX}n2")),
-        Lbd::new(&t, 1, &format!("{PREFIX}n3")),
-    ];
-    // Node 3 lives in the namespace made here.
-    n[2].ns = third.ns.clone();
-    n[2].ifname = third.ifname.clone();
-    n[2].encap_source = third.v4.to_string();
-    n[2].encap_source_v6 = third.v6.to_string();
-    let addrs = [t.lbs[0].v4, t.lbs[1].v4, third.v4];
+    let n: Vec<Lbd> = (0..3)
+        .map(|i| Lbd::new(&t, i, &format!("{PREFIX}n{}", i + 1)))
+        .collect();
+    let addrs = [t.lbs[0].v4, t.lbs[1].v4, t.lbs[2].v4];
     for (i, l) in n.iter().enumerate() {
         let secret = l.dir.join("cluster.key");
         std::fs::write(&secret, SECRET).unwrap();
@@ -198,11 +77,7 @@ fn three() -> Cluster {
             l.dir.join("bird-vips.conf").display(),
         ));
     }
-    Cluster {
-        n,
-        _third: third,
-        t,
-    }
+    Cluster { n, t }
 }
 
 fn cluster(l: &Lbd) -> Value {
@@ -253,6 +128,19 @@ fn lookup(l: &Lbd, conn: &Conn) -> (Option<String>, Option<String>) {
         v["flow"]["backend"].as_str().map(String::from),
         v["maglev"]["backend"].as_str().map(String::from),
     )
+}
+
+/// The address of the backend that answered `conn` (what every node's entry must hold).
+fn answered_by(t: &Topology, conn: &Conn) -> String {
+    let b = t.backends.iter().find(|b| b.name == conn.backend);
+    b.unwrap_or_else(|| panic!("{} answered from unknown {}", conn.local, conn.backend))
+        .v4
+        .to_string()
+}
+
+/// Whether `l`'s flow table holds `conn` with backend `want` within `max`.
+fn holds(l: &Lbd, conn: &Conn, want: &str, max: Duration) -> bool {
+    wait_for(max, || lookup(l, conn).0.as_deref() == Some(want)).is_some()
 }
 
 #[test]
@@ -343,13 +231,7 @@ fn three_nodes_replicate_config_and_flows_to_every_peer_and_catch_up_after_a_res
     }
     let mut moved = 0;
     for s in &conns {
-        let want =
-            c.t.backends
-                .iter()
-                .find(|b| b.name == s.backend)
-                .unwrap()
-                .v4
-                .to_string();
+        let want = answered_by(&c.t, s);
         let (on1, _) = lookup(&c.n[0], s);
         assert_eq!(
             on1.as_deref(),
@@ -418,17 +300,8 @@ fn three_nodes_replicate_config_and_flows_to_every_peer_and_catch_up_after_a_res
         c.t.connect(web(), 80)
             .expect("a new connection through node 2");
     late.echo("late").unwrap();
-    let want =
-        c.t.backends
-            .iter()
-            .find(|b| b.name == late.backend)
-            .unwrap()
-            .v4
-            .to_string();
-    let ok = wait_for(Duration::from_secs(3), || {
-        lookup(&c.n[0], &late).0.as_deref() == Some(want.as_str())
-    })
-    .is_some();
+    let want = answered_by(&c.t, &late);
+    let ok = holds(&c.n[0], &late, &want, Duration::from_secs(3));
     assert!(
         ok,
         "node 2's new flow reached node 1: {:?}",
@@ -465,17 +338,8 @@ fn three_nodes_replicate_config_and_flows_to_every_peer_and_catch_up_after_a_res
             .sum()
     };
     for s in &conns {
-        let want =
-            c.t.backends
-                .iter()
-                .find(|b| b.name == s.backend)
-                .unwrap()
-                .v4
-                .to_string();
-        let ok = wait_for(Duration::from_secs(5), || {
-            lookup(&c.n[2], s).0.as_deref() == Some(want.as_str())
-        })
-        .is_some();
+        let want = answered_by(&c.t, s);
+        let ok = holds(&c.n[2], s, &want, Duration::from_secs(5));
         assert!(
             ok,
             "{} in the rejoined node 3's table (dumped by 1: {}, by 2: {}): {:?}",
@@ -492,17 +356,8 @@ fn three_nodes_replicate_config_and_flows_to_every_peer_and_catch_up_after_a_res
         c.t.connect(web(), 80)
             .expect("a connection after node 3 returned");
     again.echo("again").unwrap();
-    let want =
-        c.t.backends
-            .iter()
-            .find(|b| b.name == again.backend)
-            .unwrap()
-            .v4
-            .to_string();
-    let ok = wait_for(Duration::from_secs(3), || {
-        lookup(&c.n[2], &again).0.as_deref() == Some(want.as_str())
-    })
-    .is_some();
+    let want = answered_by(&c.t, &again);
+    let ok = holds(&c.n[2], &again, &want, Duration::from_secs(3));
     assert!(
         ok,
         "the new flow reached node 3: {:?}\n{}",
