@@ -78,6 +78,11 @@ fn decap_count(t: &Topology, reason: &str) -> u64 {
         .sum()
 }
 
+/// Packets the backends handed on by second chance (no listener, or not held).
+fn second_chanced(t: &Topology) -> u64 {
+    decap_count(t, "second_chance_syn") + decap_count(t, "second_chance_not_held")
+}
+
 /// What happened while a scenario ran under load: new connections every 20 ms and an
 /// echo on every long-lived connection every 50 ms.
 struct UnderLoad {
@@ -140,6 +145,7 @@ fn kill_one_of_three_under_load() {
         "long-lived connections on every node: {share:?}"
     );
     let victim = 1;
+    let sc_before = second_chanced(&t);
     let (load, (killed_at, xdp_stays, converged)) =
         under_load(&t, vip, &mut conns, Duration::from_millis(1500), |origin| {
             let at = origin.elapsed();
@@ -183,6 +189,9 @@ fn kill_one_of_three_under_load() {
         r.failed
     );
     assert!(r.attempts > 100, "the load ran: {} attempts", r.attempts);
+    // The backend set did not change: the survivors' identical tables carried the dead
+    // node's flows, not the backends' second chance (which would hide a difference).
+    assert_eq!(second_chanced(&t) - sc_before, 0, "packets second-chanced after the kill");
 }
 
 /// A backend added on all three nodes (lbctl), so the Maglev pick of some flows changes;
@@ -393,6 +402,7 @@ fn join_loses_nothing_and_takes_a_share() {
     let (mut conns, via) = lab.open_long_lived(&t, vip, PORT, 30);
     let share = per_node(&via, 3);
     let node = 2;
+    let sc_before = second_chanced(&t);
     let mut nodes = std::mem::take(&mut lab.nodes);
     let (load, (joined_at, announced)) =
         under_load(&t, vip, &mut conns, Duration::from_millis(1500), |origin| {
@@ -427,6 +437,10 @@ fn join_loses_nothing_and_takes_a_share() {
     );
     assert!(load.broken.is_empty(), "{:#?}", load.broken);
     assert!(r.failed.is_empty(), "{:#?}", r.failed);
+    // Not trivially: some established connections moved onto the new node, and its
+    // table (identical to the others') kept them, without second chance.
+    assert!(moved_here > 0, "the rehash moved long-lived connections to the new node");
+    assert_eq!(second_chanced(&t) - sc_before, 0, "packets second-chanced after the join");
     assert!(
         new_flows[node] > 0,
         "the joined node takes new connections: {new_flows:?}"
