@@ -168,6 +168,11 @@ impl<'a> Spans<'a> {
         let Some(span) = e.span() else {
             return e.message().trim_end().to_string();
         };
+        // A key missing at the top level: serde points at the empty start of the file,
+        // which is no key's line.
+        if span.is_empty() && span.start == 0 {
+            return format!("top level: {}", e.message().trim_end());
+        }
         let mut path = Vec::new();
         let mut best = String::new();
         walk(self.doc, span.start, &mut path, &mut best);
@@ -203,6 +208,10 @@ fn type_errors(src: &str, first_msg: String, first: toml::de::Error) -> Vec<Stri
     let mut removed: Vec<String> = Vec::new();
     let mut e = first;
     for _ in 0..64 {
+        // A missing key is not on any line: commenting lines out cannot get past it.
+        if e.message().starts_with("missing field") {
+            break;
+        }
         let Some(span) = e.span() else { break };
         let start = text[..span.start.min(text.len())].rfind('\n').map_or(0, |i| i + 1);
         let line = text[start..].lines().next().unwrap_or("");
@@ -961,6 +970,20 @@ address = \"2001:db8::11\"
         assert!(!e.0.is_empty() && e.0.iter().all(|l| l.starts_with("line ")), "{e}");
     }
 
+    /// A missing key is reported once, where it is missing: a top-level one was
+    /// printed 65 times at line 1 under its neighbour's name.
+    #[test]
+    fn missing_keys_are_reported_once_at_their_table() {
+        let e = Config::parse("interfaces = [\"lo\"]\n[[service]]\nname = \"w\"\nvip = \"10.0.0.1:80/tcp\"\n").unwrap_err();
+        assert_eq!(e.0, ["top level: missing field `instance`"]);
+        let e = Config::parse(&format!("{HEAD}[[service]]\nname = \"w\"\nvip = \"10.0.0.1:80/tcp\"\n[[service.backend]]\nweight = 2\n")).unwrap_err();
+        assert_eq!(e.0, ["line 7: service.backend: missing field `address`"]);
+        // With a type error before it: both, each once.
+        let e = Config::parse("interfaces = [\"lo\"]\nmtu = \"big\"\n").unwrap_err();
+        assert_eq!(e.0.len(), 2, "{e}");
+        assert!(e.0[0].starts_with("line 2: mtu: ") && e.0[1] == "top level: missing field `instance`", "{e}");
+    }
+
     /// Issue 15 item 4: `flow_table = "off"`, gue TCP services only, refused at its
     /// own line otherwise; the default is on and is not written out.
     #[test]
@@ -1004,3 +1027,4 @@ address = \"2001:db8::11\"
         assert_eq!(Config::parse(&toml_of(HEAD, std::slice::from_ref(&off))).unwrap().services, vec![off]);
     }
 }
+
