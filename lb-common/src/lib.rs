@@ -160,6 +160,12 @@ pub const fn vip_mode(mode: u32, gue_port: u16) -> u32 {
     (mode & MODE_MASK) | ((gue_port as u32) << 16)
 }
 
+/// The GUE port carried in a `VipValue::mode` (`vip_mode`'s inverse; 0 unless MODE_GUE).
+#[inline(always)]
+pub const fn vip_gue_port(mode: u32) -> u16 {
+    (mode >> 16) as u16
+}
+
 /// GUE encapsulation (mode `gue`, draft-ietf-intarea-gue variant 0): the wire format
 /// the balancer writes and `lb_decap` reads.
 ///
@@ -886,7 +892,7 @@ mod tests {
         assert_eq!(gue::overhead(0), 16);
         assert_eq!(gue::overhead(gue::MAX_HOPS as usize), 48);
         assert_eq!(vip_mode(MODE_GUE, 6080) & MODE_MASK, MODE_GUE);
-        assert_eq!(vip_mode(MODE_GUE, 6080) >> 16, 6080);
+        assert_eq!(vip_gue_port(vip_mode(MODE_GUE, 6080)), 6080);
         assert_eq!(vip_mode(MODE_IPIP, 0), MODE_IPIP);
         // Every source port is in the dynamic range, and flows spread over all of it.
         let v: IpAddr = "10.0.0.100".parse().unwrap();

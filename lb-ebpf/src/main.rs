@@ -26,7 +26,7 @@ use lb_common::{
     FLOW_EVENTS_WAKEUP_BYTES, FRAG_F_PASS, FloodMeter, FlowEvent, FlowKey, FlowValue, FragKey, FragValue, MAX_BACKENDS, MAX_FLOWS, MAX_FRAGS, MAX_SERVICES, MAX_TABLE_SIZE,
     MAX_VIPS, MODE_DSR_L2, MODE_GUE, MODE_MASK, NO_BACKEND, ReplyBucket, SETTINGS_F_FLOW_SYNC, SETTINGS_F_HAS_GATEWAY, Settings,
     TABLES_ENTRIES, TableEntry, TrafficCounter, VIP_F_NO_FLOW_TABLE, BACKEND_F_HOP, PROTO_TCP, VipBloom, VipKey, VipValue, flow_hash, reason, table_index, v4_mapped_words,
-    vip_addr_bit,
+    vip_addr_bit, vip_gue_port,
     contract::{FLOWS_FLAGS, TABLES_FLAGS},
     gue,
 };

@@ -17,7 +17,7 @@ use aya::programs::xdp::XdpLink;
 use aya::programs::{Xdp, XdpMode};
 use lb_common::contract::{self, Keep, MapSpec};
 use lb_common::{
-    BACKEND_F_HAS_MAC, MODE_DSR_L2, MODE_GUE, MODE_MASK, PROTO_TCP, VIP_F_NO_FLOW_TABLE, VipKey, addr_from_words, map_names, prog_names,
+    BACKEND_F_HAS_MAC, MODE_DSR_L2, MODE_GUE, MODE_MASK, PROTO_TCP, VIP_F_NO_FLOW_TABLE, VipKey, addr_from_words, map_names, prog_names, vip_gue_port,
 };
 use tracing::{info, warn};
 
@@ -302,7 +302,7 @@ pub fn adopt_control(maps: AyaMaps, known: &[ServiceDef]) -> anyhow::Result<Cont
         let def = known.iter().find(|d| d.vip == vip);
         let mode = match val.mode & MODE_MASK {
             MODE_DSR_L2 => Mode::DsrL2,
-            MODE_GUE => Mode::Gue { port: (val.mode >> 16) as u16 },
+            MODE_GUE => Mode::Gue { port: vip_gue_port(val.mode) },
             _ => Mode::Ipip,
         };
         // As the datapath has it, so a reload that differs rewrites the VIP.

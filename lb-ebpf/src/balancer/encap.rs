@@ -25,7 +25,7 @@ pub(crate) fn forward(
     if mode == MODE_DSR_L2 {
         rewrite_l2(ctx, be)?;
     } else if mode == MODE_GUE {
-        let mut udp = GueUdp { sport: gue::source_port(flow_hash(flow)).to_be(), dport: ((vip.mode >> 16) as u16).to_be(), hop: [0; 4], has_hop: false };
+        let mut udp = GueUdp { sport: gue::source_port(flow_hash(flow)).to_be(), dport: vip_gue_port(vip.mode).to_be(), hop: [0; 4], has_hop: false };
         if hop != id
             && let Some(h) = BACKENDS.get(hop)
             && h.flags & (BACKEND_F_VALID | BACKEND_F_HOP) != 0
